@@ -1,0 +1,8 @@
+//! Argument types shared by every subcommand, parsed once here so that `run`,
+//! `nat`, `disk` and the rest accept exactly the same spellings.
+
+mod forward;
+mod size;
+
+pub use forward::{ForwardParseError, ForwardRule, Protocol};
+pub use size::{ByteSize, SizeParseError};

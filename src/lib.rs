@@ -1,0 +1,8 @@
+//! vmlab: a small type-2 hypervisor on KVM for virtualization labs.
+//!
+//! The crate is split the way data flows through it (see README.md):
+//! `cli` parses what users type, `vmm` owns the machine and its vCPU
+//! threads, `arch` lays out an x86-64 guest for boot, `devices` emulates what
+//! the guest talks to, `net` is the userspace NAT and `disk` the block layer.
+
+pub mod cli;
