@@ -5,4 +5,7 @@
 //! threads, `arch` lays out an x86-64 guest for boot, `devices` emulates what
 //! the guest talks to, `net` is the userspace NAT and `disk` the block layer.
 
+pub mod arch;
 pub mod cli;
+pub mod devices;
+pub mod vmm;

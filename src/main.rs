@@ -1,8 +1,13 @@
 //! The `vmlab` command: argument parsing and one small function per
 //! subcommand; all the work happens in the library.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use vmlab::cli::ByteSize;
+use vmlab::vmm::{BootSource, ConsoleConfig, VmConfig};
 
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
@@ -17,7 +22,37 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Boot a Linux guest with its console on this terminal (Ctrl-A x quits).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage [default: the default guest].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio archive) for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to vmlab's own (console=ttyS0 ...).
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: ByteSize,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=254))]
+    cpus: u8,
+    /// Name of the VM.
+    #[arg(long, default_value = "vmlab")]
+    name: String,
+    /// Print milliseconds to the first vCPU entry and to the guest's
+    /// userspace-started signal (also shown with -v).
+    #[arg(long)]
+    boot_timer: bool,
+}
 
 fn init_logging(verbose: u8) {
     let level = match verbose {
@@ -34,9 +69,21 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let started = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if err.use_stderr() => {
+            // One line, like every other vmlab error; clap's usage block
+            // would bury it.
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("vmlab: {first} (see vmlab --help)");
+            std::process::exit(2);
+        }
+        Err(err) => err.exit(),
+    };
     init_logging(cli.verbose);
-    let code = match dispatch(cli.command) {
+    let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
         Err(err) => {
             // One line: the error and its causes, joined.
@@ -47,6 +94,35 @@ fn main() {
     std::process::exit(code);
 }
 
-fn dispatch(command: Command) -> Result<i32> {
-    match command {}
+fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
+    match command {
+        Command::Run(args) => run(args, verbose, started),
+    }
+}
+
+fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
+    let Some(kernel) = args.kernel else {
+        bail!("no --kernel given: pass --kernel PATH (an ELF vmlinux or a bzImage)");
+    };
+    let config = VmConfig {
+        name: args.name,
+        cpus: args.cpus,
+        mem_size: args.mem.bytes(),
+        boot: BootSource::Linux {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+        },
+        console: ConsoleConfig::stdio(),
+        boot_timer: args.boot_timer,
+        started,
+    };
+    let vm = vmlab::vmm::Vm::build(config)?;
+    let timeline = vm.timeline();
+    let reason = vm.run()?;
+    if args.boot_timer || verbose > 0 {
+        eprintln!("vmlab: {}", timeline.summary());
+    }
+    eprintln!("vmlab: {reason}");
+    Ok(reason.exit_code())
 }

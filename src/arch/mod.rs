@@ -1,0 +1,3 @@
+//! Architecture-specific guest setup. vmlab runs x86-64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,323 @@
+//! ACPI tables: how the guest learns its CPUs (MADT), how it powers off and
+//! resets (FADT sleep and reset registers in hardware-reduced mode, `_S5_`),
+//! and its platform devices (DSDT: power button, pvpanic).
+//!
+//! Hardware-reduced ACPI needs no PM timer, GPE blocks or SCI: three one-byte
+//! I/O registers are the whole "chipset". The tables live in the reserved
+//! BIOS area at `ACPI_START`, RSDP first, where Linux finds it by pointer
+//! (zero page / PVH start info) or by its legacy scan.
+
+use acpi_tables::aml::{
+    self, Arg, Device, EISAName, Equal, If, Interrupt, Method, Name, Notify, Package, Path,
+    ResourceTemplate, IO,
+};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+use super::layout::{
+    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
+    ACPI_SLEEP_STATUS_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT,
+};
+
+const OEM_ID: [u8; 6] = *b"VMLAB ";
+const OEM_REVISION: u32 = 1;
+/// "VMLAB\0\0\0" in the FADT's hypervisor vendor identity.
+const HYPERVISOR_ID: u64 = u64::from_le_bytes(*b"VMLAB\0\0\0");
+
+/// Tables the XSDT points to: FADT and MADT (the DSDT hangs off the FADT).
+const XSDT_ENTRIES: u64 = 2;
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_TYPE_LOCAL_APIC: u8 = 0;
+const MADT_TYPE_IO_APIC: u8 = 1;
+const MADT_LOCAL_APIC_ENABLED: u32 = 1;
+
+/// Table bytes to copy to guest memory, each at its address.
+pub struct AcpiTables {
+    pub rsdp_addr: u64,
+    pub tables: Vec<(u64, Vec<u8>)>,
+}
+
+/// Errors building the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need {0} bytes, more than the {1} reserved for them")]
+    TooLarge(u64, u64),
+}
+
+fn aml_bytes(object: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    object.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// The DSDT's AML: `_S5_`, the power button behind a GED, and pvpanic.
+fn dsdt_aml() -> Vec<u8> {
+    let mut aml = Vec::new();
+    // Linux reads SLP_TYPa from the first element.
+    Name::new("_S5_".into(), &Package::new(vec![&ACPI_S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
+
+    let pwrb_hid = EISAName::new("PNP0C0C");
+    Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &pwrb_hid),
+            &Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+
+    // The GED calls _EVT with the GSI that fired; ours only carries the
+    // power button, which the tiny power-button driver turns into a signal
+    // to init.
+    let irq = Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = ResourceTemplate::new(vec![&irq]);
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &0x80u8);
+    let is_button = Equal::new(&Arg(0), &GED_GSI);
+    let on_button = If::new(&is_button, vec![&notify]);
+    Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_CRS".into(), &crs),
+            &Method::new("_EVT".into(), 1, true, vec![&on_button]),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+
+    let port = IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let pvpanic_crs = ResourceTemplate::new(vec![&port]);
+    Device::new(
+        "_SB_.PVPN".into(),
+        vec![
+            &Name::new("_HID".into(), &"QEMU0001"),
+            &Name::new("_STA".into(), &0xfu8),
+            &Name::new("_CRS".into(), &pvpanic_crs),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    aml
+}
+
+/// MADT: one enabled local APIC per vCPU (APIC ID = index) and the IOAPIC.
+fn madt(cpus: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"VMLABAPC", OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    let mut entries = Vec::new();
+    for id in 0..cpus {
+        entries.extend_from_slice(&[MADT_TYPE_LOCAL_APIC, 8, id, id]);
+        entries.extend_from_slice(&MADT_LOCAL_APIC_ENABLED.to_le_bytes());
+    }
+    // The IOAPIC's ID follows the CPUs' so no two APIC IDs collide.
+    entries.extend_from_slice(&[MADT_TYPE_IO_APIC, 12, cpus, 0]);
+    entries.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    entries.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&entries);
+    madt
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"VMLABFAC", OEM_REVISION)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::Headless)
+        .dsdt_64(dsdt_addr);
+    fadt.reset_reg = io_register(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.sleep_control_reg = io_register(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_register(ACPI_SLEEP_STATUS_PORT);
+    fadt.hypervisor_vendor_identity = HYPERVISOR_ID.into();
+    // No VGA and no CMOS RTC: Linux then skips probing for them.
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
+    aml_bytes(&fadt.finalize())
+}
+
+fn align16(addr: u64) -> u64 {
+    (addr + 15) & !15
+}
+
+/// Lays out RSDP, XSDT, FADT, DSDT and MADT from `ACPI_START` on.
+pub fn build_tables(cpus: u8) -> Result<AcpiTables, AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
+    // The XSDT's size is known up front: header plus one entry per table.
+    let fadt_addr = align16(xsdt_addr + 36 + XSDT_ENTRIES * 8);
+    let fadt_len = acpi_tables::fadt::FADT::len() as u64;
+    let dsdt_addr = align16(fadt_addr + fadt_len);
+
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMLABDSD", OEM_REVISION);
+    dsdt.append_slice(&dsdt_aml());
+    let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
+    let madt = madt(cpus);
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge(end - ACPI_START, ACPI_END - ACPI_START));
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, *b"VMLABXSD", OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_bytes = aml_bytes(&xsdt);
+    debug_assert_eq!(xsdt_bytes.len() as u64, 36 + XSDT_ENTRIES * 8);
+
+    Ok(AcpiTables {
+        rsdp_addr,
+        tables: vec![
+            (rsdp_addr, aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
+            (xsdt_addr, xsdt_bytes),
+            (fadt_addr, fadt(dsdt_addr)),
+            (dsdt_addr, dsdt.as_slice().to_vec()),
+            (madt_addr, madt.as_slice().to_vec()),
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u16_at(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+    fn sums_to_zero(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    fn table<'a>(t: &'a AcpiTables, sig: &[u8]) -> (u64, &'a [u8]) {
+        let (addr, bytes) = t
+            .tables
+            .iter()
+            .find(|(_, b)| &b[..sig.len()] == sig)
+            .unwrap_or_else(|| panic!("no {} table", String::from_utf8_lossy(sig)));
+        (*addr, bytes)
+    }
+
+    #[test]
+    fn rsdp_points_to_xsdt_which_lists_fadt_and_madt() {
+        let t = build_tables(2).unwrap();
+        let (rsdp_addr, rsdp) = table(&t, b"RSD PTR ");
+        assert_eq!(rsdp_addr, ACPI_START);
+        assert_eq!(rsdp.len(), 36);
+        assert!(sums_to_zero(&rsdp[..20]), "ACPI 1.0 checksum");
+        assert!(sums_to_zero(rsdp), "extended checksum");
+        assert_eq!(rsdp[15], 2, "revision 2 (ACPI 2.0+)");
+        assert_eq!(u32_at(rsdp, 20), 36, "length");
+        let (xsdt_addr, xsdt) = table(&t, b"XSDT");
+        assert_eq!(u64_at(rsdp, 24), xsdt_addr);
+        assert!(sums_to_zero(xsdt));
+        assert_eq!(u32_at(xsdt, 4) as usize, xsdt.len());
+        let (fadt_addr, _) = table(&t, b"FACP");
+        let (madt_addr, _) = table(&t, b"APIC");
+        assert_eq!(u64_at(xsdt, 36), fadt_addr);
+        assert_eq!(u64_at(xsdt, 44), madt_addr);
+        for (addr, bytes) in &t.tables {
+            assert!(addr + bytes.len() as u64 <= ACPI_END);
+            assert_eq!(addr % 16, 0);
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+        let t = build_tables(1).unwrap();
+        let (_, fadt) = table(&t, b"FACP");
+        let (dsdt_addr, _) = table(&t, b"DSDT");
+        assert_eq!(fadt.len(), 276, "ACPI 6.x FADT length");
+        assert_eq!(u32_at(fadt, 4), 276);
+        assert!(sums_to_zero(fadt));
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(u16_at(fadt, 109), (1 << 2) | (1 << 5), "IAPC_BOOT_ARCH");
+        // RESET_REG: GAS at 116 (space, width, offset, access, address).
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(fadt, 120), u64::from(ACPI_RESET_PORT));
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+        assert_eq!(u64_at(fadt, 140), dsdt_addr, "X_DSDT");
+        // SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256.
+        assert_eq!(&fadt[244..248], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(fadt, 248), u64::from(ACPI_SLEEP_CONTROL_PORT));
+        assert_eq!(u64_at(fadt, 260), u64::from(ACPI_SLEEP_STATUS_PORT));
+        assert_eq!(&fadt[268..276], b"VMLAB\0\0\0");
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_ioapic() {
+        let t = build_tables(3).unwrap();
+        let (_, madt) = table(&t, b"APIC");
+        assert!(sums_to_zero(madt));
+        assert_eq!(u32_at(madt, 4) as usize, madt.len());
+        assert_eq!(u32_at(madt, 36), 0xfee0_0000);
+        assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
+        let mut offset = 44;
+        for cpu in 0..3u8 {
+            assert_eq!(&madt[offset..offset + 4], &[0, 8, cpu, cpu]);
+            assert_eq!(u32_at(madt, offset + 4), 1, "enabled");
+            offset += 8;
+        }
+        assert_eq!(&madt[offset..offset + 4], &[1, 12, 3, 0]);
+        assert_eq!(u32_at(madt, offset + 4), 0xfec0_0000);
+        assert_eq!(u32_at(madt, offset + 8), 0, "GSI base");
+        assert_eq!(madt.len(), offset + 12);
+        assert_eq!(u16_at(madt, 8) & 0xff, 5, "revision");
+    }
+
+    #[test]
+    fn dsdt_declares_s5_power_button_ged_and_pvpanic() {
+        let t = build_tables(1).unwrap();
+        let (_, dsdt) = table(&t, b"DSDT");
+        assert!(sums_to_zero(dsdt));
+        assert_eq!(u32_at(dsdt, 4) as usize, dsdt.len());
+        let aml = &dsdt[36..];
+        let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        // NameOp "_S5_" PackageOp PkgLength(4) NumElements(1) BytePrefix 5
+        assert!(contains(&[
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x01, 0x0a, 0x05
+        ]));
+        assert!(contains(b"ACPI0013\0"), "GED _HID");
+        assert!(contains(b"QEMU0001\0"), "pvpanic _HID");
+        assert!(contains(b"PWRB"));
+        // Extended IRQ descriptor for the GED: consumer, edge, active high.
+        assert!(contains(&[
+            0x89,
+            0x06,
+            0x00,
+            0x03,
+            0x01,
+            GED_GSI as u8,
+            0,
+            0,
+            0
+        ]));
+        // IO descriptor for pvpanic: decode16, min = max = 0x505, len 1.
+        assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    }
+
+    #[test]
+    fn fits_the_most_vcpus_vmlab_allows() {
+        build_tables(u8::MAX).unwrap();
+    }
+}

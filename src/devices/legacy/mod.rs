@@ -1,0 +1,13 @@
+//! The PC-compatible and platform devices every vmlab guest has.
+
+mod acpi_pm;
+mod boot_timer;
+mod i8042;
+mod pvpanic;
+mod serial;
+
+pub use acpi_pm::AcpiPmRegisters;
+pub use boot_timer::BootTimerPort;
+pub use i8042::I8042;
+pub use pvpanic::PvPanic;
+pub use serial::{EventFdTrigger, Serial};

@@ -1,0 +1,61 @@
+//! What a VM is made of, as the CLI (or a test) describes it.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The command line vmlab always gives a Linux guest; device entries and
+/// the user's `--cmdline` are appended after it.
+pub const BASE_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 pci=off";
+
+/// What the boot vCPU runs.
+pub enum BootSource {
+    /// A Linux kernel (ELF vmlinux or bzImage) with an optional initrd.
+    /// `cmdline` is the user's part, appended to vmlab's own.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// A flat binary copied to `load_addr` and entered there in 64-bit
+    /// mode with identity paging: for bare-metal test programs.
+    Flat { image: Vec<u8>, load_addr: u64 },
+}
+
+/// Where console input comes from.
+pub enum ConsoleInput {
+    /// The process's stdin; a terminal gets raw mode and the Ctrl-A escape.
+    Stdin,
+    /// Any readable descriptor, passed through byte for byte.
+    Fd(OwnedFd),
+    /// No input.
+    None,
+}
+
+pub struct ConsoleConfig {
+    pub input: ConsoleInput,
+    pub output: Box<dyn Write + Send>,
+}
+
+impl ConsoleConfig {
+    /// The terminal: stdin in, stdout out.
+    pub fn stdio() -> Self {
+        ConsoleConfig {
+            input: ConsoleInput::Stdin,
+            output: Box::new(std::io::stdout()),
+        }
+    }
+}
+
+pub struct VmConfig {
+    pub name: String,
+    pub cpus: u8,
+    pub mem_size: u64,
+    pub boot: BootSource,
+    pub console: ConsoleConfig,
+    /// Print the boot timeline on stderr as soon as userspace starts.
+    pub boot_timer: bool,
+    /// When vmlab started: the origin of the boot timeline.
+    pub started: Instant,
+}

@@ -1,0 +1,379 @@
+//! The VM: built from a `VmConfig`, run until it stops.
+//!
+//! Threads: one per vCPU (`KVM_RUN` loop), plus the calling thread, which
+//! runs the event loop (console input, signals, and later virtio devices)
+//! until a stop is requested, then kicks and joins the vCPUs.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use super::boot_timer::BootTimeline;
+use super::config::{BootSource, ConsoleInput as InputSource, VmConfig, BASE_CMDLINE};
+use super::console::{ConsoleInput, RawTerminal};
+use super::error::VmmError;
+use super::exit::{ExitReason, ExitSignal};
+use super::kvm;
+use super::memory::{self, GuestMemoryMmap};
+use super::progress::{ExitCounter, StallWatchdog};
+use super::signals::TerminationSignals;
+use super::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
+use crate::arch::x86_64::gdt::EntryMode;
+use crate::arch::x86_64::kernel::check_images;
+use crate::arch::x86_64::layout::{
+    ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
+};
+use crate::arch::x86_64::paging;
+use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
+use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
+use crate::devices::Bus;
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the event loop when a stop is requested.
+struct StopWatcher(ExitSignal);
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            log::error!("cannot watch for stop requests: {e:?}");
+        }
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order matters for drop: vCPUs and the VM fd go before memory.
+    vcpus: Vec<Vcpu>,
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+    serial: Arc<Mutex<Serial>>,
+    console_input: InputSource,
+    exit: ExitSignal,
+    timeline: Arc<BootTimeline>,
+    exits: ExitCounter,
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and sets up devices and vCPUs.
+    pub fn build(config: VmConfig) -> Result<Vm, VmmError> {
+        if let BootSource::Linux { kernel, initrd, .. } = &config.boot {
+            check_images(kernel, initrd.as_deref()).map_err(BootError::from)?;
+        }
+        let kvm = kvm::open()?;
+        let max = kvm::max_vcpus(&kvm);
+        if usize::from(config.cpus) > max || config.cpus == 0 {
+            return Err(VmmError::TooManyCpus {
+                requested: config.cpus,
+                max,
+            });
+        }
+        memory::check_size(config.mem_size)?;
+
+        let vm = kvm.create_vm().map_err(VmmError::kvm("create a VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(VmmError::kvm("set the TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(VmmError::kvm("set the identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("create the in-kernel interrupt controllers"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(VmmError::kvm("create the in-kernel PIT"))?;
+
+        let mem = memory::create(config.mem_size)?;
+        memory::register(&vm, &mem)?;
+        let ram = ram_regions(config.mem_size);
+
+        let (entry, cr3) = match &config.boot {
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let full_cmdline = format!("{BASE_CMDLINE} {cmdline}");
+                let setup = setup_boot(
+                    &mem,
+                    &BootConfig {
+                        kernel,
+                        initrd: initrd.as_deref(),
+                        cmdline: &full_cmdline,
+                        cpus: config.cpus,
+                        ram: &ram,
+                    },
+                )?;
+                log::info!(
+                    "booting {} at {:#x} with {} vCPU(s), {} MiB",
+                    setup.format,
+                    setup.entry.entry_point,
+                    config.cpus,
+                    config.mem_size >> 20
+                );
+                (setup.entry, setup.cr3)
+            }
+            BootSource::Flat { image, load_addr } => load_flat(&mem, image, *load_addr)?,
+        };
+
+        let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
+        let timeline = BootTimeline::new(config.started, config.boot_timer);
+        let serial_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create the UART interrupt"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(VmmError::kvm("route the UART interrupt"))?;
+        let serial = Arc::new(Mutex::new(
+            Serial::new(serial_irq, config.console.output)
+                .map_err(VmmError::io("create the UART"))?,
+        ));
+        let pio = Arc::new(legacy_bus(&serial, &exit, &timeline)?);
+        let mmio = Arc::new(Bus::new());
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("report supported CPUID"))?;
+        let exits = ExitCounter::default();
+        let vcpus = create_vcpus(
+            &vm,
+            config.cpus,
+            &supported,
+            &entry,
+            cr3,
+            &VcpuShared {
+                pio,
+                mmio,
+                exit: exit.clone(),
+                timeline: timeline.clone(),
+                exits: exits.clone(),
+            },
+        )?;
+
+        Ok(Vm {
+            vcpus,
+            _vm: vm,
+            _memory: mem,
+            serial,
+            console_input: config.console.input,
+            exit,
+            timeline,
+            exits,
+        })
+    }
+
+    pub fn timeline(&self) -> Arc<BootTimeline> {
+        self.timeline.clone()
+    }
+
+    /// Handle to stop this VM from another thread.
+    pub fn exit_signal(&self) -> ExitSignal {
+        self.exit.clone()
+    }
+
+    /// Runs the VM until it stops; returns why.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        install_kick_handler()?;
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
+        events.add_subscriber(Arc::new(Mutex::new(StopWatcher(self.exit.clone()))));
+        let signals = TerminationSignals::install(self.exit.clone())
+            .map_err(VmmError::io("install signal handlers"))?;
+        events.add_subscriber(Arc::new(Mutex::new(signals)));
+
+        // The terminal guard lives until the vCPUs are joined, so every way
+        // out of this function restores the terminal.
+        let mut _raw_terminal = None;
+        let input = match std::mem::replace(&mut self.console_input, InputSource::None) {
+            InputSource::Stdin => {
+                _raw_terminal = RawTerminal::enable(libc::STDIN_FILENO);
+                Some((
+                    ConsoleInput::stdin_fd().map_err(VmmError::io("read stdin"))?,
+                    _raw_terminal.is_some(),
+                ))
+            }
+            InputSource::Fd(fd) => Some((fd, false)),
+            InputSource::None => None,
+        };
+        if let Some((fd, escapes)) = input {
+            set_nonblocking(fd.as_raw_fd()).map_err(VmmError::io("configure console input"))?;
+            let console = ConsoleInput::new(fd, escapes, self.serial.clone(), self.exit.clone());
+            events.add_subscriber(Arc::new(Mutex::new(console)));
+        }
+
+        if kvm::is_pvm_host() {
+            let watchdog =
+                StallWatchdog::new(self.exits.clone(), self.timeline.clone(), self.exit.clone())
+                    .map_err(VmmError::io("start the stall watchdog"))?;
+            events.add_subscriber(Arc::new(Mutex::new(watchdog)));
+        }
+        let threads = self.start_vcpus();
+        while !self.exit.is_requested() {
+            if let Err(e) = events.run_with_timeout(-1) {
+                log::error!("event loop failed: {e:?}");
+                self.exit.request(ExitReason::KvmFailure {
+                    vcpu: 0,
+                    what: format!("vmlab's event loop failed: {e:?}"),
+                    registers: String::new(),
+                    hint: None,
+                });
+            }
+        }
+        stop_vcpus(threads);
+        Ok(self.exit.reason().unwrap_or(ExitReason::Halted))
+    }
+
+    fn start_vcpus(&mut self) -> Vec<JoinHandle<()>> {
+        let mut threads = Vec::new();
+        for (index, vcpu) in self.vcpus.drain(..).enumerate() {
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run());
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    self.exit.request(ExitReason::KvmFailure {
+                        vcpu: index as u8,
+                        what: format!("cannot start the vCPU thread: {e}"),
+                        registers: String::new(),
+                        hint: None,
+                    });
+                    break;
+                }
+            }
+        }
+        threads
+    }
+}
+
+/// Interrupts every vCPU until its thread has finished, then joins it. A
+/// signal can arrive just before a thread enters `KVM_RUN`, so it is resent.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    for handle in threads {
+        while !handle.is_finished() {
+            if let Err(e) = handle.kill(kick_signal()) {
+                log::warn!("cannot signal a vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if handle.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn set_nonblocking(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, result checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The port-I/O devices every guest gets.
+fn legacy_bus(
+    serial: &Arc<Mutex<Serial>>,
+    exit: &ExitSignal,
+    timeline: &Arc<BootTimeline>,
+) -> Result<Bus, VmmError> {
+    let mut bus = Bus::new();
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    let placed = [
+        (serial.clone() as _, SERIAL_PORT, 8),
+        (i8042.clone() as _, I8042_DATA_PORT, 1),
+        (i8042 as _, I8042_COMMAND_PORT, 1),
+        (
+            Arc::new(Mutex::new(AcpiPmRegisters::new(exit.clone()))) as _,
+            ACPI_SLEEP_CONTROL_PORT,
+            AcpiPmRegisters::LEN,
+        ),
+        (
+            Arc::new(Mutex::new(PvPanic::new(exit.clone()))) as _,
+            PVPANIC_PORT,
+            1,
+        ),
+        (
+            Arc::new(Mutex::new(BootTimerPort::new(timeline.clone()))) as _,
+            BOOT_TIMER_PORT,
+            1,
+        ),
+    ];
+    for (device, port, len) in placed {
+        bus.insert(device, u64::from(port), u64::from(len))
+            .map_err(|e| VmmError::device("legacy port I/O")(e.to_string()))?;
+    }
+    Ok(bus)
+}
+
+/// Copies a flat binary to `load_addr` with the long-mode scaffolding it
+/// needs (GDT and identity paging).
+fn load_flat(
+    mem: &GuestMemoryMmap,
+    image: &[u8],
+    load_addr: u64,
+) -> Result<(BootEntry, u64), VmmError> {
+    let write_err = |e: vm_memory::GuestMemoryError| VmmError::GuestMemory(e.to_string());
+    mem.write_slice(image, GuestAddress(load_addr))
+        .map_err(write_err)?;
+    mem.write_slice(&gdt_bytes(EntryMode::Long), GuestAddress(GDT_ADDR))
+        .map_err(write_err)?;
+    let cr3 = paging::write_identity_tables(mem).map_err(write_err)?;
+    let entry = BootEntry {
+        mode: EntryMode::Long,
+        entry_point: load_addr,
+        boot_info: 0,
+    };
+    Ok((entry, cr3))
+}
+
+/// What every vCPU thread shares.
+struct VcpuShared {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitSignal,
+    timeline: Arc<BootTimeline>,
+    exits: ExitCounter,
+}
+
+fn create_vcpus(
+    vm: &VmFd,
+    cpus: u8,
+    supported: &CpuId,
+    entry: &BootEntry,
+    cr3: u64,
+    shared: &VcpuShared,
+) -> Result<Vec<Vcpu>, VmmError> {
+    (0..cpus)
+        .map(|index| {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(VmmError::kvm("create a vCPU"))?;
+            let vcpu = Vcpu::new(
+                index,
+                fd,
+                shared.pio.clone(),
+                shared.mmio.clone(),
+                shared.exit.clone(),
+                shared.timeline.clone(),
+                shared.exits.clone(),
+            );
+            vcpu.configure(supported, cpus, (index == 0).then_some((entry, cr3)))?;
+            Ok(vcpu)
+        })
+        .collect()
+}

@@ -1,0 +1,23 @@
+//! The machine: KVM, guest memory, vCPU threads, devices and the event loop.
+
+pub mod boot_timer;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod exit;
+pub mod kvm;
+pub mod machine;
+pub mod memory;
+pub mod progress;
+pub mod signals;
+pub mod vcpu;
+
+pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
+pub use error::VmmError;
+pub use exit::ExitReason;
+pub use machine::Vm;
+
+/// Builds and runs a VM to its end.
+pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
+    Vm::build(config)?.run()
+}
