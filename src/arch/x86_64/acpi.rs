@@ -20,7 +20,8 @@ use acpi_tables::Aml;
 
 use super::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT,
+    ACPI_SLEEP_STATUS_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT, SERIAL_IRQ,
+    SERIAL_PORT,
 };
 
 const OEM_ID: [u8; 6] = *b"VMLAB ";
@@ -61,6 +62,23 @@ fn dsdt_aml() -> Vec<u8> {
     let mut aml = Vec::new();
     // Linux reads SLP_TYPa from the first element.
     Name::new("_S5_".into(), &Package::new(vec![&ACPI_S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
+
+    // COM1. In hardware-reduced mode Linux drops the legacy PIC and with
+    // it the ISA IRQ mappings, so the UART's IRQ 4 only works when the
+    // port is declared here and registered through ACPI.
+    let com1_hid = EISAName::new("PNP0501");
+    let com1_port = IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let com1_irq = Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let com1_crs = ResourceTemplate::new(vec![&com1_port, &com1_irq]);
+    Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &com1_hid),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_CRS".into(), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
 
     let pwrb_hid = EISAName::new("PNP0C0C");
     Device::new(
@@ -286,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_declares_s5_power_button_ged_and_pvpanic() {
+    fn dsdt_declares_s5_com1_power_button_ged_and_pvpanic() {
         let t = build_tables(1).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
         assert!(sums_to_zero(dsdt));
@@ -300,6 +318,10 @@ mod tests {
         assert!(contains(b"ACPI0013\0"), "GED _HID");
         assert!(contains(b"QEMU0001\0"), "pvpanic _HID");
         assert!(contains(b"PWRB"));
+        // COM1: EISA ID PNP0501 (DWordPrefix 0x0105D041), IO 0x3f8 len 8, IRQ 4.
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
         // Extended IRQ descriptor for the GED: consumer, edge, active high.
         assert!(contains(&[
             0x89,
