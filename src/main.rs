@@ -119,9 +119,12 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     };
     let vm = vmlab::vmm::Vm::build(config)?;
     let timeline = vm.timeline();
-    let reason = vm.run()?;
+    let (reason, footprint) = vm.run_measured()?;
     if args.boot_timer || verbose > 0 {
         eprintln!("vmlab: {}", timeline.summary());
+        if let Some(footprint) = footprint {
+            eprintln!("vmlab: {}", footprint.summary());
+        }
     }
     eprintln!("vmlab: {reason}");
     Ok(reason.exit_code())

@@ -21,6 +21,7 @@ use super::config::{BootSource, ConsoleInput as InputSource, VmConfig, BASE_CMDL
 use super::console::{ConsoleInput, RawTerminal};
 use super::error::VmmError;
 use super::exit::{ExitReason, ExitSignal};
+use super::footprint::{self, Footprint};
 use super::kvm;
 use super::memory::{self, GuestMemoryMmap};
 use super::progress::{ExitCounter, StallWatchdog};
@@ -59,7 +60,7 @@ pub struct Vm {
     // Field order matters for drop: vCPUs and the VM fd go before memory.
     vcpus: Vec<Vcpu>,
     _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
     console_input: InputSource,
     exit: ExitSignal,
@@ -165,7 +166,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             _vm: vm,
-            _memory: mem,
+            memory: mem,
             serial,
             console_input: config.console.input,
             exit,
@@ -183,8 +184,19 @@ impl Vm {
         self.exit.clone()
     }
 
-    /// Runs the VM until it stops; returns why.
-    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+    /// Memory cost of the VM so far (see `footprint`).
+    pub fn footprint(&self) -> Option<Footprint> {
+        footprint::measure(&self.memory)
+    }
+
+    /// Runs the VM until it stops; returns why and the final footprint.
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        self.run_measured().map(|(reason, _)| reason)
+    }
+
+    /// Runs the VM until it stops; returns why, and the memory footprint
+    /// measured once the vCPUs have stopped.
+    pub fn run_measured(mut self) -> Result<(ExitReason, Option<Footprint>), VmmError> {
         install_kick_handler()?;
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
@@ -232,7 +244,8 @@ impl Vm {
             }
         }
         stop_vcpus(threads);
-        Ok(self.exit.reason().unwrap_or(ExitReason::Halted))
+        let footprint = self.footprint();
+        Ok((self.exit.reason().unwrap_or(ExitReason::Halted), footprint))
     }
 
     fn start_vcpus(&mut self) -> Vec<JoinHandle<()>> {

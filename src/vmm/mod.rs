@@ -5,6 +5,7 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod exit;
+pub mod footprint;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
