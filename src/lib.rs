@@ -8,4 +8,6 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod dirs;
+pub mod image;
 pub mod vmm;

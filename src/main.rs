@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use vmlab::cli::ByteSize;
 use vmlab::vmm::{BootSource, ConsoleConfig, VmConfig};
@@ -101,8 +101,12 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
 }
 
 fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
-    let Some(kernel) = args.kernel else {
-        bail!("no --kernel given: pass --kernel PATH (an ELF vmlinux or a bzImage)");
+    let (kernel, initrd) = match args.kernel {
+        Some(kernel) => (kernel, args.initrd),
+        None => {
+            let guest = vmlab::image::default_guest()?;
+            (guest.kernel, args.initrd.or(Some(guest.initrd)))
+        }
     };
     let config = VmConfig {
         name: args.name,
@@ -110,7 +114,7 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
         mem_size: args.mem.bytes(),
         boot: BootSource::Linux {
             kernel,
-            initrd: args.initrd,
+            initrd,
             cmdline: args.cmdline,
         },
         console: ConsoleConfig::stdio(),

@@ -1,0 +1,90 @@
+//! The default guest: vmlab's own kernel and initramfs, built from the
+//! recipes in guest/ on first use and cached under the XDG cache directory.
+
+mod recipe;
+mod step;
+
+use std::path::PathBuf;
+
+pub use recipe::{Recipe, RECIPE_HASH};
+pub use step::run_step;
+
+/// Why the default guest could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("building {step} failed ({status}); last output:\n{tail}")]
+    StepFailed {
+        step: String,
+        status: String,
+        tail: String,
+    },
+    #[error("building {step} printed no result path")]
+    NoResult { step: String },
+}
+
+/// Paths of the default guest's kernel and initramfs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DefaultGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Where the paths of the built default guest are remembered, per recipe.
+fn index_file() -> PathBuf {
+    crate::dirs::cache_dir()
+        .join("default-guest")
+        .join(format!("{RECIPE_HASH}.paths"))
+}
+
+fn read_index() -> Option<DefaultGuest> {
+    let text = std::fs::read_to_string(index_file()).ok()?;
+    let mut lines = text.lines();
+    let guest = DefaultGuest {
+        kernel: PathBuf::from(lines.next()?),
+        initrd: PathBuf::from(lines.next()?),
+    };
+    (guest.kernel.is_file() && guest.initrd.is_file()).then_some(guest)
+}
+
+fn write_index(guest: &DefaultGuest) -> Result<(), ImageError> {
+    let path = index_file();
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| ImageError::Io { what, source }
+    };
+    std::fs::create_dir_all(path.parent().unwrap()).map_err(io("cannot create"))?;
+    let tmp = path.with_extension("paths.tmp");
+    let text = format!("{}\n{}\n", guest.kernel.display(), guest.initrd.display());
+    std::fs::write(&tmp, text).map_err(io("cannot write"))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot write"))
+}
+
+/// The default guest, building it first if this recipe has not been built
+/// on this machine (minutes, with progress on stderr).
+pub fn default_guest() -> Result<DefaultGuest, ImageError> {
+    if let Some(guest) = read_index() {
+        return Ok(guest);
+    }
+    let recipe = Recipe::materialize()?;
+    let kernel_dir = run_step(
+        "the default guest kernel",
+        &recipe.path("build-kernel.sh"),
+        &[],
+    )?;
+    let initrd = run_step(
+        "the default guest initramfs",
+        &recipe.path("build-initramfs.sh"),
+        &[],
+    )?;
+    let guest = DefaultGuest {
+        kernel: PathBuf::from(kernel_dir).join("vmlinux"),
+        initrd: PathBuf::from(initrd),
+    };
+    write_index(&guest)?;
+    Ok(guest)
+}

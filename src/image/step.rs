@@ -1,0 +1,121 @@
+//! Runs one recipe script, showing its progress, and returns the path it
+//! prints on its last line.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::ImageError;
+
+/// How many lines of a failed step's output to show.
+const TAIL_LINES: usize = 15;
+
+/// Runs `script` with `args`; `what` names the result for the user.
+pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, ImageError> {
+    let mut child = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ImageError::Io {
+            what: format!("cannot run {}", script.display()),
+            source,
+        })?;
+
+    // stdout carries only the result path; read it on its own thread so
+    // neither pipe can fill up and stall the script.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let result =
+        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).last());
+
+    let interactive = std::io::stderr().is_terminal();
+    let bar = if interactive {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed}] building {prefix}: {wide_msg}")
+                .expect("valid template"),
+        );
+        bar.set_prefix(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    } else {
+        eprintln!("vmlab: building {what}");
+        None
+    };
+
+    let mut tail: Vec<String> = Vec::new();
+    let stderr = child.stderr.take().expect("piped stderr");
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        match &bar {
+            Some(bar) => bar.set_message(line.clone()),
+            None => eprintln!("vmlab:   {line}"),
+        }
+        tail.push(line);
+        if tail.len() > TAIL_LINES {
+            tail.remove(0);
+        }
+    }
+    let status = child.wait().map_err(|source| ImageError::Io {
+        what: format!("cannot wait for {}", script.display()),
+        source,
+    })?;
+    let last = result.join().ok().flatten();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !status.success() {
+        return Err(ImageError::StepFailed {
+            step: what.to_string(),
+            status: status.to_string(),
+            tail: tail.join("\n"),
+        });
+    }
+    last.filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .ok_or_else(|| ImageError::NoResult {
+            step: what.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(body: &str) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmlab-step-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("s{n}.sh"));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn returns_the_last_stdout_line() {
+        let s = script("echo progress >&2\necho first\necho /some/result\n");
+        assert_eq!(run_step("a thing", &s, &[]).unwrap(), "/some/result");
+    }
+
+    #[test]
+    fn failure_carries_the_output_tail() {
+        let s = script("echo 'compiler exploded' >&2\nexit 3\n");
+        let err = run_step("a kernel", &s, &[]).unwrap_err().to_string();
+        assert!(err.contains("building a kernel failed"), "{err}");
+        assert!(err.contains("compiler exploded"), "{err}");
+    }
+
+    #[test]
+    fn silence_is_an_error() {
+        let s = script("true\n");
+        assert!(matches!(
+            run_step("x", &s, &[]),
+            Err(ImageError::NoResult { .. })
+        ));
+    }
+}
