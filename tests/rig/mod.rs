@@ -135,6 +135,7 @@ pub struct Batch {
     name: String,
     mem: String,
     env: Vec<(String, String)>,
+    writable: Vec<PathBuf>,
     scenarios: Vec<ScenarioSpec>,
 }
 
@@ -145,6 +146,7 @@ impl Batch {
             name: name.to_string(),
             mem: std::env::var("VMLAB_RIG_MEM").unwrap_or_else(|_| "2G".to_string()),
             env: Vec::new(),
+            writable: Vec::new(),
             scenarios: Vec::new(),
         }
     }
@@ -158,6 +160,13 @@ impl Batch {
     /// An extra environment variable for every scenario.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Shares an existing host directory writable with L1, at the same path
+    /// (everything else of the host is read-only there).
+    pub fn writable(mut self, dir: &Path) -> Self {
+        self.writable.push(dir.to_path_buf());
         self
     }
 
@@ -204,7 +213,7 @@ impl Batch {
                 .iter()
                 .map(|s| s.timeout + Duration::from_secs(10))
                 .sum::<Duration>();
-        let l1 = L1::boot(&dir.path, &self.mem)?;
+        let l1 = L1::boot(&dir.path, &self.mem, &self.writable)?;
         let outcome = l1.wait(limit);
         let scenarios = self
             .scenarios
@@ -524,7 +533,7 @@ struct Outcome {
 }
 
 impl L1 {
-    fn boot(dir: &Path, mem: &str) -> Result<L1, String> {
+    fn boot(dir: &Path, mem: &str, writable: &[PathBuf]) -> Result<L1, String> {
         let l1 = repo().join("tests/rig/l1");
         let started = Instant::now();
         // `l1 --batch` execs QEMU, so killing the child kills QEMU.
@@ -533,6 +542,7 @@ impl L1 {
             .arg("--batch")
             .arg(dir)
             .args(["--mem", mem])
+            .args(writable.iter().flat_map(|d| [Path::new("--rw"), d]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
