@@ -67,8 +67,10 @@ use std::time::{Duration, Instant};
 const INIT_MARKER: &str = "rig-l1: init started";
 /// Time allowed for L1 to boot and power off, on top of its scenarios'.
 const L1_ALLOWANCE: Duration = Duration::from_secs(120);
-/// Lines of logs quoted in failure messages.
+/// Lines of a scenario's output, and of L1's console, quoted in failure
+/// messages.
 const TAIL_LINES: usize = 40;
+const CONSOLE_TAIL_LINES: usize = 25;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -240,7 +242,7 @@ impl Batch {
                 outcome.exit
             )),
         };
-        let mut console_tail = tail(&outcome.console, TAIL_LINES);
+        let mut console_tail = tail(&outcome.console, CONSOLE_TAIL_LINES);
         if !outcome.stderr.trim().is_empty() {
             let _ = write!(
                 console_tail,
@@ -350,9 +352,9 @@ impl Run {
         let report = self.report();
         if let Some(failure) = &report.failure {
             panic!(
-                "rig: batch {}: {failure}\n--- L1 console (last {TAIL_LINES} lines) ---\n{}",
+                "rig: batch {}: {failure}\n--- L1 console (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
                 self.batch,
-                tail(&report.console, TAIL_LINES)
+                tail(&report.console, CONSOLE_TAIL_LINES)
             );
         }
         report
@@ -482,7 +484,7 @@ impl Scenario {
         }
         let _ = write!(
             d,
-            "--- L1 console (last {TAIL_LINES} lines) ---\n{}",
+            "--- L1 console (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
             self.console_tail
         );
         d
