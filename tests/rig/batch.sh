@@ -28,6 +28,7 @@ for s in "${scenarios[@]}"; do
     start=$(now_ms)
     # timeout(1) signals its whole process group: background children of the
     # scenario (VMMs it started) die with it.
+    # shellcheck disable=SC2016 # expanded by the inner bash
     RIG_OUT=$s/out RIG_TMP=$tmp RIG_LIB=$here/lib.sh \
         timeout -k 5 "$(cat "$s/timeout")" \
         bash -euo pipefail -c '. "$RIG_LIB"; . "$1"' "$name" "$s/script" \

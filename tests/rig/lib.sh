@@ -77,7 +77,7 @@ rig_console_send() {
 }
 
 rig_console_exit() {
-    local name=$1 deadline=$((SECONDS + ${2:-60})) status=0
+    local name=$1 deadline=$((SECONDS + ${2:-60})) status=0 fd
     local pid=${RIG_CONSOLE_PID[$name]}
     while kill -0 "$pid" 2>/dev/null; do
         if ((SECONDS >= deadline)); then
@@ -91,7 +91,8 @@ rig_console_exit() {
         sleep 0.05
     done
     wait "$pid" || status=$?
-    exec {RIG_CONSOLE_FD[$name]}>&-
+    fd=${RIG_CONSOLE_FD[$name]}
+    exec {fd}>&-
     unset "RIG_CONSOLE_PID[$name]"
     return "$status"
 }
