@@ -16,6 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
 
+shopt -s nullglob
 scenarios=("$dir"/scenarios/*/)
 i=0
 for s in "${scenarios[@]}"; do

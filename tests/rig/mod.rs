@@ -59,6 +59,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -258,7 +259,6 @@ impl Batch {
                 s
             })
             .collect();
-        dir.finish();
         Ok(Report {
             l1_init: outcome.init_at,
             total: outcome.total,
@@ -498,16 +498,23 @@ struct RunDir {
 
 impl RunDir {
     fn create(batch: &str) -> Result<RunDir, String> {
-        let path = std::env::temp_dir().join(format!("vmlab-rig-{}-{batch}", std::process::id()));
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmlab-rig-{}-{}-{batch}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
         // A leftover of an earlier process with the same pid is stale.
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(path.join("scenarios"))
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
         Ok(RunDir { path })
     }
+}
 
+impl Drop for RunDir {
     /// Removes the directory, unless VMLAB_RIG_KEEP asks to keep it.
-    fn finish(self) {
+    fn drop(&mut self) {
         if std::env::var_os("VMLAB_RIG_KEEP").is_some() {
             eprintln!("rig: run directory kept: {}", self.path.display());
         } else {
