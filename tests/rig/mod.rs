@@ -1,0 +1,648 @@
+//! The emulated-SVM end-to-end test rig, shared by the `tests/e2e_*.rs` files
+//! (`mod rig;`).
+//!
+//! This host's /dev/kvm cannot run Linux guests (it is PVM, see
+//! shared/hosts-and-test-rig.md), so end-to-end tests run inside "L1": QEMU
+//! TCG with `-cpu max` (an emulated AMD CPU with SVM) booting vmlab's own
+//! guest kernel, which then offers an ordinary hardware-style /dev/kvm. L1
+//! sees the host's root read-only and runs host-built programs
+//! (target/release/vmlab) as they are; see `tests/rig/l1` for the machine.
+//!
+//! Booting L1 costs seconds, so a test file describes a [`Batch`] of bash
+//! scenarios, boots L1 once for all of them, and its `#[test]`s then assert on
+//! one scenario each:
+//!
+//! ```ignore
+//! mod rig;
+//! use std::sync::OnceLock;
+//! use std::time::Duration;
+//!
+//! fn l1() -> &'static rig::Run {
+//!     static RUN: OnceLock<rig::Run> = OnceLock::new();
+//!     RUN.get_or_init(|| {
+//!         rig::Batch::new("e2e_run")
+//!             .scenario("nproc", Duration::from_secs(120), r#"
+//!                 rig_console_start vm "$VMLAB" run --kernel "$VMLAB_VMLINUX" --cpus 2
+//!                 rig_console_wait vm 'root@vmlab:.*# ' 90
+//!                 rig_console_send vm 'echo "nproc=$(nproc)"'
+//!                 rig_console_wait vm '^nproc=[0-9]'
+//!                 rig_console_send vm poweroff
+//!                 rig_console_exit vm 60
+//!             "#)
+//!             .run()
+//!     })
+//! }
+//!
+//! #[test]
+//! fn guest_sees_two_cpus() {
+//!     let s = l1().scenario("nproc").assert_success();
+//!     assert!(s.file("vm.console").contains("nproc=2"), "{}", s.diagnostics());
+//! }
+//! ```
+//!
+//! Scenarios are bash scripts run in order inside L1 as `bash -euo pipefail`,
+//! with the helpers of `tests/rig/lib.sh` (`rig_console_*`, `rig_ms`) and these
+//! variables: `VMLAB` (the vmlab binary under test), `VMLAB_VMLINUX`,
+//! `VMLAB_BZIMAGE`, `VMLAB_INITRAMFS` (the default guest), `RIG_REPO`,
+//! `RIG_OUT` (files left there come back as [`Scenario::file`]) and `RIG_TMP`
+//! (scratch on L1's tmpfs). See `tests/rig/batch.sh`.
+//!
+//! Environment knobs: `VMLAB_RIG_VERBOSE=1` copies L1's console to stderr as
+//! it runs; `VMLAB_RIG_KEEP=1` keeps the run directory (its path is printed);
+//! `VMLAB_RIG_MEM` sets L1's memory (default 2G).
+
+// Each test file uses its own part of the rig.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// L1's init prints this first: the host timestamps it as "L1 reached init".
+const INIT_MARKER: &str = "rig-l1: init started";
+/// Time allowed for L1 to boot and power off, on top of its scenarios'.
+const L1_ALLOWANCE: Duration = Duration::from_secs(120);
+/// Lines of a scenario's output, and of L1's console, quoted in failure
+/// messages.
+const TAIL_LINES: usize = 40;
+const CONSOLE_TAIL_LINES: usize = 25;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What the rig and the scenarios boot: built by guest/'s recipes, cached.
+#[derive(Debug)]
+pub struct Artifacts {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    /// The default guest's initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// Builds (or finds in the cache) the guest kernel and initramfs and L1's
+/// initramfs, once per test process. A first build of the kernel takes
+/// several minutes; its progress goes to stderr.
+pub fn artifacts() -> Result<&'static Artifacts, String> {
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    ARTIFACTS
+        .get_or_init(|| {
+            let kernel_dir = PathBuf::from(recipe(&["guest/build-kernel.sh"])?);
+            let initramfs = PathBuf::from(recipe(&["guest/build-initramfs.sh"])?);
+            // L1's own initramfs, built now so that booting L1 is quick.
+            recipe(&["guest/build-initramfs.sh", "tests/rig/initramfs"])?;
+            Ok(Artifacts {
+                vmlinux: kernel_dir.join("vmlinux"),
+                bzimage: kernel_dir.join("bzImage"),
+                initramfs,
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Runs one of guest/'s build scripts; returns the last line it printed.
+fn recipe(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("bash")
+        .args(args)
+        .current_dir(repo())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run bash {}: {e}", args.join(" ")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().last() {
+        Some(last) if output.status.success() => Ok(last.to_string()),
+        _ => Err(format!(
+            "bash {} failed ({}); run .ci/setup to install what it needs",
+            args.join(" "),
+            output.status
+        )),
+    }
+}
+
+/// One scenario as declared.
+struct ScenarioSpec {
+    name: String,
+    timeout: Duration,
+    script: String,
+}
+
+/// The scenarios that one L1 boot runs, in order.
+pub struct Batch {
+    name: String,
+    mem: String,
+    env: Vec<(String, String)>,
+    writable: Vec<PathBuf>,
+    scenarios: Vec<ScenarioSpec>,
+}
+
+impl Batch {
+    /// `name` appears in the run directory's name and in messages.
+    pub fn new(name: &str) -> Self {
+        Batch {
+            name: name.to_string(),
+            mem: std::env::var("VMLAB_RIG_MEM").unwrap_or_else(|_| "2G".to_string()),
+            env: Vec::new(),
+            writable: Vec::new(),
+            scenarios: Vec::new(),
+        }
+    }
+
+    /// L1's memory, in QEMU's syntax (`2G`, `3072M`).
+    pub fn mem(mut self, size: &str) -> Self {
+        self.mem = size.to_string();
+        self
+    }
+
+    /// An extra environment variable for every scenario.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Shares an existing host directory writable with L1, at the same path
+    /// (everything else of the host is read-only there).
+    pub fn writable(mut self, dir: &Path) -> Self {
+        self.writable.push(dir.to_path_buf());
+        self
+    }
+
+    /// Adds a bash scenario that L1 kills after `timeout`. Names are
+    /// identifiers (letters, digits, `_`, `-`), unique within the batch.
+    pub fn scenario(mut self, name: &str, timeout: Duration, script: &str) -> Self {
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "rig: scenario name {name:?} must be letters, digits, '_' or '-'"
+        );
+        assert!(
+            self.scenarios.iter().all(|s| s.name != name),
+            "rig: scenario {name:?} declared twice"
+        );
+        self.scenarios.push(ScenarioSpec {
+            name: name.to_string(),
+            timeout,
+            script: script.to_string(),
+        });
+        self
+    }
+
+    /// Boots L1, runs every scenario, powers L1 off and collects the results.
+    /// Never panics: a failure to even start is kept in the [`Run`] and
+    /// reported by the tests that look at it.
+    pub fn run(self) -> Run {
+        Run {
+            batch: self.name.clone(),
+            result: self.run_l1(),
+        }
+    }
+
+    fn run_l1(self) -> Result<Report, String> {
+        let artifacts = artifacts()?;
+        let dir = RunDir::create(&self.name)?;
+        self.write_inputs(&dir.path, artifacts)
+            .map_err(|e| format!("cannot write the run directory {}: {e}", dir.path.display()))?;
+        let limit = L1_ALLOWANCE
+            + self
+                .scenarios
+                .iter()
+                .map(|s| s.timeout + Duration::from_secs(10))
+                .sum::<Duration>();
+        let l1 = L1::boot(&dir.path, &self.mem, &self.writable)?;
+        let outcome = l1.wait(limit);
+        let scenarios = self
+            .scenarios
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                Scenario::collect(
+                    &dir.path.join("scenarios").join(scenario_dir(i, spec)),
+                    spec,
+                )
+            })
+            .collect::<Vec<_>>();
+        let status = std::fs::read_to_string(dir.path.join("status")).ok();
+        let failure = match (&outcome.timed_out, status.as_deref().map(str::trim)) {
+            (true, _) => Some(format!(
+                "L1 ran over its time limit of {limit:?} and was killed"
+            )),
+            (false, Some("0")) => None,
+            (false, Some(code)) => {
+                Some(format!("the batch script exited with status {code} in L1"))
+            }
+            (false, None) => Some(format!(
+                "L1 stopped ({}) without finishing its batch",
+                outcome.exit
+            )),
+        };
+        let mut console_tail = tail(&outcome.console, CONSOLE_TAIL_LINES);
+        if !outcome.stderr.trim().is_empty() {
+            let _ = write!(
+                console_tail,
+                "\n--- stderr of tests/rig/l1 ---\n{}",
+                tail(&outcome.stderr, TAIL_LINES)
+            );
+        }
+        let scenarios = scenarios
+            .into_iter()
+            .map(|mut s| {
+                s.l1_failure = failure.clone();
+                s.console_tail = console_tail.clone();
+                s
+            })
+            .collect();
+        Ok(Report {
+            l1_init: outcome.init_at,
+            total: outcome.total,
+            failure,
+            console: outcome.console,
+            scenarios,
+        })
+    }
+
+    fn write_inputs(&self, dir: &Path, artifacts: &Artifacts) -> std::io::Result<()> {
+        let vars = [
+            ("VMLAB", PathBuf::from(env!("CARGO_BIN_EXE_vmlab"))),
+            ("VMLAB_VMLINUX", artifacts.vmlinux.clone()),
+            ("VMLAB_BZIMAGE", artifacts.bzimage.clone()),
+            ("VMLAB_INITRAMFS", artifacts.initramfs.clone()),
+            ("RIG_REPO", repo().to_path_buf()),
+        ];
+        let mut env = String::from("export HOME=/root LC_ALL=C.UTF-8\n");
+        for (key, value) in vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.display().to_string()))
+            .chain(self.env.iter().cloned())
+        {
+            let _ = writeln!(env, "export {key}={}", shell_quote(&value));
+        }
+        std::fs::write(dir.join("env.sh"), env)?;
+        let batch = repo().join("tests/rig/batch.sh");
+        std::fs::write(
+            dir.join("run.sh"),
+            format!(
+                "exec bash {} /run/rig\n",
+                shell_quote(&batch.display().to_string())
+            ),
+        )?;
+        for (i, spec) in self.scenarios.iter().enumerate() {
+            let sdir = dir.join("scenarios").join(scenario_dir(i, spec));
+            std::fs::create_dir_all(&sdir)?;
+            std::fs::write(sdir.join("script"), &spec.script)?;
+            std::fs::write(
+                sdir.join("timeout"),
+                format!("{}\n", spec.timeout.as_secs().max(1)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn scenario_dir(index: usize, spec: &ScenarioSpec) -> String {
+    format!("{:03}-{}", index + 1, spec.name)
+}
+
+/// The outcome of one L1 boot: what it measured and each scenario's result.
+pub struct Run {
+    batch: String,
+    result: Result<Report, String>,
+}
+
+/// What L1 did, when it got that far.
+pub struct Report {
+    /// From starting QEMU to L1's init printing its first line.
+    pub l1_init: Option<Duration>,
+    /// From starting QEMU to its exit.
+    pub total: Duration,
+    /// Why L1 itself failed, if it did (time limit, batch script status).
+    pub failure: Option<String>,
+    /// L1's whole serial console.
+    pub console: String,
+    pub scenarios: Vec<Scenario>,
+}
+
+impl Run {
+    /// The report, or panics saying why L1 could not run at all.
+    pub fn report(&self) -> &Report {
+        match &self.result {
+            Ok(report) => report,
+            Err(e) => panic!("rig: batch {}: L1 could not run: {e}", self.batch),
+        }
+    }
+
+    /// One scenario's result, or panics saying why there is none.
+    pub fn scenario(&self, name: &str) -> &Scenario {
+        let report = self.report();
+        match report.scenarios.iter().find(|s| s.name == name) {
+            Some(s) => s,
+            None => panic!("rig: batch {} has no scenario {name:?}", self.batch),
+        }
+    }
+
+    /// Panics unless L1 booted, ran its whole batch and powered off in time.
+    pub fn assert_l1_ok(&self) -> &Report {
+        let report = self.report();
+        if let Some(failure) = &report.failure {
+            panic!(
+                "rig: batch {}: {failure}\n--- L1 console (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
+                self.batch,
+                tail(&report.console, CONSOLE_TAIL_LINES)
+            );
+        }
+        report
+    }
+}
+
+/// The result of one scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    /// Exit status; `None` when it never finished (L1 died or was killed).
+    pub status: Option<i32>,
+    /// Its stdout and stderr, interleaved.
+    pub output: String,
+    /// Wall time inside L1.
+    pub elapsed: Option<Duration>,
+    /// Files it left in `$RIG_OUT`, by name (read as UTF-8, lossily).
+    pub files: BTreeMap<String, String>,
+    timeout: Duration,
+    l1_failure: Option<String>,
+    console_tail: String,
+}
+
+impl Scenario {
+    fn collect(dir: &Path, spec: &ScenarioSpec) -> Scenario {
+        let read = |name: &str| std::fs::read(dir.join(name)).ok();
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        let mut files = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(dir.join("out")) {
+            for entry in entries.flatten() {
+                if let Ok(bytes) = std::fs::read(entry.path()) {
+                    files.insert(
+                        entry.file_name().to_string_lossy().into_owned(),
+                        text(bytes),
+                    );
+                }
+            }
+        }
+        Scenario {
+            name: spec.name.clone(),
+            status: read("status").and_then(|b| text(b).trim().parse().ok()),
+            output: read("output").map(text).unwrap_or_default(),
+            elapsed: read("elapsed_ms")
+                .and_then(|b| text(b).trim().parse().ok())
+                .map(Duration::from_millis),
+            files,
+            timeout: spec.timeout,
+            l1_failure: None,
+            console_tail: String::new(),
+        }
+    }
+
+    /// Panics with [`Scenario::diagnostics`] unless the scenario exited 0.
+    pub fn assert_success(&self) -> &Self {
+        if self.status != Some(0) {
+            panic!("{}", self.diagnostics());
+        }
+        self
+    }
+
+    /// A file the scenario left in `$RIG_OUT`; panics with diagnostics when
+    /// there is none.
+    pub fn file(&self, name: &str) -> &str {
+        match self.files.get(name) {
+            Some(text) => text,
+            None => panic!("rig: no file {name:?} in $RIG_OUT\n{}", self.diagnostics()),
+        }
+    }
+
+    /// The value of the last `KEY=VALUE` line of the output; panics with
+    /// diagnostics when there is none.
+    pub fn value(&self, key: &str) -> &str {
+        let prefix = format!("{key}=");
+        match self
+            .output
+            .lines()
+            .rev()
+            .find_map(|l| l.trim_end().strip_prefix(&prefix))
+        {
+            Some(value) => value,
+            None => panic!(
+                "rig: no line {key}=... in the output\n{}",
+                self.diagnostics()
+            ),
+        }
+    }
+
+    /// [`Scenario::value`] parsed as a number of milliseconds.
+    pub fn millis(&self, key: &str) -> Duration {
+        match self.value(key).parse() {
+            Ok(ms) => Duration::from_millis(ms),
+            Err(_) => panic!(
+                "rig: {key}={} is not milliseconds\n{}",
+                self.value(key),
+                self.diagnostics()
+            ),
+        }
+    }
+
+    /// What went wrong, for failure messages: status, output tail, files it
+    /// left, and L1's console tail.
+    pub fn diagnostics(&self) -> String {
+        let mut d = String::new();
+        let _ = match (self.status, &self.l1_failure) {
+            (Some(0), _) => writeln!(d, "rig: scenario {} exited 0", self.name),
+            (Some(124 | 137), _) => writeln!(
+                d,
+                "rig: scenario {} ran over its time limit of {:?} and was killed",
+                self.name, self.timeout
+            ),
+            (Some(code), _) => writeln!(
+                d,
+                "rig: scenario {} failed with exit status {code}",
+                self.name
+            ),
+            (None, Some(why)) => writeln!(d, "rig: scenario {} did not finish: {why}", self.name),
+            (None, None) => writeln!(d, "rig: scenario {} did not finish", self.name),
+        };
+        let _ = writeln!(
+            d,
+            "--- its output (last {TAIL_LINES} lines) ---\n{}",
+            tail(&self.output, TAIL_LINES)
+        );
+        if !self.files.is_empty() {
+            let names: Vec<_> = self.files.keys().map(String::as_str).collect();
+            let _ = writeln!(d, "--- files in $RIG_OUT: {}", names.join(", "));
+        }
+        let _ = write!(
+            d,
+            "--- L1 console (last {CONSOLE_TAIL_LINES} lines) ---\n{}",
+            self.console_tail
+        );
+        d
+    }
+}
+
+/// The per-run host directory shared with L1 (9p tag `rig`, /run/rig in L1).
+struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    fn create(batch: &str) -> Result<RunDir, String> {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmlab-rig-{}-{}-{batch}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        // A leftover of an earlier process with the same pid is stale.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.join("scenarios"))
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(RunDir { path })
+    }
+}
+
+impl Drop for RunDir {
+    /// Removes the directory, unless VMLAB_RIG_KEEP asks to keep it.
+    fn drop(&mut self) {
+        if std::env::var_os("VMLAB_RIG_KEEP").is_some() {
+            eprintln!("rig: run directory kept: {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A running L1 machine (QEMU, started by `tests/rig/l1 --batch`).
+struct L1 {
+    child: Child,
+    started: Instant,
+    console: JoinHandle<(String, Option<Duration>)>,
+    stderr: JoinHandle<String>,
+}
+
+/// How an L1 run ended.
+struct Outcome {
+    exit: String,
+    timed_out: bool,
+    init_at: Option<Duration>,
+    total: Duration,
+    console: String,
+    stderr: String,
+}
+
+impl L1 {
+    fn boot(dir: &Path, mem: &str, writable: &[PathBuf]) -> Result<L1, String> {
+        let l1 = repo().join("tests/rig/l1");
+        let started = Instant::now();
+        // `l1 --batch` execs QEMU, so killing the child kills QEMU.
+        let mut child = Command::new("bash")
+            .arg(&l1)
+            .arg("--batch")
+            .arg(dir)
+            .args(["--mem", mem])
+            .args(writable.iter().flat_map(|d| [Path::new("--rw"), d]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start bash {}: {e}", l1.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let console = thread::spawn(move || read_console(stdout, started));
+        let stderr = thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = stderr.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        });
+        Ok(L1 {
+            child,
+            started,
+            console,
+            stderr,
+        })
+    }
+
+    /// Waits for QEMU to exit, killing it at `limit`.
+    fn wait(mut self, limit: Duration) -> Outcome {
+        let mut timed_out = false;
+        let exit = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status.to_string(),
+                Ok(None) if self.started.elapsed() >= limit => {
+                    timed_out = true;
+                    let _ = self.child.kill();
+                    break match self.child.wait() {
+                        Ok(status) => format!("killed, {status}"),
+                        Err(e) => format!("killed, wait failed: {e}"),
+                    };
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+                Err(e) => break format!("wait failed: {e}"),
+            }
+        };
+        let total = self.started.elapsed();
+        let (console, init_at) = self.console.join().unwrap_or_default();
+        let stderr = self.stderr.join().unwrap_or_default();
+        Outcome {
+            exit,
+            timed_out,
+            init_at,
+            total,
+            console,
+            stderr,
+        }
+    }
+}
+
+/// Reads L1's console to its end, noting when the init marker arrived and,
+/// with VMLAB_RIG_VERBOSE, copying it to stderr as it comes.
+fn read_console(mut stdout: impl Read, started: Instant) -> (String, Option<Duration>) {
+    let verbose = std::env::var_os("VMLAB_RIG_VERBOSE").is_some();
+    let mut console = Vec::new();
+    let mut init_at = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if verbose {
+            let _ = std::io::stderr().lock().write_all(&buf[..n]);
+        }
+        console.extend_from_slice(&buf[..n]);
+        if init_at.is_none()
+            && console
+                .windows(INIT_MARKER.len())
+                .any(|w| w == INIT_MARKER.as_bytes())
+        {
+            init_at = Some(started.elapsed());
+        }
+    }
+    (String::from_utf8_lossy(&console).into_owned(), init_at)
+}
+
+/// The last `n` lines of `text`, without carriage returns.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `s` as one bash word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
