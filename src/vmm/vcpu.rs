@@ -164,10 +164,16 @@ impl Vcpu {
     fn register_dump(&self) -> String {
         let regs = self.fd.get_regs().unwrap_or_else(|_| kvm_regs::default());
         let sregs = self.fd.get_sregs().unwrap_or_else(|_| kvm_sregs::default());
-        format!(
+        let mut dump = format!(
             "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
             regs.rip, regs.rsp, regs.rflags, sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs.selector
-        )
+        );
+        // On AMD, KVM resets a vCPU after a shutdown (triple fault) exit,
+        // so what it reports then is the reset vector, not the fault.
+        if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+            dump.push_str(" (KVM already reset this vCPU: the faulting state is lost)");
+        }
+        dump
     }
 
     fn internal_suberror(&mut self) -> u32 {

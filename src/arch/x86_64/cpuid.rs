@@ -6,6 +6,9 @@
 //! APIC ID = vCPU index. The same facts are stated in every leaf Linux may
 //! consult (1, 4, 0xB, 0x1F, and AMD's 0x80000001/8/1E) so that Intel and
 //! AMD hosts give the guest the same picture.
+//!
+//! Hardware virtualization (VMX/SVM) is hidden: a lab guest does not run its
+//! own VMs, and a guest kernel that sees SVM spends boot time bringing up KVM.
 
 use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -19,7 +22,9 @@ const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_EXT_SIZES: u32 = 0x8000_0008;
 const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
 
+const FEATURES_ECX_VMX: u32 = 1 << 5;
 const FEATURES_ECX_HYPERVISOR: u32 = 1 << 31;
+const EXT_FEATURES_ECX_SVM: u32 = 1 << 2;
 const FEATURES_EDX_HTT: u32 = 1 << 28;
 const EXT_FEATURES_ECX_CMP_LEGACY: u32 = 1 << 1;
 
@@ -107,6 +112,7 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], index: u8, cpus: u8) -> Vec<kv
             LEAF_FEATURES => {
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((1 << bits) << 16);
                 entry.ecx |= FEATURES_ECX_HYPERVISOR;
+                entry.ecx &= !FEATURES_ECX_VMX;
                 if cpus > 1 {
                     entry.edx |= FEATURES_EDX_HTT;
                 } else {
@@ -118,7 +124,11 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], index: u8, cpus: u8) -> Vec<kv
                 let sharing = if level >= 3 { (1 << bits) - 1 } else { 0 };
                 entry.eax = (entry.eax & 0x3fff) | (sharing << 14) | (((1u32 << bits) - 1) << 26);
             }
-            LEAF_EXT_FEATURES if vendor == Vendor::Amd => {
+            LEAF_EXT_FEATURES => {
+                entry.ecx &= !EXT_FEATURES_ECX_SVM;
+                if vendor != Vendor::Amd {
+                    continue;
+                }
                 if cpus > 1 {
                     entry.ecx |= EXT_FEATURES_ECX_CMP_LEGACY;
                 } else {
@@ -229,6 +239,21 @@ mod tests {
         assert_ne!(l1.edx & FEATURES_EDX_HTT, 0);
         let single = find(&vcpu_cpuid(&amd_host(), 0, 1), 1, 0);
         assert_eq!(single.edx & FEATURES_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn hides_hardware_virtualization() {
+        let mut host = amd_host();
+        for e in &mut host {
+            match e.function {
+                1 => e.ecx |= FEATURES_ECX_VMX,
+                0x8000_0001 => e.ecx |= EXT_FEATURES_ECX_SVM,
+                _ => {}
+            }
+        }
+        let out = vcpu_cpuid(&host, 0, 1);
+        assert_eq!(find(&out, 1, 0).ecx & FEATURES_ECX_VMX, 0);
+        assert_eq!(find(&out, 0x8000_0001, 0).ecx & EXT_FEATURES_ECX_SVM, 0);
     }
 
     #[test]
