@@ -85,6 +85,9 @@ pub fn default_guest() -> Result<DefaultGuest, ImageError> {
         kernel: PathBuf::from(kernel_dir).join("vmlinux"),
         initrd: PathBuf::from(initrd),
     };
-    write_index(&guest)?;
+    // A read-only cache only costs the quick recipe check next time.
+    if let Err(e) = write_index(&guest) {
+        log::debug!("cannot remember the default guest's paths: {e}");
+    }
     Ok(guest)
 }

@@ -1,7 +1,7 @@
 //! The guest recipes embedded in the binary (see build.rs), written out to
 //! the cache so their scripts can run.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::ImageError;
@@ -14,19 +14,37 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// Writes the recipe to `cache/recipes/<hash>` unless already there.
-    /// It is written to a scratch directory and renamed into place, so a
-    /// killed vmlab never leaves a partial recipe behind.
+    /// Writes the recipe to `cache/recipes/<hash>/guest` unless already
+    /// there, or to a temporary directory when the cache is read-only (as
+    /// inside the test rig, where the host's files are shared read-only).
+    /// The directory keeps the name `guest` because the scripts name their
+    /// outputs after it.
     pub fn materialize() -> Result<Recipe, ImageError> {
-        let parent = crate::dirs::cache_dir().join("recipes");
-        let dir = parent.join(RECIPE_HASH);
+        let cached = crate::dirs::cache_dir().join("recipes").join(RECIPE_HASH);
+        match Self::materialize_in(&cached) {
+            Ok(recipe) => Ok(recipe),
+            Err(e) => {
+                let uid = std::fs::metadata("/proc/self")
+                    .map(|m| m.uid())
+                    .unwrap_or(0);
+                let temp = std::env::temp_dir().join(format!("vmlab-recipe-{RECIPE_HASH}-{uid}"));
+                log::debug!("cache not writable ({e}); using {}", temp.display());
+                Self::materialize_in(&temp)
+            }
+        }
+    }
+
+    /// Writes the recipe to `parent/guest`, through a scratch directory
+    /// renamed into place so a killed vmlab never leaves a partial recipe.
+    fn materialize_in(parent: &Path) -> Result<Recipe, ImageError> {
+        let dir = parent.join("guest");
         if dir.is_dir() {
             return Ok(Recipe { dir });
         }
         let io = |what: String| move |source| ImageError::Io { what, source };
-        std::fs::create_dir_all(&parent)
+        std::fs::create_dir_all(parent)
             .map_err(io(format!("cannot create {}", parent.display())))?;
-        let scratch = parent.join(format!(".{RECIPE_HASH}.{}", std::process::id()));
+        let scratch = parent.join(format!(".guest.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         for (rel, bytes, mode) in RECIPE_FILES {
             let path = scratch.join(rel);
