@@ -6,7 +6,20 @@ use std::process::Command;
 
 #[test]
 fn iasl_decodes_every_table_cleanly() {
-    let tables = vmlab::arch::x86_64::acpi::build_tables(4).expect("tables build");
+    use vmlab::arch::x86_64::acpi::{build_tables, VirtioMmioSlot};
+    let slots = [
+        VirtioMmioSlot {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        },
+        VirtioMmioSlot {
+            base: 0xd000_1000,
+            len: 0x1000,
+            gsi: 6,
+        },
+    ];
+    let tables = build_tables(4, &slots).expect("tables build");
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("acpi-iasl");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -52,6 +65,8 @@ fn iasl_decodes_every_table_cleanly() {
         "\"ACPI0013\"",
         "\"QEMU0001\"",
         "Notify (\\_SB.PWRB, 0x80)",
+        "\"LNRO0005\"",
+        "Memory32Fixed (ReadWrite,",
     ] {
         assert!(dsdt.contains(needle), "DSDT lacks {needle}:\n{dsdt}");
     }

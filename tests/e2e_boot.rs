@@ -60,6 +60,8 @@ session() {
     rig_console_wait vm '^nproc=[0-9]' 30
     rig_console_send vm 'echo "typed-$((6*7))"'
     rig_console_wait vm '^typed-42' 30
+    rig_console_send vm 'echo "rng=$(cat /sys/class/misc/hw_random/rng_current) $(head -c 8 /dev/hwrng | od -An -tx1 | tr -d " ")"'
+    rig_console_wait vm '^rng=' 30
     rig_console_send vm "$ending"
     rig_console_exit vm 90 || status=$?
     echo "vmlab_status=$status"
@@ -150,6 +152,23 @@ fn typed_input_reaches_the_guest_shell() {
         "{}",
         s.diagnostics()
     );
+}
+
+#[test]
+fn virtio_rng_feeds_the_guest() {
+    let s = l1().scenario("vmlinux_smp_poweroff").assert_success();
+    let out = console(s, "vm.console");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("rng="))
+        .unwrap_or_else(|| panic!("no rng line\n{}", s.diagnostics()));
+    let mut fields = line.trim_start_matches("rng=").split_whitespace();
+    assert!(
+        fields.next().unwrap_or("").starts_with("virtio_rng"),
+        "{line}"
+    );
+    let bytes = fields.next().unwrap_or("");
+    assert_eq!(bytes.len(), 16, "8 bytes read from /dev/hwrng: {line}");
 }
 
 #[test]

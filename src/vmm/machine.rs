@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -27,6 +27,7 @@ use super::memory::{self, GuestMemoryMmap};
 use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
 use super::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use crate::arch::x86_64::acpi::VirtioMmioSlot;
 use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
 use crate::arch::x86_64::kernel::check_images;
@@ -34,9 +35,15 @@ use crate::arch::x86_64::layout::{
     ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, I8042_COMMAND_PORT,
     I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
+use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
+use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
+use crate::devices::virtio::events::QueueEvents;
+use crate::devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -59,6 +66,7 @@ impl MutEventSubscriber for StopWatcher {
 pub struct Vm {
     // Field order matters for drop: vCPUs and the VM fd go before memory.
     vcpus: Vec<Vcpu>,
+    events: EventManager<Subscriber>,
     _vm: VmFd,
     memory: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
@@ -102,6 +110,9 @@ impl Vm {
         memory::register(&vm, &mem)?;
         let ram = ram_regions(config.mem_size);
 
+        let virtio = virtio_devices()?;
+        let slots = virtio_slots(virtio.len())?;
+
         let (entry, cr3) = match &config.boot {
             BootSource::Linux {
                 kernel,
@@ -117,6 +128,7 @@ impl Vm {
                         cmdline: &full_cmdline,
                         cpus: config.cpus,
                         ram: &ram,
+                        virtio: &slots,
                     },
                 )?;
                 log::info!(
@@ -142,7 +154,13 @@ impl Vm {
                 .map_err(VmmError::io("create the UART"))?,
         ));
         let pio = Arc::new(legacy_bus(&serial, &exit, &timeline)?);
-        let mmio = Arc::new(Bus::new());
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
+        let mut mmio = Bus::new();
+        for (device, slot) in virtio.into_iter().zip(&slots) {
+            attach_virtio(&vm, &mem, &mut mmio, &mut events, *slot, device)?;
+        }
+        let mmio = Arc::new(mmio);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -165,6 +183,7 @@ impl Vm {
 
         Ok(Vm {
             vcpus,
+            events,
             _vm: vm,
             memory: mem,
             serial,
@@ -198,8 +217,10 @@ impl Vm {
     /// measured once the vCPUs have stopped.
     pub fn run_measured(mut self) -> Result<(ExitReason, Option<Footprint>), VmmError> {
         install_kick_handler()?;
-        let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
+        let mut events = std::mem::replace(
+            &mut self.events,
+            EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?,
+        );
         events.add_subscriber(Arc::new(Mutex::new(StopWatcher(self.exit.clone()))));
         let signals = TerminationSignals::install(self.exit.clone())
             .map_err(VmmError::io("install signal handlers"))?;
@@ -331,6 +352,64 @@ fn legacy_bus(
             .map_err(|e| VmmError::device("legacy port I/O")(e.to_string()))?;
     }
     Ok(bus)
+}
+
+/// The virtio devices every guest gets (disks and network join later).
+fn virtio_devices() -> Result<Vec<Arc<Mutex<dyn VirtioDevice>>>, VmmError> {
+    let rng = Rng::new().map_err(VmmError::io("open the host's entropy source"))?;
+    Ok(vec![Arc::new(Mutex::new(rng))])
+}
+
+/// MMIO windows and GSIs for `count` devices: one page each from
+/// `VIRTIO_MMIO_START`, GSIs from `FIRST_DEVICE_GSI` up to the GED's.
+fn virtio_slots(count: usize) -> Result<Vec<VirtioMmioSlot>, VmmError> {
+    let available = (GED_GSI - FIRST_DEVICE_GSI) as usize;
+    if count > available {
+        return Err(VmmError::device("virtio")(format!(
+            "{count} devices requested, at most {available} fit"
+        )));
+    }
+    Ok((0..count)
+        .map(|i| VirtioMmioSlot {
+            base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
+            len: VIRTIO_MMIO_SIZE,
+            gsi: FIRST_DEVICE_GSI + i as u32,
+        })
+        .collect())
+}
+
+/// Puts a virtio device on the MMIO bus with its interrupt (irqfd) and
+/// queue notifications (one ioeventfd per queue, matched on the index).
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    events: &mut EventManager<Subscriber>,
+    slot: VirtioMmioSlot,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+) -> Result<(), VmmError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
+    vm.register_irqfd(&irq, slot.gsi)
+        .map_err(VmmError::kvm("route a virtio interrupt"))?;
+    let queues = lock(&device).queue_max_sizes().len();
+    let mut notifiers = Vec::with_capacity(queues);
+    for index in 0..queues {
+        let notifier =
+            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a queue notifier"))?;
+        vm.register_ioevent(
+            &notifier,
+            &IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY),
+            index as u32,
+        )
+        .map_err(VmmError::kvm("register a queue notifier"))?;
+        notifiers.push(notifier);
+    }
+    let interrupt = Arc::new(VirtioInterrupt::new(irq));
+    let transport = MmioTransport::new(device.clone(), interrupt, mem.clone());
+    mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
+        .map_err(|e| VmmError::device("virtio-mmio")(e.to_string()))?;
+    events.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(device, notifiers))));
+    Ok(())
 }
 
 /// Copies a flat binary to `load_addr` with the long-mode scaffolding it

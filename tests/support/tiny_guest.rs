@@ -85,6 +85,19 @@ impl Program {
         self
     }
 
+    /// mov eax, [moffs64]
+    pub fn load_eax(mut self, addr: u64) -> Self {
+        self.code.push(0xa1);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+
+    /// shr eax, imm8
+    pub fn shr_eax(mut self, bits: u8) -> Self {
+        self.code.extend_from_slice(&[0xc1, 0xe8, bits]);
+        self
+    }
+
     /// mov [moffs64], al
     pub fn store_al(mut self, addr: u64) -> Self {
         self.code.push(0xa2);

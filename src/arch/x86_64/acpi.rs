@@ -38,6 +38,15 @@ const MADT_TYPE_LOCAL_APIC: u8 = 0;
 const MADT_TYPE_IO_APIC: u8 = 1;
 const MADT_LOCAL_APIC_ENABLED: u32 = 1;
 
+/// A virtio-mmio device window and its interrupt, declared in the DSDT so
+/// Linux's virtio_mmio driver finds it (ACPI ID LNRO0005).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
+
 /// Table bytes to copy to guest memory, each at its address.
 pub struct AcpiTables {
     pub rsdp_addr: u64,
@@ -57,8 +66,9 @@ fn aml_bytes(object: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT's AML: `_S5_`, the power button behind a GED, and pvpanic.
-fn dsdt_aml() -> Vec<u8> {
+/// The DSDT's AML: `_S5_`, COM1, the power button behind a GED, pvpanic
+/// and the virtio-mmio devices.
+fn dsdt_aml(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     let mut aml = Vec::new();
     // Linux reads SLP_TYPa from the first element.
     Name::new("_S5_".into(), &Package::new(vec![&ACPI_S5_SLEEP_TYPE])).to_aml_bytes(&mut aml);
@@ -121,6 +131,22 @@ fn dsdt_aml() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut aml);
+
+    for (index, slot) in virtio.iter().enumerate() {
+        let window = aml::Memory32Fixed::new(true, slot.base as u32, slot.len as u32);
+        let irq = Interrupt::new(true, true, false, false, slot.gsi);
+        let crs = ResourceTemplate::new(vec![&window, &irq]);
+        let uid = index as u32;
+        Device::new(
+            format!("_SB_.V{index:03X}").as_str().into(),
+            vec![
+                &Name::new("_HID".into(), &"LNRO0005"),
+                &Name::new("_UID".into(), &uid),
+                &Name::new("_CRS".into(), &crs),
+            ],
+        )
+        .to_aml_bytes(&mut aml);
+    }
     aml
 }
 
@@ -173,7 +199,7 @@ fn align16(addr: u64) -> u64 {
 }
 
 /// Lays out RSDP, XSDT, FADT, DSDT and MADT from `ACPI_START` on.
-pub fn build_tables(cpus: u8) -> Result<AcpiTables, AcpiError> {
+pub fn build_tables(cpus: u8, virtio: &[VirtioMmioSlot]) -> Result<AcpiTables, AcpiError> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
     // The XSDT's size is known up front: header plus one entry per table.
@@ -182,7 +208,7 @@ pub fn build_tables(cpus: u8) -> Result<AcpiTables, AcpiError> {
     let dsdt_addr = align16(fadt_addr + fadt_len);
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMLABDSD", OEM_REVISION);
-    dsdt.append_slice(&dsdt_aml());
+    dsdt.append_slice(&dsdt_aml(virtio));
     let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus);
     let end = madt_addr + madt.len() as u64;
@@ -236,7 +262,7 @@ mod tests {
 
     #[test]
     fn rsdp_points_to_xsdt_which_lists_fadt_and_madt() {
-        let t = build_tables(2).unwrap();
+        let t = build_tables(2, &[]).unwrap();
         let (rsdp_addr, rsdp) = table(&t, b"RSD PTR ");
         assert_eq!(rsdp_addr, ACPI_START);
         assert_eq!(rsdp.len(), 36);
@@ -260,7 +286,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
-        let t = build_tables(1).unwrap();
+        let t = build_tables(1, &[]).unwrap();
         let (_, fadt) = table(&t, b"FACP");
         let (dsdt_addr, _) = table(&t, b"DSDT");
         assert_eq!(fadt.len(), 276, "ACPI 6.x FADT length");
@@ -284,7 +310,7 @@ mod tests {
 
     #[test]
     fn madt_lists_each_cpu_and_the_ioapic() {
-        let t = build_tables(3).unwrap();
+        let t = build_tables(3, &[]).unwrap();
         let (_, madt) = table(&t, b"APIC");
         assert!(sums_to_zero(madt));
         assert_eq!(u32_at(madt, 4) as usize, madt.len());
@@ -305,7 +331,7 @@ mod tests {
 
     #[test]
     fn dsdt_declares_s5_com1_power_button_ged_and_pvpanic() {
-        let t = build_tables(1).unwrap();
+        let t = build_tables(1, &[]).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
         assert!(sums_to_zero(dsdt));
         assert_eq!(u32_at(dsdt, 4) as usize, dsdt.len());
@@ -339,7 +365,41 @@ mod tests {
     }
 
     #[test]
-    fn fits_the_most_vcpus_vmlab_allows() {
-        build_tables(u8::MAX).unwrap();
+    fn fits_the_most_vcpus_and_devices_vmlab_allows() {
+        let slots: Vec<_> = (0..18)
+            .map(|i| VirtioMmioSlot {
+                base: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                gsi: 5 + i as u32,
+            })
+            .collect();
+        build_tables(u8::MAX, &slots).unwrap();
+    }
+
+    #[test]
+    fn dsdt_declares_each_virtio_mmio_device() {
+        let slots = [
+            VirtioMmioSlot {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioSlot {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let t = build_tables(1, &slots).unwrap();
+        let (_, dsdt) = table(&t, b"DSDT");
+        let aml = &dsdt[36..];
+        let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert_eq!(aml.windows(9).filter(|w| w == b"LNRO0005\0").count(), 2);
+        // Memory32Fixed: read-write, base, length.
+        assert!(contains(&[
+            0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00
+        ]));
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 6, 0, 0, 0]));
+        assert!(contains(b"V001"));
     }
 }

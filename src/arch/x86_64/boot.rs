@@ -14,7 +14,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::acpi::{self, AcpiError};
+use super::acpi::{self, AcpiError, VirtioMmioSlot};
 use super::e820::memory_map;
 use super::gdt::EntryMode;
 use super::kernel::{self, KernelError, KernelFormat};
@@ -34,6 +34,8 @@ pub struct BootConfig<'a> {
     pub cmdline: &'a str,
     pub cpus: u8,
     pub ram: &'a [RamRegion],
+    /// virtio-mmio devices to declare in the ACPI tables.
+    pub virtio: &'a [VirtioMmioSlot],
 }
 
 /// The result: how to start the boot vCPU.
@@ -97,7 +99,7 @@ pub fn setup_boot<M: GuestMemoryBackend>(
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(memory_error)?;
 
-    let acpi = acpi::build_tables(config.cpus)?;
+    let acpi = acpi::build_tables(config.cpus, config.virtio)?;
     for (addr, bytes) in &acpi.tables {
         mem.write_slice(bytes, GuestAddress(*addr))
             .map_err(memory_error)?;

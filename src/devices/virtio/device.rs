@@ -1,0 +1,132 @@
+//! What a virtio device model implements, independent of the transport.
+
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::interrupt::VirtioInterrupt;
+use crate::vmm::memory::GuestMemoryMmap;
+
+/// Everything a device needs to start serving its queues.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    /// One per queue the device declared; queues the driver did not enable
+    /// are present but not ready.
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// The features the driver accepted.
+    pub features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is required but the driver did not enable it")]
+    QueueNotReady(usize),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A virtio device model.
+///
+/// `activate`, `reset` and `process_queue` run with the device locked;
+/// `process_queue` runs on the event-loop thread when the guest notifies.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`TYPE_*`).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits offered to the driver, `F_VERSION_1` included.
+    fn device_features(&self) -> u64;
+
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the configuration space; most devices ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    /// The driver set DRIVER_OK: take the queues and start.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+
+    /// The driver reset the device: drop the queues and go back to the
+    /// state before activation.
+    fn reset(&mut self);
+
+    /// The guest notified queue `index`.
+    fn process_queue(&mut self, index: usize);
+}
+
+/// Serves every available chain of `queue` with `handle`, which returns
+/// the number of bytes it wrote into the chain (the used length). Uses the
+/// notification-suppression protocol: with EVENT_IDX the driver only kicks
+/// when `avail_event` says the device is waiting, so the device must
+/// publish it (`enable_notification`) and re-check for buffers that raced
+/// in. Returns whether any chain was used; an error means the driver broke
+/// the queue and the device needs a reset.
+pub fn serve_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut handle: F,
+) -> Result<bool, String>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, String>,
+{
+    let mut used_any = false;
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(|e| format!("queue notification: {e:?}"))?;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain)?;
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| format!("used ring: {e:?}"))?;
+            used_any = true;
+        }
+        let more = queue
+            .enable_notification(mem)
+            .map_err(|e| format!("queue notification: {e:?}"))?;
+        if !more {
+            return Ok(used_any);
+        }
+    }
+}
+
+/// Copies `data` (the bytes of a configuration structure) into `out` at
+/// `offset`, as far as they overlap; bytes past the end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, out: &mut [u8]) {
+    out.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = out.len().min(config.len() - start);
+    out[..n].copy_from_slice(&config[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut out = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut out);
+        assert_eq!(out, [3, 4, 0, 0]);
+        read_config_bytes(&config, 9, &mut out);
+        assert_eq!(out, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}
