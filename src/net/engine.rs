@@ -64,7 +64,7 @@ impl Flow {
         }
     }
 
-    fn info(&self, now: Instant) -> FlowInfo {
+    fn info(&self, now: Instant, listeners: &[Listener]) -> FlowInfo {
         match self {
             Flow::Tcp(f) => FlowInfo {
                 protocol: FlowProtocol::Tcp,
@@ -72,6 +72,7 @@ impl Flow {
                 guest: f.guest,
                 remote: f.remote,
                 host: f.host_peer,
+                host_local: f.stream.local_addr().ok(),
                 state: f.state_name(),
                 bytes_from_guest: f.bytes_from_guest,
                 bytes_to_guest: f.bytes_to_guest,
@@ -84,6 +85,11 @@ impl Flow {
                 guest: f.guest,
                 remote: f.remote,
                 host: f.host_peer,
+                host_local: match (&f.socket, f.listener.and_then(|i| listeners.get(i))) {
+                    (Some(s), _) => s.local_addr().ok(),
+                    (None, Some(l)) => l.local_addr(),
+                    (None, None) => None,
+                },
                 state: "ACTIVE",
                 bytes_from_guest: f.bytes_from_guest,
                 bytes_to_guest: f.bytes_to_guest,
@@ -96,6 +102,7 @@ impl Flow {
                 guest: SocketAddrV4::new(f.guest, f.ident),
                 remote: SocketAddrV4::new(f.remote, 0),
                 host: SocketAddr::from((f.remote, 0)),
+                host_local: f.socket.local_addr().ok().and_then(|a| a.as_socket()),
                 state: "ACTIVE",
                 bytes_from_guest: f.bytes_from_guest,
                 bytes_to_guest: f.bytes_to_guest,
@@ -192,7 +199,11 @@ impl Nat {
     /// The flow table, one row per flow.
     pub fn flows(&self) -> Vec<FlowInfo> {
         let now = Instant::now();
-        self.flows.iter().flatten().map(|f| f.info(now)).collect()
+        self.flows
+            .iter()
+            .flatten()
+            .map(|f| f.info(now, &self.listeners))
+            .collect()
     }
 
     /// Emits owed ACKs and hands queued frames to the guest; resumes host
@@ -909,7 +920,7 @@ impl Nat {
         if let Some(fd) = flow.fd() {
             let _ = reg.remove(fd, TOKEN_NAT | slot as u32);
         }
-        let info = flow.info(Instant::now());
+        let info = flow.info(Instant::now(), &self.listeners);
         match &flow {
             Flow::Tcp(f) => {
                 self.tcp_map.remove(&(f.guest, f.remote));

@@ -35,6 +35,8 @@ pub struct FlowInfo {
     pub remote: SocketAddrV4,
     /// The host-side peer actually used (e.g. 127.0.0.1 for the gateway).
     pub host: SocketAddr,
+    /// The host socket's own address (the listener's for forwarded UDP).
+    pub host_local: Option<SocketAddr>,
     /// TCP state name, or "ACTIVE" for UDP and ICMP.
     pub state: &'static str,
     pub bytes_from_guest: u64,

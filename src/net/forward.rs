@@ -21,6 +21,15 @@ pub(crate) struct Listener {
     pub readable: bool,
 }
 
+impl Listener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            ListenSocket::Tcp(s) => s.local_addr().ok(),
+            ListenSocket::Udp(s) => s.local_addr().ok(),
+        }
+    }
+}
+
 /// The bound host sides of every `--forward`.
 #[derive(Default)]
 pub struct ForwardListeners {
@@ -59,13 +68,7 @@ impl ForwardListeners {
     pub fn local_addrs(&self) -> Vec<(ForwardRule, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|l| {
-                let addr = match &l.socket {
-                    ListenSocket::Tcp(s) => s.local_addr(),
-                    ListenSocket::Udp(s) => s.local_addr(),
-                };
-                addr.ok().map(|a| (l.rule, a))
-            })
+            .filter_map(|l| l.local_addr().map(|a| (l.rule, a)))
             .collect()
     }
 }
