@@ -36,7 +36,10 @@ fn forward_port_in_use_fails_before_anything_else() {
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
     assert!(stderr.contains("choose another host port"), "{stderr}");
     // The TAP device was never created.
-    let link = Command::new("ip").args(["link", "show", &tap]).output().unwrap();
+    let link = Command::new("ip")
+        .args(["link", "show", &tap])
+        .output()
+        .unwrap();
     assert!(!link.status.success(), "tap {tap} exists");
 }
 
@@ -48,7 +51,10 @@ fn bad_forward_rule_is_one_clear_line() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT"), "{stderr}");
+    assert!(
+        stderr.contains("expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -69,7 +75,10 @@ fn nat_command_serves_a_namespace() {
     // The TAP appears inside the namespace once vmlab has opened it.
     let start = Instant::now();
     while !ns.sh(&format!("ip link show {tap}")).status.success() {
-        assert!(start.elapsed() < Duration::from_secs(10), "vmlab never opened {tap}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vmlab never opened {tap}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     ns.sh_ok(&format!(

@@ -41,7 +41,10 @@ fn connect_retry(addr: SocketAddr) -> TcpStream {
                 return s;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "forward never answered");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "forward never answered"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -74,7 +77,10 @@ fn tcp_forward_carries_a_session_to_an_echo_server() {
         assert_eq!(back, line);
     }
     // A bulk transfer through the same session.
-    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).filter(|&b| b != b'\n').collect();
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i % 251) as u8)
+        .filter(|&b| b != b'\n')
+        .collect();
     let w = {
         let mut writer = writer.try_clone().unwrap();
         let blob = blob.clone();
@@ -137,7 +143,10 @@ fn udp_forward_echo() {
     let (n, _) = a.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"again a");
     let flows = rig.flows();
-    let forwarded = flows.iter().filter(|f| f.forwarded && f.protocol == FlowProtocol::Udp).count();
+    let forwarded = flows
+        .iter()
+        .filter(|f| f.forwarded && f.protocol == FlowProtocol::Udp)
+        .count();
     assert_eq!(forwarded, 2, "one flow per host peer: {flows:#?}");
     // Let the echo thread finish its loop.
     let _ = a.send_to(b"last", host);

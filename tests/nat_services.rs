@@ -69,13 +69,17 @@ fn serve_dns(sock: UdpSocket, queries: usize) {
 #[test]
 fn dns_relay_to_a_loopback_resolver() {
     let (sock, addr) = tiny_resolver();
-    let SocketAddr::V4(addr) = addr else { unreachable!() };
+    let SocketAddr::V4(addr) = addr else {
+        unreachable!()
+    };
     let mut cfg = test_config();
     cfg.resolvers = vec![addr];
     let rig = Rig::start(cfg);
     rig.configure_static();
     let server = std::thread::spawn(move || serve_dns(sock, 2));
-    let out = rig.ns.sh_ok("busybox nslookup -type=a lab.example 10.0.2.3");
+    let out = rig
+        .ns
+        .sh_ok("busybox nslookup -type=a lab.example 10.0.2.3");
     assert!(out.contains("10.9.8.7"), "{out}");
     drop(server);
     let flows = rig.flows();

@@ -79,7 +79,10 @@ fn two_hundred_concurrent_connections() {
     opened_rx.recv().unwrap();
     let flows = rig.wait_flows(Duration::from_secs(5), |f| f.len() >= N);
     let established = flows.iter().filter(|f| f.state == "ESTABLISHED").count();
-    assert_eq!(established, N, "all {N} connections open at once: {flows:#?}");
+    assert_eq!(
+        established, N,
+        "all {N} connections open at once: {flows:#?}"
+    );
     tx.send(()).unwrap();
     client.join().unwrap();
     server.join().unwrap();
@@ -146,9 +149,12 @@ fn outside_destinations_are_refused_when_host_only() {
     rig.configure_static();
     // 192.0.2.0/24 is TEST-NET-1; with host-only egress nothing is sent.
     let kind = rig.ns.run(|| {
-        TcpStream::connect_timeout(&SocketAddr::from(([192, 0, 2, 1], 80)), Duration::from_secs(10))
-            .unwrap_err()
-            .kind()
+        TcpStream::connect_timeout(
+            &SocketAddr::from(([192, 0, 2, 1], 80)),
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .kind()
     });
     assert_eq!(kind, ErrorKind::ConnectionRefused);
     assert!(rig.counters().dropped_from_guest >= 1);
@@ -178,7 +184,10 @@ fn closed_connections_leave_the_table() {
     });
     server.join().unwrap();
     let flows = rig.wait_flows(Duration::from_secs(5), |f| f.is_empty());
-    assert!(flows.is_empty(), "flow for {local} still listed: {flows:#?}");
+    assert!(
+        flows.is_empty(),
+        "flow for {local} still listed: {flows:#?}"
+    );
     let c = rig.counters();
     assert_eq!(c.flows_opened, c.flows_closed, "{c:?}");
 }

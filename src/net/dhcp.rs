@@ -154,3 +154,151 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
     );
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use smoltcp::wire::{DhcpPacket, DhcpRepr};
+
+    use super::*;
+    use crate::net::testkit::{Harness, GUEST_MAC};
+
+    fn request(
+        kind: DhcpMessageType,
+        requested: Option<Ipv4Addr>,
+        server: Option<Ipv4Addr>,
+    ) -> Vec<u8> {
+        let repr = DhcpRepr {
+            message_type: kind,
+            transaction_id: 0x1234_5678,
+            secs: 0,
+            client_hardware_address: GUEST_MAC,
+            client_ip: Ipv4Addr::UNSPECIFIED,
+            your_ip: Ipv4Addr::UNSPECIFIED,
+            server_ip: Ipv4Addr::UNSPECIFIED,
+            router: None,
+            subnet_mask: None,
+            relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+            broadcast: false,
+            requested_ip: requested,
+            client_identifier: Some(GUEST_MAC),
+            server_identifier: server,
+            parameter_request_list: Some(&[1, 3, 6, 12, 26, 51]),
+            dns_servers: None,
+            max_size: None,
+            lease_duration: None,
+            renew_duration: None,
+            rebind_duration: None,
+            additional_options: &[],
+        };
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut DhcpPacket::new_unchecked(&mut buf)).unwrap();
+        buf
+    }
+
+    fn exchange(h: &mut Harness, payload: &[u8]) -> Vec<(DhcpMessageType, Vec<u8>)> {
+        let frame = h.guest.udp(
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DHCP_CLIENT_PORT),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, DHCP_SERVER_PORT),
+            payload,
+        );
+        h.send(&frame);
+        h.frames()
+            .into_iter()
+            .map(|seen| {
+                assert_eq!(seen.src_port, DHCP_SERVER_PORT);
+                assert_eq!(seen.dst_port, DHCP_CLIENT_PORT);
+                let p = DhcpPacket::new_checked(&seen.payload[..]).unwrap();
+                (
+                    DhcpRepr::parse(&p).unwrap().message_type,
+                    seen.payload.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn option(payload: &[u8], kind: u8) -> Option<Vec<u8>> {
+        let p = DhcpPacket::new_checked(payload).unwrap();
+        let found = p
+            .options()
+            .find(|o| o.kind == kind)
+            .map(|o| o.data.to_vec());
+        found
+    }
+
+    #[test]
+    fn discover_request_ack_with_all_options() {
+        let mut h = Harness::new(NatConfig {
+            hostname: "lab-vm-1".into(),
+            mtu: 1400,
+            ..NatConfig::default()
+        });
+        let replies = exchange(&mut h, &request(DhcpMessageType::Discover, None, None));
+        assert_eq!(replies.len(), 1);
+        let (kind, offer) = &replies[0];
+        assert_eq!(*kind, DhcpMessageType::Offer);
+        let p = DhcpPacket::new_checked(&offer[..]).unwrap();
+        let repr = DhcpRepr::parse(&p).unwrap();
+        assert_eq!(repr.your_ip, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(repr.router, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(repr.subnet_mask, Some(Ipv4Addr::new(255, 255, 255, 0)));
+        assert_eq!(repr.lease_duration, Some(86400));
+        assert_eq!(repr.server_identifier, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(option(offer, OPT_DNS).unwrap(), [10, 0, 2, 3]);
+        assert_eq!(option(offer, OPT_MTU).unwrap(), 1400u16.to_be_bytes());
+        assert_eq!(option(offer, OPT_HOSTNAME).unwrap(), b"lab-vm-1");
+
+        let replies = exchange(
+            &mut h,
+            &request(
+                DhcpMessageType::Request,
+                Some(Ipv4Addr::new(10, 0, 2, 15)),
+                Some(Ipv4Addr::new(10, 0, 2, 2)),
+            ),
+        );
+        assert_eq!(replies[0].0, DhcpMessageType::Ack);
+        // Renewal: ciaddr set, no server identifier.
+        let replies = exchange(
+            &mut h,
+            &request(
+                DhcpMessageType::Request,
+                Some(Ipv4Addr::new(10, 0, 2, 15)),
+                None,
+            ),
+        );
+        assert_eq!(replies[0].0, DhcpMessageType::Ack);
+    }
+
+    #[test]
+    fn wrong_address_is_naked_and_release_is_silent() {
+        let mut h = Harness::new(NatConfig::default());
+        let replies = exchange(
+            &mut h,
+            &request(
+                DhcpMessageType::Request,
+                Some(Ipv4Addr::new(10, 0, 2, 99)),
+                None,
+            ),
+        );
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].0, DhcpMessageType::Nak);
+        assert!(exchange(&mut h, &request(DhcpMessageType::Release, None, None)).is_empty());
+        // A request aimed at another server is not ours to answer.
+        let other = Some(Ipv4Addr::new(10, 0, 2, 4));
+        assert!(exchange(
+            &mut h,
+            &request(
+                DhcpMessageType::Request,
+                Some(Ipv4Addr::new(10, 0, 2, 15)),
+                other
+            )
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        let mut h = Harness::new(NatConfig::default());
+        assert!(exchange(&mut h, &[1, 2, 3]).is_empty());
+        assert!(exchange(&mut h, &[0u8; 300]).is_empty());
+    }
+}

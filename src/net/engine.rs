@@ -983,3 +983,171 @@ fn connect_nonblocking(target: SocketAddrV4) -> io::Result<TcpStream> {
     }
     Ok(socket.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use smoltcp::wire::{ArpOperation, ArpRepr};
+
+    use super::*;
+    use crate::net::testkit::{Harness, GATEWAY_IP, GUEST_IP, GUEST_MAC};
+
+    #[test]
+    fn arp_answers_for_gateway_and_dns_only() {
+        let mut h = Harness::new(NatConfig::default());
+        for (target, answered) in [
+            (GATEWAY_IP, true),
+            (Ipv4Addr::new(10, 0, 2, 3), true),
+            (Ipv4Addr::new(10, 0, 2, 77), false),
+        ] {
+            let frame = h.guest.arp_request(target);
+            h.send(&frame);
+            let frames = h.frames();
+            if !answered {
+                assert!(frames.is_empty());
+                continue;
+            }
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].eth_dst, Some(GUEST_MAC));
+            let Some(ArpRepr::EthernetIpv4 {
+                operation,
+                source_hardware_addr,
+                source_protocol_addr,
+                target_protocol_addr,
+                ..
+            }) = frames[0].arp
+            else {
+                panic!("not arp: {:?}", frames[0]);
+            };
+            assert_eq!(operation, ArpOperation::Reply);
+            assert_eq!(source_hardware_addr, NatConfig::default().gateway_mac);
+            assert_eq!(source_protocol_addr, target);
+            assert_eq!(target_protocol_addr, GUEST_IP);
+        }
+    }
+
+    fn echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let mut m = vec![8, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    #[test]
+    fn ping_gateway_is_answered_locally() {
+        let mut h = Harness::new(NatConfig::default());
+        let frame = h.guest.icmp(GUEST_IP, GATEWAY_IP, &echo(7, 1, b"abcdefgh"));
+        h.send(&frame);
+        let frames = h.frames();
+        assert_eq!(frames.len(), 1);
+        let r = &frames[0];
+        assert_eq!((r.src, r.dst), (Some(GATEWAY_IP), Some(GUEST_IP)));
+        assert_eq!(r.payload[0], 0, "echo reply");
+        assert_eq!(&r.payload[4..], &echo(7, 1, b"abcdefgh")[4..]);
+    }
+
+    #[test]
+    fn bad_checksums_and_truncations_are_counted() {
+        let mut h = Harness::new(NatConfig::default());
+        let good = h.guest.icmp(GUEST_IP, GATEWAY_IP, &echo(1, 1, b"x"));
+        let mut bad_icmp = good.clone();
+        let last = bad_icmp.len() - 1;
+        bad_icmp[last] ^= 0xff;
+        h.send(&bad_icmp);
+        let mut bad_ip = good.clone();
+        bad_ip[14 + 10] ^= 1;
+        h.send(&bad_ip);
+        h.send(&good[..20]);
+        h.send(&good[..good.len() - 1]);
+        let mut bad_ihl = good.clone();
+        bad_ihl[14] = 0x43;
+        h.send(&bad_ihl);
+        assert!(h.frames().is_empty());
+        let c = h.nat.counters();
+        assert_eq!(c.bad_checksum, 2, "{c:?}");
+        assert_eq!(c.malformed, 3, "{c:?}");
+    }
+
+    #[test]
+    fn dns_relay_matches_answers_to_the_asking_flow() {
+        let resolver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        resolver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let SocketAddr::V4(resolver_addr) = resolver.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let mut h = Harness::new(NatConfig {
+            resolvers: vec![resolver_addr],
+            ..NatConfig::default()
+        });
+        let dns = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53);
+        let a = SocketAddrV4::new(GUEST_IP, 40001);
+        let b = SocketAddrV4::new(GUEST_IP, 40002);
+        for (client, query) in [(a, &b"query-a"[..]), (b, b"query-b")] {
+            let frame = h.guest.udp(client, dns, query);
+            h.send(&frame);
+        }
+        let mut buf = [0u8; 64];
+        for _ in 0..2 {
+            let (n, peer) = resolver.recv_from(&mut buf).unwrap();
+            let answer = [b"answer-", &buf[6..n]].concat();
+            resolver.send_to(&answer, peer).unwrap();
+        }
+        let frames = h.poll_until(Duration::from_secs(5), |f| f.len() >= 2);
+        assert_eq!(frames.len(), 2);
+        for f in frames {
+            assert_eq!(f.src, Some(*dns.ip()));
+            assert_eq!(f.src_port, 53);
+            let want = if f.dst_port == 40001 {
+                &b"answer-a"[..]
+            } else {
+                b"answer-b"
+            };
+            assert_eq!(f.payload, want);
+        }
+    }
+
+    #[test]
+    fn no_resolver_means_port_unreachable() {
+        let mut h = Harness::new(NatConfig::default());
+        let frame = h.guest.udp(
+            SocketAddrV4::new(GUEST_IP, 40001),
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53),
+            b"q",
+        );
+        h.send(&frame);
+        let frames = h.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].proto, Some(IpProtocol::Icmp));
+        assert_eq!(&frames[0].payload[..2], &[3, UNREACH_PORT]);
+        // The quoted header names the guest's datagram.
+        assert_eq!(&frames[0].payload[8 + 12..8 + 16], &GUEST_IP.octets());
+    }
+
+    #[test]
+    fn flow_table_is_bounded_and_evicts_the_oldest() {
+        let mut h = Harness::new(NatConfig {
+            max_flows: 3,
+            ..NatConfig::default()
+        });
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sink.local_addr().unwrap().port();
+        for i in 0..5u16 {
+            let frame = h.guest.udp(
+                SocketAddrV4::new(GUEST_IP, 41000 + i),
+                SocketAddrV4::new(GATEWAY_IP, port),
+                b"x",
+            );
+            h.send(&frame);
+        }
+        let flows = h.nat.flows();
+        assert_eq!(flows.len(), 3);
+        let mut ports: Vec<u16> = flows.iter().map(|f| f.guest.port()).collect();
+        ports.sort();
+        assert_eq!(ports, [41002, 41003, 41004]);
+        assert_eq!(h.nat.counters().flows_evicted, 2);
+    }
+}

@@ -91,3 +91,50 @@ impl IcmpFlow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::net::testkit::parse;
+
+    /// Echo through a real host socket to the loopback address.
+    #[test]
+    fn echo_through_a_host_socket_keeps_the_guest_identifier() {
+        let (socket, raw) = open_socket().expect("ICMP sockets need root or ping_group_range");
+        let now = Instant::now();
+        let mut flow = IcmpFlow {
+            socket,
+            raw,
+            guest: Ipv4Addr::new(10, 0, 2, 15),
+            remote: Ipv4Addr::LOCALHOST,
+            ident: 0x4242,
+            readable: true,
+            created: now,
+            last_active: now,
+            bytes_from_guest: 0,
+            bytes_to_guest: 0,
+        };
+        let mut echo = vec![8, 0, 0, 0, 0x42, 0x42, 0, 9];
+        echo.extend_from_slice(b"payload!");
+        let sum = !smoltcp::wire::checksum::data(&echo);
+        echo[2..4].copy_from_slice(&sum.to_be_bytes());
+        flow.send(&echo, now).unwrap();
+        let mut out = Output::new(smoltcp::wire::EthernetAddress([2, 0, 0, 0, 0, 1]));
+        let mut buf = vec![0u8; 2048];
+        let start = Instant::now();
+        let mut frames = Vec::new();
+        while frames.is_empty() && start.elapsed() < Duration::from_secs(3) {
+            flow.readable = true;
+            flow.read_host(&mut out, &mut buf, Instant::now());
+            frames = out.take_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let reply = parse(frames.first().expect("echo reply"));
+        assert_eq!(reply.src, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(reply.dst, Some(Ipv4Addr::new(10, 0, 2, 15)));
+        assert_eq!(&reply.payload[..2], &[0, 0]);
+        assert_eq!(&reply.payload[4..], &echo[4..]);
+    }
+}

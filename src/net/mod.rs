@@ -36,6 +36,8 @@ mod registry;
 mod ring;
 mod tap;
 mod tcp;
+#[cfg(test)]
+mod testkit;
 mod udp;
 
 pub use backend::{run_until, TapNat};

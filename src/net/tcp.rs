@@ -939,3 +939,357 @@ pub(crate) fn reset_stray(out: &mut Output, seg: &Seg<'_>) {
         mss: DEFAULT_MSS,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Ipv4Addr, TcpListener};
+
+    use super::*;
+    use crate::net::testkit::{Harness, Seen, GATEWAY_IP, GUEST_IP};
+
+    const ISN: u32 = 1_000_000;
+    const ACK: TcpFlags = TcpFlags {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+        psh: false,
+    };
+
+    struct Conn {
+        h: Harness,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        /// Next sequence number the guest sends.
+        snd: u32,
+        /// Next sequence number the guest expects.
+        rcv: u32,
+        host: TcpStream,
+    }
+
+    impl Conn {
+        fn segment(&mut self, seq: u32, flags: TcpFlags, window: u16, payload: &[u8]) {
+            let frame = self.h.guest.tcp(
+                self.guest,
+                self.remote,
+                seq,
+                Some(self.rcv),
+                flags,
+                window,
+                None,
+                payload,
+            );
+            self.h.send(&frame);
+        }
+
+        fn send(&mut self, payload: &[u8]) {
+            self.segment(self.snd, ACK, 512, payload);
+            self.snd = self.snd.wrapping_add(payload.len() as u32);
+        }
+
+        fn poll(&mut self, want: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+            self.h.poll_until(Duration::from_secs(3), want)
+        }
+    }
+
+    fn connect(cfg: NatConfig) -> Conn {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let buffer = cfg.tcp_buffer;
+        let mut h = Harness::new(cfg);
+        let guest = SocketAddrV4::new(GUEST_IP, 33000);
+        let remote = SocketAddrV4::new(GATEWAY_IP, port);
+        let syn = h.guest.tcp(
+            guest,
+            remote,
+            ISN,
+            None,
+            TcpFlags {
+                syn: true,
+                ..TcpFlags::default()
+            },
+            64000,
+            Some(SynOptions {
+                mss: 1460,
+                window_scale: Some(7),
+            }),
+            &[],
+        );
+        h.send(&syn);
+        let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.syn));
+        let synack = frames.iter().find(|s| s.syn).expect("SYN-ACK");
+        assert!(synack.ack_flag);
+        assert_eq!(synack.ack, ISN + 1);
+        assert_eq!(synack.mss, Some(1460));
+        assert_eq!(synack.window_scale, Some(window_shift(buffer)));
+        assert_eq!((synack.src_port, synack.dst_port), (port, 33000));
+        let (host, _) = listener.accept().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut conn = Conn {
+            h,
+            guest,
+            remote,
+            snd: ISN + 1,
+            rcv: synack.seq.wrapping_add(1),
+            host,
+        };
+        conn.segment(conn.snd, ACK, 512, &[]);
+        let flows = conn.h.nat.flows();
+        assert_eq!(flows[0].state, "ESTABLISHED");
+        conn
+    }
+
+    fn host_read(host: &mut TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < Duration::from_millis(300) {
+            match host.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn handshake_then_data_to_host() {
+        let mut c = connect(NatConfig::default());
+        c.send(b"hello host");
+        let acks = c.poll(|f| f.iter().any(|s| s.ack == ISN + 11));
+        assert!(
+            acks.iter().any(|s| s.ack == ISN + 11 && s.ack_flag),
+            "{acks:?}"
+        );
+        assert_eq!(host_read(&mut c.host), b"hello host");
+    }
+
+    #[test]
+    fn out_of_order_segments_are_dropped_and_reacknowledged() {
+        let mut c = connect(NatConfig::default());
+        let first = c.snd;
+        c.segment(first + 5, ACK, 512, b"world");
+        let dup = c.h.frames();
+        assert_eq!(dup.len(), 1, "{dup:?}");
+        assert_eq!(dup[0].ack, first, "duplicate ACK names the gap");
+        assert_eq!(c.h.nat.counters().tcp_out_of_order, 1);
+        assert!(host_read(&mut c.host).is_empty());
+        c.segment(first, ACK, 512, b"hello");
+        assert_eq!(c.h.frames().last().unwrap().ack, first + 5);
+        // The guest retransmits what was dropped; overlap is trimmed.
+        c.segment(first + 3, ACK, 512, b"loworld");
+        assert_eq!(c.h.frames().last().unwrap().ack, first + 10);
+        assert_eq!(host_read(&mut c.host), b"helloworld");
+    }
+
+    #[test]
+    fn unacknowledged_data_is_retransmitted() {
+        let mut c = connect(NatConfig::default());
+        c.host.write_all(b"from host").unwrap();
+        let frames = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
+        let data = frames
+            .iter()
+            .find(|s| !s.payload.is_empty())
+            .unwrap()
+            .clone();
+        assert_eq!(data.payload, b"from host");
+        assert_eq!(data.seq, c.rcv);
+        // No ACK from the guest: the same bytes come again after the RTO.
+        std::thread::sleep(INITIAL_RTO + Duration::from_millis(50));
+        let again = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
+        let re = again
+            .iter()
+            .find(|s| !s.payload.is_empty())
+            .expect("retransmission");
+        assert_eq!((re.seq, &re.payload), (data.seq, &data.payload));
+        assert!(c.h.nat.counters().tcp_retransmits >= 1);
+        // Acknowledged: nothing more is sent.
+        c.rcv = c.rcv.wrapping_add(9);
+        c.segment(c.snd, ACK, 512, &[]);
+        std::thread::sleep(INITIAL_RTO * 3);
+        let quiet = c.poll(|_| false);
+        assert!(quiet.iter().all(|s| s.payload.is_empty()), "{quiet:?}");
+    }
+
+    #[test]
+    fn large_segments_when_the_guest_takes_tso() {
+        let mut c = connect(NatConfig::default());
+        c.h.nat.set_offloads(crate::net::Offloads {
+            csum: true,
+            tso4: true,
+        });
+        c.host.write_all(&[3u8; 100_000]).unwrap();
+        let frames = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
+        let first = frames.iter().find(|s| !s.payload.is_empty()).unwrap();
+        assert_eq!(first.gso_size, 1460);
+        assert_eq!(first.payload.len(), 65536 / 1460 * 1460);
+    }
+
+    #[test]
+    fn three_duplicate_acks_trigger_fast_retransmit() {
+        let mut c = connect(NatConfig::default());
+        c.host.write_all(&[1u8; 3000]).unwrap();
+        let frames = c.poll(|f| f.iter().map(|s| s.payload.len()).sum::<usize>() >= 3000);
+        let first_seq = frames.iter().find(|s| !s.payload.is_empty()).unwrap().seq;
+        for _ in 0..3 {
+            c.segment(c.snd, ACK, 512, &[]);
+        }
+        let again = c.h.frames();
+        assert!(
+            again
+                .iter()
+                .any(|s| s.seq == first_seq && !s.payload.is_empty()),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn fin_each_way_with_half_close_then_time_wait() {
+        let mut c = connect(NatConfig {
+            time_wait: Duration::from_millis(100),
+            ..NatConfig::default()
+        });
+        // Guest closes its side: the host reads EOF but may still send.
+        c.segment(c.snd, TcpFlags { fin: true, ..ACK }, 512, b"bye");
+        c.snd += 4;
+        assert_eq!(c.h.frames().last().unwrap().ack, c.snd);
+        assert_eq!(c.h.nat.flows()[0].state, "CLOSE_WAIT");
+        let start = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match c.host.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let _ = c.poll(|_| true);
+                    assert!(start.elapsed() < Duration::from_secs(3), "no EOF at host");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, b"bye");
+        c.host.write_all(b"still talking").unwrap();
+        c.host.shutdown(std::net::Shutdown::Write).unwrap();
+        let frames = c.poll(|f| f.iter().any(|s| s.fin));
+        let data: Vec<u8> = frames.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(data, b"still talking");
+        let fin = frames.iter().find(|s| s.fin).unwrap();
+        assert_eq!(fin.seq, c.rcv + 13);
+        c.rcv = fin.seq + 1;
+        c.segment(c.snd, ACK, 512, &[]);
+        let state = c.h.nat.flows()[0].state;
+        assert_eq!(state, "TIME_WAIT");
+        std::thread::sleep(Duration::from_millis(150));
+        c.h.nat.tick(&mut c.h.reg);
+        assert!(c.h.nat.flows().is_empty());
+    }
+
+    #[test]
+    fn guest_reset_resets_the_host_side() {
+        let mut c = connect(NatConfig::default());
+        c.segment(
+            c.snd,
+            TcpFlags {
+                rst: true,
+                ..TcpFlags::default()
+            },
+            0,
+            &[],
+        );
+        assert!(c.h.nat.flows().is_empty());
+        c.host.set_nonblocking(false).unwrap();
+        c.host
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let err = c.host.read(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn refused_host_port_resets_the_guest() {
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let mut h = Harness::new(NatConfig::default());
+        let syn = h.guest.tcp(
+            SocketAddrV4::new(GUEST_IP, 33001),
+            SocketAddrV4::new(GATEWAY_IP, port),
+            ISN,
+            None,
+            TcpFlags {
+                syn: true,
+                ..TcpFlags::default()
+            },
+            64000,
+            None,
+            &[],
+        );
+        h.send(&syn);
+        let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.rst));
+        let rst = frames.iter().find(|s| s.rst).expect("RST");
+        assert!(rst.ack_flag);
+        assert_eq!(rst.ack, ISN + 1);
+        assert!(h.nat.flows().is_empty());
+    }
+
+    #[test]
+    fn stray_segments_get_reset() {
+        let mut h = Harness::new(NatConfig::default());
+        let frame = h.guest.tcp(
+            SocketAddrV4::new(GUEST_IP, 33002),
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 80),
+            5,
+            Some(77),
+            ACK,
+            100,
+            None,
+            b"late",
+        );
+        h.send(&frame);
+        let frames = h.frames();
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].rst && !frames[0].ack_flag);
+        assert_eq!(frames[0].seq, 77);
+    }
+
+    #[test]
+    fn closed_guest_window_stops_reading_the_host() {
+        let cfg = NatConfig {
+            tcp_buffer: 64 * 1024,
+            ..NatConfig::default()
+        };
+        let mut c = connect(cfg);
+        // The guest closes its window.
+        c.segment(c.snd, ACK, 0, &[]);
+        let mut written = 0usize;
+        let chunk = [9u8; 16 * 1024];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(500) {
+            match c.host.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            let frames = c.poll(|_| true);
+            assert!(
+                frames.iter().all(|s| s.payload.is_empty()),
+                "data sent into a closed window"
+            );
+        }
+        // The host could only fill socket buffers plus the flow's bounded
+        // buffer: its writes block, nothing grows without bound.
+        assert!(written < 64 * 1024 * 1024, "host wrote {written} bytes");
+        assert!(matches!(c.host.write(&chunk), Err(e) if e.kind() == ErrorKind::WouldBlock));
+        // Reopen: data flows again, within the window.
+        c.segment(c.snd, ACK, 256, &[]);
+        let frames = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
+        let sent: usize = frames.iter().map(|s| s.payload.len()).sum();
+        assert!(sent > 0 && sent <= 256 * 128, "{sent}");
+    }
+}

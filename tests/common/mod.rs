@@ -38,7 +38,10 @@ pub fn require_root_and_tools(tools: &[&str]) {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
             .unwrap_or(false);
-        assert!(found, "the NAT namespace tests need '{tool}' on PATH (see .ci/setup)");
+        assert!(
+            found,
+            "the NAT namespace tests need '{tool}' on PATH (see .ci/setup)"
+        );
     }
 }
 
@@ -62,7 +65,9 @@ fn remove_stale_namespaces() {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
 }
 
@@ -116,7 +121,10 @@ impl Netns {
     }
 
     /// Starts `f` on a thread inside the namespace.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let ns = File::open(self.path()).expect("open namespace");
         std::thread::spawn(move || {
             // SAFETY: setns on this fresh thread only changes the thread's
@@ -130,7 +138,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -263,9 +273,7 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
-        Pattern {
-            state: seed | 1,
-        }
+        Pattern { state: seed | 1 }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
