@@ -18,6 +18,17 @@ pub enum Outbound {
     HostOnly,
 }
 
+/// What the gateway address reaches on the host's loopback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostLoopback {
+    /// Any port: gateway:PORT is host 127.0.0.1:PORT (QEMU's behaviour).
+    All,
+    /// Nothing, like slirp4netns --disable-host-loopback.
+    None,
+    /// Only these ports (the fuzzer confines itself to its own sockets).
+    Ports(Vec<u16>),
+}
+
 /// Everything the engine needs to know before it starts.
 #[derive(Clone, Debug)]
 pub struct NatConfig {
@@ -40,6 +51,7 @@ pub struct NatConfig {
     pub resolvers: Vec<SocketAddrV4>,
     pub forwards: Vec<ForwardRule>,
     pub outbound: Outbound,
+    pub host_loopback: HostLoopback,
     /// Most flows (TCP, UDP, ICMP) at once; the oldest idle is evicted.
     pub max_flows: usize,
     /// Bytes buffered per TCP flow and direction.
@@ -67,6 +79,7 @@ impl Default for NatConfig {
             resolvers: Vec::new(),
             forwards: Vec::new(),
             outbound: Outbound::Any,
+            host_loopback: HostLoopback::All,
             max_flows: 4096,
             tcp_buffer: 512 * 1024,
             udp_timeout: Duration::from_secs(60),

@@ -15,7 +15,7 @@ use smoltcp::wire::{
 };
 use socket2::{Domain, Socket, Type};
 
-use super::config::{NatConfig, Outbound};
+use super::config::{HostLoopback, NatConfig, Outbound};
 use super::counters::Counters;
 use super::dhcp;
 use super::error::NatError;
@@ -134,6 +134,7 @@ pub struct Nat {
     next_forward_port: u16,
     icmp_unavailable_logged: bool,
     scratch: Vec<u8>,
+    next_iss: u32,
 }
 
 impl Nat {
@@ -156,6 +157,7 @@ impl Nat {
             next_forward_port: 0,
             icmp_unavailable_logged: false,
             scratch: vec![0u8; 65536],
+            next_iss: 0x1000_0000,
         }
     }
 
@@ -371,7 +373,16 @@ impl Nat {
     fn host_target(&self, dst: SocketAddrV4) -> Result<SocketAddrV4, u8> {
         let ip = *dst.ip();
         if ip == self.cfg.gateway {
-            return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+            let allowed = match &self.cfg.host_loopback {
+                HostLoopback::All => true,
+                HostLoopback::None => false,
+                HostLoopback::Ports(ports) => ports.contains(&dst.port()),
+            };
+            return if allowed {
+                Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()))
+            } else {
+                Err(UNREACH_ADMIN)
+            };
         }
         if ip == self.cfg.dns {
             return match (dst.port(), self.cfg.resolvers.first()) {
@@ -518,7 +529,8 @@ impl Nat {
                 return;
             }
         };
-        let flow = TcpFlow::outbound(stream, syn, target.into(), &self.cfg, now);
+        let iss = self.iss();
+        let flow = TcpFlow::outbound(stream, syn, target.into(), iss, &self.cfg, now);
         let fd = flow.stream.as_raw_fd();
         let slot = self.insert(Flow::Tcp(flow));
         if let Err(err) = reg.add(fd, TOKEN_NAT | slot as u32) {
@@ -821,7 +833,8 @@ impl Nat {
         let _ = stream.set_nodelay(true);
         let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
         let remote = self.forward_port(guest);
-        let flow = TcpFlow::forward(stream, guest, remote, &self.cfg, &mut self.out, now);
+        let iss = self.iss();
+        let flow = TcpFlow::forward(stream, (guest, remote), iss, &self.cfg, &mut self.out, now);
         let fd = flow.stream.as_raw_fd();
         let slot = self.insert(Flow::Tcp(flow));
         if reg.add(fd, TOKEN_NAT | slot as u32).is_err() {
@@ -887,6 +900,15 @@ impl Nat {
                 self.remove(slot, reg);
             }
         }
+    }
+
+    /// Initial sequence numbers need not be secret here: the guest is the
+    /// only party on its link and the host side is a separate connection.
+    /// Spacing them apart keeps a reused port from matching old segments,
+    /// and determinism keeps fuzzing reproducible.
+    fn iss(&mut self) -> u32 {
+        self.next_iss = self.next_iss.wrapping_add(0x0100_0001);
+        self.next_iss
     }
 
     fn insert(&mut self, flow: Flow) -> usize {

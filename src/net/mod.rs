@@ -41,7 +41,7 @@ mod testkit;
 mod udp;
 
 pub use backend::{run_until, TapNat};
-pub use config::{parse_resolv_conf, resolvers_from_file, NatConfig, Outbound};
+pub use config::{parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound};
 pub use counters::Counters;
 pub use engine::{Nat, TICK};
 pub use error::NatError;

@@ -186,8 +186,12 @@ impl Output {
         let tcp_len = TCP_LEN + opt_len;
         let payload_len = seg.payload.0.len() + seg.payload.1.len();
         let l4_len = tcp_len + payload_len;
-        let total = ETH_LEN + IPV4_LEN + l4_len;
-        let mut buf = self.buffer(total);
+        let headers = ETH_LEN + IPV4_LEN + tcp_len;
+        // Only the headers are zeroed; the payload is copied in once.
+        let mut buf = self.buffer(headers);
+        buf.reserve(payload_len);
+        buf.extend_from_slice(seg.payload.0);
+        buf.extend_from_slice(seg.payload.1);
         let dst_mac = self.dst_mac();
         self.ethernet(&mut buf, dst_mac, EthernetProtocol::Ipv4);
         self.ipv4(
@@ -224,9 +228,6 @@ impl Output {
                 }
             }
         }
-        let p = l4 + tcp_len;
-        buf[p..p + seg.payload.0.len()].copy_from_slice(seg.payload.0);
-        buf[p + seg.payload.0.len()..].copy_from_slice(seg.payload.1);
 
         let mut hdr = NetHdr::default();
         let pseudo =

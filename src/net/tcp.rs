@@ -31,6 +31,9 @@ const MAX_RTO: Duration = Duration::from_secs(10);
 const MAX_RETRIES: u32 = 10;
 /// Duplicate acknowledgements that trigger a fast retransmit.
 const DUP_ACK_THRESHOLD: u32 = 3;
+/// Most bytes taken from a host socket per read: several GSO segments' worth
+/// per system call.
+const HOST_READ: usize = 256 * 1024;
 /// MSS assumed when the guest does not say (RFC 9293).
 const DEFAULT_MSS: u16 = 536;
 
@@ -145,21 +148,14 @@ fn window_shift(buffer: usize) -> u8 {
     shift
 }
 
-fn initial_sequence(guest: SocketAddrV4, remote: SocketAddrV4) -> u32 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one((guest, remote, Instant::now())) as u32
-}
-
 impl TcpFlow {
     fn new(
         stream: TcpStream,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
-        host_peer: SocketAddr,
+        (guest, remote, host_peer): (SocketAddrV4, SocketAddrV4, SocketAddr),
+        iss: u32,
         cfg: &NatConfig,
         now: Instant,
     ) -> Self {
-        let iss = initial_sequence(guest, remote);
         TcpFlow {
             stream,
             guest,
@@ -205,10 +201,11 @@ impl TcpFlow {
         stream: TcpStream,
         syn: &Seg<'_>,
         host_peer: SocketAddr,
+        iss: u32,
         cfg: &NatConfig,
         now: Instant,
     ) -> Self {
-        let mut flow = TcpFlow::new(stream, syn.src, syn.dst, host_peer, cfg, now);
+        let mut flow = TcpFlow::new(stream, (syn.src, syn.dst, host_peer), iss, cfg, now);
         flow.rcv_nxt = syn.seq.wrapping_add(1);
         flow.take_syn_options(syn, cfg);
         flow
@@ -217,8 +214,8 @@ impl TcpFlow {
     /// A flow for a connection accepted on a forward listener; sends the SYN.
     pub fn forward(
         stream: TcpStream,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        (guest, remote): (SocketAddrV4, SocketAddrV4),
+        iss: u32,
         cfg: &NatConfig,
         out: &mut Output,
         now: Instant,
@@ -226,7 +223,7 @@ impl TcpFlow {
         let host_peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut flow = TcpFlow::new(stream, guest, remote, host_peer, cfg, now);
+        let mut flow = TcpFlow::new(stream, (guest, remote, host_peer), iss, cfg, now);
         flow.origin = Origin::Forward;
         flow.phase = Phase::SynSent;
         flow.rcv_wscale = window_shift(cfg.tcp_buffer);
@@ -701,7 +698,7 @@ impl TcpFlow {
                 out.starved = true;
                 break;
             }
-            let space = self.tx.write_space(MAX_IP_PACKET);
+            let space = self.tx.write_space(HOST_READ);
             match self.stream.read(space) {
                 Ok(0) => {
                     self.host_eof = true;
