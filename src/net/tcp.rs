@@ -1236,6 +1236,41 @@ mod tests {
     }
 
     #[test]
+    fn tcp_dns_goes_to_the_resolver() {
+        let resolver = TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(addr) = resolver.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let mut h = Harness::new(NatConfig {
+            resolvers: vec![addr],
+            ..NatConfig::default()
+        });
+        let syn = h.guest.tcp(
+            SocketAddrV4::new(GUEST_IP, 33003),
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53),
+            ISN,
+            None,
+            TcpFlags {
+                syn: true,
+                ..TcpFlags::default()
+            },
+            64000,
+            None,
+            &[],
+        );
+        h.send(&syn);
+        let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.syn));
+        assert!(frames
+            .iter()
+            .any(|s| s.syn && s.ack == ISN + 1 && s.src_port == 53));
+        resolver.set_nonblocking(true).unwrap();
+        assert!(
+            resolver.accept().is_ok(),
+            "the relay connected to the resolver"
+        );
+    }
+
+    #[test]
     fn stray_segments_get_reset() {
         let mut h = Harness::new(NatConfig::default());
         let frame = h.guest.tcp(
