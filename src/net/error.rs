@@ -7,20 +7,20 @@ use crate::cli::ForwardRule;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
-    #[error("cannot forward {rule}: {addr} is not available ({source}); choose another host port or stop what uses it")]
+    #[error("cannot forward {rule}: {addr} is not available ({cause}); choose another host port or stop what uses it")]
     ForwardBind {
         rule: ForwardRule,
         addr: SocketAddrV4,
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("cannot open TAP device '{name}': {source} (it needs root or CAP_NET_ADMIN, or a TAP device created for this user with `ip tuntap add {name} mode tap user $USER`)")]
-    Tap { name: String, source: io::Error },
+    #[error("cannot open TAP device '{name}': {cause} (it needs root or CAP_NET_ADMIN, or a TAP device created for this user with `ip tuntap add {name} mode tap user $USER`)")]
+    Tap { name: String, cause: io::Error },
     #[error("TAP device name '{0}' is invalid (1-15 characters, no '/' or spaces)")]
     TapName(String),
-    #[error("cannot enter network namespace {}: {source} (give a path like /run/netns/NAME; it needs root)", path.display())]
+    #[error("cannot enter network namespace {}: {cause} (give a path like /run/netns/NAME; it needs root)", path.display())]
     Netns {
         path: std::path::PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("NAT event loop failed: {0}")]
     EventLoop(io::Error),

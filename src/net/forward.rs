@@ -42,10 +42,10 @@ impl ForwardListeners {
     pub fn bind(rules: &[ForwardRule]) -> Result<Self, NatError> {
         let mut listeners = Vec::with_capacity(rules.len());
         for rule in rules {
-            let fail = |source| NatError::ForwardBind {
+            let fail = |cause| NatError::ForwardBind {
                 rule: *rule,
                 addr: rule.host,
-                source,
+                cause,
             };
             let socket = match rule.protocol {
                 Protocol::Tcp => ListenSocket::Tcp(bind_tcp(rule.host.into()).map_err(fail)?),

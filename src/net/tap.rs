@@ -40,9 +40,9 @@ impl Tap {
         if !valid_name(name) {
             return Err(NatError::TapName(name.to_string()));
         }
-        let fail = |source| NatError::Tap {
+        let fail = |cause| NatError::Tap {
             name: name.to_string(),
-            source,
+            cause,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -96,9 +96,9 @@ impl Tap {
     /// as /run/netns/NAME or /proc/PID/ns/net), while the engine's host
     /// sockets stay in the caller's namespace, as slirp4netns does.
     pub fn open_in_netns(name: &str, netns: &Path) -> Result<Tap, NatError> {
-        let ns = File::open(netns).map_err(|source| NatError::Netns {
+        let ns = File::open(netns).map_err(|cause| NatError::Netns {
             path: netns.to_path_buf(),
-            source,
+            cause,
         })?;
         let name = name.to_string();
         let path = netns.to_path_buf();
@@ -111,7 +111,7 @@ impl Tap {
             if rc < 0 {
                 return Err(NatError::Netns {
                     path,
-                    source: io::Error::last_os_error(),
+                    cause: io::Error::last_os_error(),
                 });
             }
             Tap::open(&name)
