@@ -39,13 +39,18 @@ impl Ring {
         self.limit - self.len
     }
 
-    /// Makes room for `want` more bytes if the limit allows, keeping order.
+    /// Grows the allocation (doubling, up to the limit) when less than a
+    /// useful amount of room is left, keeping the data in order. Flows that
+    /// move little stay small; busy flows reach the limit in a few steps.
     fn reserve(&mut self, want: usize) {
-        let need = (self.len + want).min(self.limit);
-        if need <= self.buf.len() {
+        let room = self.buf.len() - self.len;
+        if room >= want.min(INITIAL / 2) || self.buf.len() >= self.limit {
             return;
         }
-        let new_cap = need.max(self.buf.len() * 2).max(INITIAL).min(self.limit);
+        let new_cap = (self.buf.len() * 2)
+            .max(INITIAL)
+            .max(self.len + want.min(INITIAL))
+            .min(self.limit);
         let mut next = vec![0u8; new_cap];
         let (a, b) = self.slices(0, self.len);
         next[..a.len()].copy_from_slice(a);
@@ -147,6 +152,14 @@ mod tests {
             [&data[25_000..30_000], &data[30_000..50_000]].concat()
         );
         assert!(r.buf.len() <= 40_000);
+    }
+
+    #[test]
+    fn small_users_stay_small() {
+        let mut r = Ring::new(512 * 1024);
+        assert_eq!(r.push(b"tiny"), 4);
+        assert!(r.write_space(256 * 1024).len() < 64 * 1024);
+        assert!(r.buf.len() <= INITIAL);
     }
 
     #[test]

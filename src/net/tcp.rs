@@ -1124,7 +1124,9 @@ mod tests {
         let frames = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
         let first = frames.iter().find(|s| !s.payload.is_empty()).unwrap();
         assert_eq!(first.gso_size, 1460);
-        assert_eq!(first.payload.len(), 65536 / 1460 * 1460);
+        assert!(first.payload.len() > 1460, "{}", first.payload.len());
+        let biggest = frames.iter().map(|s| s.payload.len()).max().unwrap();
+        assert!(biggest <= 65536 / 1460 * 1460, "within the window and one IP packet");
     }
 
     #[test]
