@@ -41,6 +41,40 @@ pub(crate) struct TcpFlags {
     pub psh: bool,
 }
 
+impl TcpFlags {
+    const NONE: TcpFlags = TcpFlags {
+        syn: false,
+        ack: false,
+        fin: false,
+        rst: false,
+        psh: false,
+    };
+    pub const ACK: TcpFlags = TcpFlags {
+        ack: true,
+        ..TcpFlags::NONE
+    };
+    pub const SYN: TcpFlags = TcpFlags {
+        syn: true,
+        ..TcpFlags::NONE
+    };
+    pub const SYN_ACK: TcpFlags = TcpFlags {
+        syn: true,
+        ..TcpFlags::ACK
+    };
+    pub const FIN_ACK: TcpFlags = TcpFlags {
+        fin: true,
+        ..TcpFlags::ACK
+    };
+    pub const RST: TcpFlags = TcpFlags {
+        rst: true,
+        ..TcpFlags::NONE
+    };
+    pub const RST_ACK: TcpFlags = TcpFlags {
+        rst: true,
+        ..TcpFlags::ACK
+    };
+}
+
 /// Options the engine puts in a SYN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SynOptions {

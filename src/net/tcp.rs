@@ -301,14 +301,7 @@ impl TcpFlow {
             // Nobody to send to yet; the retransmission timer tries again.
             out.arp_request(cfg.gateway, *self.guest.ip());
         } else {
-            let mut seg = self.segment(
-                self.iss,
-                TcpFlags {
-                    syn: true,
-                    ..TcpFlags::default()
-                },
-                (&[], &[]),
-            );
+            let mut seg = self.segment(self.iss, TcpFlags::SYN, (&[], &[]));
             seg.ack = 0;
             seg.window = self.window().min(0xffff) as u16;
             seg.syn_options = Some(SynOptions {
@@ -323,15 +316,7 @@ impl TcpFlow {
     }
 
     fn send_syn_ack(&mut self, out: &mut Output, cfg: &NatConfig, now: Instant) {
-        let mut seg = self.segment(
-            self.iss,
-            TcpFlags {
-                syn: true,
-                ack: true,
-                ..TcpFlags::default()
-            },
-            (&[], &[]),
-        );
+        let mut seg = self.segment(self.iss, TcpFlags::SYN_ACK, (&[], &[]));
         seg.window = self.window().min(0xffff) as u16;
         seg.syn_options = Some(SynOptions {
             mss: our_mss(cfg),
@@ -344,14 +329,7 @@ impl TcpFlow {
     }
 
     fn send_ack(&mut self, out: &mut Output) {
-        let seg = self.segment(
-            self.snd_nxt,
-            TcpFlags {
-                ack: true,
-                ..TcpFlags::default()
-            },
-            (&[], &[]),
-        );
+        let seg = self.segment(self.snd_nxt, TcpFlags::ACK, (&[], &[]));
         out.tcp(&seg);
         self.last_window = self.window();
         self.ack_due = false;
@@ -359,15 +337,7 @@ impl TcpFlow {
 
     /// RST toward the guest, e.g. when the host side failed.
     pub fn send_reset(&mut self, out: &mut Output) {
-        let seg = self.segment(
-            self.snd_nxt,
-            TcpFlags {
-                rst: true,
-                ack: true,
-                ..TcpFlags::default()
-            },
-            (&[], &[]),
-        );
+        let seg = self.segment(self.snd_nxt, TcpFlags::RST_ACK, (&[], &[]));
         out.tcp(&seg);
     }
 
@@ -469,21 +439,7 @@ impl TcpFlow {
             if let Some(ack) = seg.ack {
                 if !seg.syn {
                     // Not for this connection attempt.
-                    let rst = TcpSegment {
-                        src: self.remote,
-                        dst: self.guest,
-                        seq: ack,
-                        ack: 0,
-                        flags: TcpFlags {
-                            rst: true,
-                            ..TcpFlags::default()
-                        },
-                        window: 0,
-                        syn_options: None,
-                        payload: (&[], &[]),
-                        mss: self.guest_mss,
-                    };
-                    out.tcp(&rst);
+                    send_bare(out, self.remote, self.guest, (ack, 0), TcpFlags::RST);
                 }
             }
             return Verdict::Keep;
@@ -767,15 +723,7 @@ impl TcpFlow {
                 continue;
             }
             if unsent == 0 && self.host_eof && !self.fin_sent {
-                let seg = self.segment(
-                    self.snd_nxt,
-                    TcpFlags {
-                        ack: true,
-                        fin: true,
-                        ..TcpFlags::default()
-                    },
-                    (&[], &[]),
-                );
+                let seg = self.segment(self.snd_nxt, TcpFlags::FIN_ACK, (&[], &[]));
                 out.tcp(&seg);
                 self.last_window = self.window();
                 self.ack_due = false;
@@ -861,14 +809,7 @@ impl TcpFlow {
                 } else if !self.tx.is_empty() && self.snd_wnd == 0 {
                     // Zero-window probe: an old sequence number draws an ACK
                     // carrying the guest's current window.
-                    let seg = self.segment(
-                        self.snd_nxt.wrapping_sub(1),
-                        TcpFlags {
-                            ack: true,
-                            ..TcpFlags::default()
-                        },
-                        (&[], &[]),
-                    );
+                    let seg = self.segment(self.snd_nxt.wrapping_sub(1), TcpFlags::ACK, (&[], &[]));
                     out.tcp(&seg);
                 } else {
                     self.rto_at = None;
@@ -888,16 +829,23 @@ pub(crate) fn our_mss(cfg: &NatConfig) -> u16 {
 /// Answers a guest SYN (or anything without a flow) with RST, the way a host
 /// with nothing listening does.
 pub(crate) fn refuse(out: &mut Output, from: SocketAddrV4, to: SocketAddrV4, ack: u32) {
+    send_bare(out, from, to, (0, ack), TcpFlags::RST_ACK);
+}
+
+/// A segment with no payload, options or window (resets).
+fn send_bare(
+    out: &mut Output,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    (seq, ack): (u32, u32),
+    flags: TcpFlags,
+) {
     out.tcp(&TcpSegment {
-        src: from,
-        dst: to,
-        seq: 0,
+        src,
+        dst,
+        seq,
         ack,
-        flags: TcpFlags {
-            rst: true,
-            ack: true,
-            ..TcpFlags::default()
-        },
+        flags,
         window: 0,
         syn_options: None,
         payload: (&[], &[]),
@@ -920,21 +868,12 @@ pub(crate) fn reset_stray(out: &mut Output, seg: &Seg<'_>) {
             true,
         ),
     };
-    out.tcp(&TcpSegment {
-        src: seg.dst,
-        dst: seg.src,
-        seq,
-        ack,
-        flags: TcpFlags {
-            rst: true,
-            ack: ack_flag,
-            ..TcpFlags::default()
-        },
-        window: 0,
-        syn_options: None,
-        payload: (&[], &[]),
-        mss: DEFAULT_MSS,
-    });
+    let flags = if ack_flag {
+        TcpFlags::RST_ACK
+    } else {
+        TcpFlags::RST
+    };
+    send_bare(out, seg.dst, seg.src, (seq, ack), flags);
 }
 
 #[cfg(test)]
@@ -946,13 +885,7 @@ mod tests {
     use crate::net::testkit::{Harness, Seen, GATEWAY_IP, GUEST_IP};
 
     const ISN: u32 = 1_000_000;
-    const ACK: TcpFlags = TcpFlags {
-        syn: false,
-        ack: true,
-        fin: false,
-        rst: false,
-        psh: false,
-    };
+    const ACK: TcpFlags = TcpFlags::ACK;
 
     struct Conn {
         h: Harness,
@@ -990,6 +923,21 @@ mod tests {
         }
     }
 
+    /// The guest opens a connection from `port` to `remote`.
+    fn send_syn(h: &mut Harness, port: u16, remote: SocketAddrV4, options: Option<SynOptions>) {
+        let syn = h.guest.tcp(
+            SocketAddrV4::new(GUEST_IP, port),
+            remote,
+            ISN,
+            None,
+            TcpFlags::SYN,
+            64000,
+            options,
+            &[],
+        );
+        h.send(&syn);
+    }
+
     fn connect(cfg: NatConfig) -> Conn {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -997,23 +945,11 @@ mod tests {
         let mut h = Harness::new(cfg);
         let guest = SocketAddrV4::new(GUEST_IP, 33000);
         let remote = SocketAddrV4::new(GATEWAY_IP, port);
-        let syn = h.guest.tcp(
-            guest,
-            remote,
-            ISN,
-            None,
-            TcpFlags {
-                syn: true,
-                ..TcpFlags::default()
-            },
-            64000,
-            Some(SynOptions {
-                mss: 1460,
-                window_scale: Some(7),
-            }),
-            &[],
-        );
-        h.send(&syn);
+        let options = SynOptions {
+            mss: 1460,
+            window_scale: Some(7),
+        };
+        send_syn(&mut h, guest.port(), remote, Some(options));
         let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.syn));
         let synack = frames.iter().find(|s| s.syn).expect("SYN-ACK");
         assert!(synack.ack_flag);
@@ -1126,7 +1062,10 @@ mod tests {
         assert_eq!(first.gso_size, 1460);
         assert!(first.payload.len() > 1460, "{}", first.payload.len());
         let biggest = frames.iter().map(|s| s.payload.len()).max().unwrap();
-        assert!(biggest <= 65536 / 1460 * 1460, "within the window and one IP packet");
+        assert!(
+            biggest <= 65536 / 1460 * 1460,
+            "within the window and one IP packet"
+        );
     }
 
     #[test]
@@ -1154,7 +1093,7 @@ mod tests {
             ..NatConfig::default()
         });
         // Guest closes its side: the host reads EOF but may still send.
-        c.segment(c.snd, TcpFlags { fin: true, ..ACK }, 512, b"bye");
+        c.segment(c.snd, TcpFlags::FIN_ACK, 512, b"bye");
         c.snd += 4;
         assert_eq!(c.h.frames().last().unwrap().ack, c.snd);
         assert_eq!(c.h.nat.flows()[0].state, "CLOSE_WAIT");
@@ -1192,15 +1131,7 @@ mod tests {
     #[test]
     fn guest_reset_resets_the_host_side() {
         let mut c = connect(NatConfig::default());
-        c.segment(
-            c.snd,
-            TcpFlags {
-                rst: true,
-                ..TcpFlags::default()
-            },
-            0,
-            &[],
-        );
+        c.segment(c.snd, TcpFlags::RST, 0, &[]);
         assert!(c.h.nat.flows().is_empty());
         c.host.set_nonblocking(false).unwrap();
         c.host
@@ -1216,20 +1147,7 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let mut h = Harness::new(NatConfig::default());
-        let syn = h.guest.tcp(
-            SocketAddrV4::new(GUEST_IP, 33001),
-            SocketAddrV4::new(GATEWAY_IP, port),
-            ISN,
-            None,
-            TcpFlags {
-                syn: true,
-                ..TcpFlags::default()
-            },
-            64000,
-            None,
-            &[],
-        );
-        h.send(&syn);
+        send_syn(&mut h, 33001, SocketAddrV4::new(GATEWAY_IP, port), None);
         let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.rst));
         let rst = frames.iter().find(|s| s.rst).expect("RST");
         assert!(rst.ack_flag);
@@ -1247,20 +1165,12 @@ mod tests {
             resolvers: vec![addr],
             ..NatConfig::default()
         });
-        let syn = h.guest.tcp(
-            SocketAddrV4::new(GUEST_IP, 33003),
+        send_syn(
+            &mut h,
+            33003,
             SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53),
-            ISN,
             None,
-            TcpFlags {
-                syn: true,
-                ..TcpFlags::default()
-            },
-            64000,
-            None,
-            &[],
         );
-        h.send(&syn);
         let frames = h.poll_until(Duration::from_secs(3), |f| f.iter().any(|s| s.syn));
         assert!(frames
             .iter()
