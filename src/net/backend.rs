@@ -30,6 +30,8 @@ pub struct TapNat {
     buf: Vec<u8>,
     /// TAP registered for EPOLLOUT because it refused a frame.
     waiting_writable: bool,
+    /// The TAP failed for good (device removed, namespace gone).
+    failed: Option<io::Error>,
 }
 
 impl TapNat {
@@ -46,11 +48,23 @@ impl TapNat {
             timer,
             buf: vec![0u8; FRAME_BUF],
             waiting_writable: false,
+            failed: None,
         })
     }
 
     pub fn nat(&self) -> &Nat {
         &self.nat
+    }
+
+    /// Why the TAP stopped working, if it did; the loop should end.
+    pub fn failure(&self) -> Option<&io::Error> {
+        self.failed.as_ref()
+    }
+
+    fn tap_failed(&mut self, err: io::Error, ops: &mut EventOps) {
+        log::error!("nat: tap {} failed: {err}", self.tap.name());
+        let _ = ops.remove(Events::empty(&self.tap));
+        self.failed = Some(err);
     }
 
     fn read_tap(&mut self, ops: &mut EventOps) {
@@ -60,8 +74,8 @@ impl TapNat {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => {
-                    log::warn!("nat: tap {}: read: {err}", self.tap.name());
-                    break;
+                    self.tap_failed(err, ops);
+                    return;
                 }
             };
             let Some(hdr) = NetHdr::parse(&self.buf[..n]) else {
@@ -72,6 +86,9 @@ impl TapNat {
     }
 
     fn flush(&mut self, ops: &mut EventOps) {
+        if self.failed.is_some() {
+            return;
+        }
         self.nat.flush(&mut self.tap, ops);
         let waiting = self.nat.pending_frames() > 0;
         if waiting != self.waiting_writable {
@@ -101,6 +118,9 @@ impl MutEventSubscriber for TapNat {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
+            TOKEN_TAP if events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR) => {
+                self.tap_failed(io::Error::other("device closed"), ops);
+            }
             TOKEN_TAP if events.event_set().contains(EventSet::IN) => self.read_tap(ops),
             TOKEN_TIMER => {
                 let _ = self.timer.wait();
@@ -125,11 +145,18 @@ impl AsRawFd for TapNat {
 pub fn run_until(backend: Arc<Mutex<TapNat>>, stop: &AtomicBool) -> Result<(), NatError> {
     let mut manager = EventManager::<Arc<Mutex<TapNat>>>::new()
         .map_err(|e| NatError::EventLoop(io::Error::other(e.to_string())))?;
-    manager.add_subscriber(backend);
+    manager.add_subscriber(backend.clone());
     while !stop.load(Ordering::Relaxed) {
         manager
             .run_with_timeout(100)
             .map_err(|e| NatError::EventLoop(io::Error::other(e.to_string())))?;
+        let backend = backend.lock().expect("NAT backend lock");
+        if let Some(err) = backend.failure() {
+            return Err(NatError::TapGone {
+                name: backend.tap.name().to_string(),
+                cause: io::Error::new(err.kind(), err.to_string()),
+            });
+        }
     }
     Ok(())
 }
