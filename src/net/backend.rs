@@ -118,7 +118,11 @@ impl MutEventSubscriber for TapNat {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            TOKEN_TAP if events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR) => {
+            TOKEN_TAP
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR) =>
+            {
                 self.tap_failed(io::Error::other("device closed"), ops);
             }
             TOKEN_TAP if events.event_set().contains(EventSet::IN) => self.read_tap(ops),

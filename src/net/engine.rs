@@ -963,30 +963,40 @@ impl Nat {
         self.free_slots.push(slot);
     }
 
-    /// Makes room for one more flow, evicting the one idle longest (closed
-    /// TCP flows first). False if the table cannot hold any flow.
+    /// Makes room for one more flow: first every TCP flow in TIME-WAIT (one
+    /// scan serves many new flows), else the flow idle longest. False if the
+    /// table cannot hold any flow.
     fn make_room(&mut self, reg: &mut dyn SocketRegistry) -> bool {
         if self.live < self.cfg.max_flows {
+            return true;
+        }
+        let lingering: Vec<usize> = self
+            .flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| matches!(f, Some(Flow::Tcp(t)) if t.is_time_wait()))
+            .map(|(i, _)| i)
+            .collect();
+        if !lingering.is_empty() {
+            for slot in lingering {
+                self.out.counters.flows_evicted += 1;
+                self.remove(slot, reg);
+            }
             return true;
         }
         let victim = self
             .flows
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| f.as_ref().map(|f| (i, f)))
-            .min_by_key(|(_, f)| {
-                let closed = matches!(f, Flow::Tcp(t) if t.is_time_wait());
-                (!closed, f.last_active())
-            })
+            .filter_map(|(i, f)| f.as_ref().map(|f| (i, f.last_active())))
+            .min_by_key(|&(_, last)| last)
             .map(|(i, _)| i);
         let Some(slot) = victim else {
             return false;
         };
         if let Some(Flow::Tcp(f)) = &mut self.flows[slot] {
-            if !f.is_time_wait() {
-                f.send_reset(&mut self.out);
-                f.abort_host();
-            }
+            f.send_reset(&mut self.out);
+            f.abort_host();
         }
         self.out.counters.flows_evicted += 1;
         self.remove(slot, reg);

@@ -22,7 +22,9 @@ pub enum NatError {
         path: std::path::PathBuf,
         cause: io::Error,
     },
-    #[error("TAP device '{name}' stopped working: {cause} (was it deleted, or its namespace removed?)")]
+    #[error(
+        "TAP device '{name}' stopped working: {cause} (was it deleted, or its namespace removed?)"
+    )]
     TapGone { name: String, cause: io::Error },
     #[error("NAT event loop failed: {0}")]
     EventLoop(io::Error),
