@@ -804,17 +804,18 @@ impl Nat {
     }
 
     /// A gateway-side port no flow of the guest uses yet.
-    fn forward_port(&mut self, guest: SocketAddrV4) -> SocketAddrV4 {
-        loop {
+    fn forward_port(&mut self, guest: SocketAddrV4) -> Option<SocketAddrV4> {
+        for _ in 0..FORWARD_PORT_COUNT {
             let port = FORWARD_PORT_BASE + self.next_forward_port;
             self.next_forward_port = (self.next_forward_port + 1) % FORWARD_PORT_COUNT;
             let remote = SocketAddrV4::new(self.cfg.gateway, port);
             if !self.tcp_map.contains_key(&(guest, remote))
                 && !self.udp_map.contains_key(&(guest, remote))
             {
-                return remote;
+                return Some(remote);
             }
         }
+        None
     }
 
     fn accept_tcp(
@@ -832,7 +833,10 @@ impl Nat {
         }
         let _ = stream.set_nodelay(true);
         let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
-        let remote = self.forward_port(guest);
+        let Some(remote) = self.forward_port(guest) else {
+            self.out.counters.dropped_from_guest += 1;
+            return;
+        };
         let iss = self.iss();
         let flow = TcpFlow::forward(stream, (guest, remote), iss, &self.cfg, &mut self.out, now);
         let fd = flow.stream.as_raw_fd();
@@ -862,7 +866,10 @@ impl Nat {
                 }
                 let rule = self.listeners[index].rule;
                 let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
-                let remote = self.forward_port(guest);
+                let Some(remote) = self.forward_port(guest) else {
+                    self.out.counters.dropped_from_guest += 1;
+                    return;
+                };
                 let flow = UdpFlow::new(None, Some(index), guest, remote, peer, now);
                 let slot = self.insert(Flow::Udp(flow));
                 self.udp_map.insert((guest, remote), slot);
