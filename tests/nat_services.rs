@@ -35,6 +35,17 @@ fn ping_gateway_and_dns() {
     assert!(out.contains("1 packets received"), "{out}");
 }
 
+#[test]
+fn ping_outside_under_host_only_is_dropped_and_counted() {
+    let rig = Rig::start(test_config());
+    rig.configure_static();
+    // TEST-NET-1: nothing is sent; the namespace's ping just gets no answer.
+    let out = rig.ns.sh("busybox ping -c 1 -W 1 192.0.2.1");
+    assert!(!out.status.success());
+    assert!(rig.counters().dropped_from_guest >= 1);
+    assert!(rig.flows().is_empty());
+}
+
 /// A resolver on the host's loopback answering every A query with 10.9.8.7.
 fn tiny_resolver() -> (UdpSocket, SocketAddr) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -1202,6 +1202,72 @@ mod tests {
         assert_eq!(frames[0].seq, 77);
     }
 
+    /// A guest side that can be told to refuse frames.
+    struct Port {
+        busy: bool,
+        got: Vec<crate::net::GuestFrame>,
+    }
+
+    impl crate::net::GuestPort for Port {
+        fn send(&mut self, frame: &crate::net::GuestFrame) -> Result<(), crate::net::PortBusy> {
+            if self.busy {
+                return Err(crate::net::PortBusy);
+            }
+            self.got.push(frame.clone());
+            Ok(())
+        }
+
+        fn offloads(&self) -> crate::net::Offloads {
+            crate::net::Offloads::default()
+        }
+    }
+
+    #[test]
+    fn a_busy_guest_port_pauses_host_reads_without_dropping() {
+        let mut c = connect(NatConfig {
+            tcp_buffer: 4 * 1024 * 1024,
+            ..NatConfig::default()
+        });
+        // A wide-open guest window: only the port can hold data back.
+        c.segment(c.snd, ACK, 0xffff, &[]);
+        let mut port = Port {
+            busy: true,
+            got: Vec::new(),
+        };
+        let chunk = [5u8; 64 * 1024];
+        let mut written = 0usize;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(500) {
+            match c.host.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            for (token, events) in c.h.reg.wait(Duration::from_millis(5)).unwrap() {
+                c.h.nat.handle_event(token, events, &mut c.h.reg);
+            }
+            c.h.nat.flush(&mut port, &mut c.h.reg);
+        }
+        let queued = c.h.nat.pending_frames();
+        assert!(queued > 0 && queued <= 300, "{queued} frames queued");
+        assert_eq!(c.h.nat.counters().dropped_to_guest, 0);
+        assert!(matches!(c.host.write(&chunk), Err(e) if e.kind() == ErrorKind::WouldBlock));
+        // The port takes frames again: everything queued goes out, and
+        // reading the host resumes.
+        port.busy = false;
+        c.h.nat.flush(&mut port, &mut c.h.reg);
+        let delivered: usize = port
+            .got
+            .iter()
+            .map(|f| crate::net::testkit::parse(f).payload.len())
+            .sum();
+        assert!(
+            delivered > queued * 1000,
+            "{delivered} bytes for {queued} frames"
+        );
+        assert!(delivered < written);
+    }
+
     #[test]
     fn closed_guest_window_stops_reading_the_host() {
         let cfg = NatConfig {
