@@ -175,7 +175,9 @@ impl Nat {
         Ok(())
     }
 
-    /// True when an event-loop token belongs to the NAT.
+    /// True when an event-loop token belongs to the NAT: the NAT's tokens
+    /// have bit 31 set, so the owner's own tokens (TAP, queues, timers) must
+    /// keep it clear.
     pub fn owns_token(token: u32) -> bool {
         token & TOKEN_NAT != 0
     }
