@@ -10,4 +10,5 @@ pub mod cli;
 pub mod devices;
 pub mod dirs;
 pub mod image;
+pub mod net;
 pub mod vmm;

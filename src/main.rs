@@ -2,11 +2,14 @@
 //! subcommand; all the work happens in the library.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use vmlab::cli::ByteSize;
+use vmlab::cli::{ByteSize, ForwardRule};
+use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{BootSource, ConsoleConfig, VmConfig};
 
 /// A small hypervisor for virtualization labs.
@@ -25,6 +28,9 @@ struct Cli {
 enum Command {
     /// Boot a Linux guest with its console on this terminal (Ctrl-A x quits).
     Run(RunArgs),
+    /// Run the userspace NAT on an existing TAP device (e.g. one moved into a
+    /// network namespace), the way slirp4netns serves a namespace.
+    Nat(NatArgs),
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +58,32 @@ struct RunArgs {
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
     boot_timer: bool,
+}
+
+#[derive(Args, Debug)]
+struct NatArgs {
+    /// TAP device to serve (created if missing; needs CAP_NET_ADMIN).
+    #[arg(long, value_name = "DEV")]
+    tap: String,
+    /// Open the TAP inside this network namespace (e.g. /run/netns/NAME);
+    /// host sockets stay in vmlab's own namespace.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<std::path::PathBuf>,
+    /// Port forward tcp:[HOSTADDR:]HOSTPORT:GUESTPORT or udp:... (repeatable).
+    #[arg(long = "forward", value_name = "RULE")]
+    forwards: Vec<ForwardRule>,
+    /// MTU announced by DHCP and used for the TCP MSS.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=65520))]
+    mtu: u16,
+    /// Hostname announced by DHCP.
+    #[arg(long, default_value = "vmlab")]
+    hostname: String,
+    /// Most flows at once; the oldest idle flow is evicted beyond it.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_flows: u64,
+    /// Only let the namespace reach the host itself (10.0.2.2 and the DNS relay).
+    #[arg(long)]
+    host_only: bool,
 }
 
 fn init_logging(verbose: u8) {
@@ -97,6 +129,7 @@ fn main() {
 fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
     match command {
         Command::Run(args) => run(args, verbose, started),
+        Command::Nat(args) => nat(args),
     }
 }
 
@@ -132,4 +165,30 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     }
     eprintln!("vmlab: {reason}");
     Ok(reason.exit_code())
+}
+
+fn nat(args: NatArgs) -> Result<i32> {
+    // Forward ports first: a port in use must fail before anything else.
+    let listeners = ForwardListeners::bind(&args.forwards)?;
+    let tap = match &args.netns {
+        Some(path) => Tap::open_in_netns(&args.tap, path)?,
+        None => Tap::open(&args.tap)?,
+    };
+    let config = NatConfig {
+        mtu: args.mtu,
+        hostname: args.hostname,
+        max_flows: args.max_flows as usize,
+        forwards: args.forwards,
+        outbound: if args.host_only {
+            Outbound::HostOnly
+        } else {
+            Outbound::Any
+        },
+        ..NatConfig::with_host_resolvers()
+    };
+    log::info!("nat: serving tap {} (mtu {})", tap.name(), config.mtu);
+    let backend = Arc::new(Mutex::new(TapNat::new(Nat::new(config, listeners), tap)?));
+    let stop = AtomicBool::new(false);
+    vmlab::net::run_until(backend, &stop)?;
+    Ok(0)
 }

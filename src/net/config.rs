@@ -1,0 +1,162 @@
+//! The NAT's addressing plan, limits and host-side choices.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::time::Duration;
+
+use smoltcp::wire::EthernetAddress;
+
+use crate::cli::ForwardRule;
+
+/// Which host destinations guest flows may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Anything the host can reach (what a user of a VM expects).
+    Any,
+    /// Only the host itself: the gateway (host loopback) and the DNS relay.
+    /// Tests and the fuzzer use this so no frame ever leaves the machine.
+    HostOnly,
+}
+
+/// What the gateway address reaches on the host's loopback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostLoopback {
+    /// Any port: gateway:PORT is host 127.0.0.1:PORT (QEMU's behaviour).
+    All,
+    /// Nothing, like slirp4netns --disable-host-loopback.
+    None,
+    /// Only these ports (the fuzzer confines itself to its own sockets).
+    Ports(Vec<u16>),
+}
+
+/// Everything the engine needs to know before it starts.
+#[derive(Clone, Debug)]
+pub struct NatConfig {
+    pub network: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+    /// The host as the guest sees it; `gateway:PORT` reaches host 127.0.0.1:PORT.
+    pub gateway: Ipv4Addr,
+    /// DNS relay address.
+    pub dns: Ipv4Addr,
+    /// The one address the DHCP server hands out.
+    pub guest: Ipv4Addr,
+    /// MAC the gateway and DNS answer ARP with.
+    pub gateway_mac: EthernetAddress,
+    /// MTU announced by DHCP; also bounds the MSS offered to the guest.
+    pub mtu: u16,
+    /// Hostname announced by DHCP (option 12): the VM's name.
+    pub hostname: String,
+    pub lease_time: Duration,
+    /// Host resolvers the DNS relay forwards to, in order of preference.
+    pub resolvers: Vec<SocketAddrV4>,
+    pub forwards: Vec<ForwardRule>,
+    pub outbound: Outbound,
+    pub host_loopback: HostLoopback,
+    /// Most flows (TCP, UDP, ICMP) at once; the oldest idle is evicted.
+    pub max_flows: usize,
+    /// Bytes buffered per TCP flow and direction.
+    pub tcp_buffer: usize,
+    pub udp_timeout: Duration,
+    pub icmp_timeout: Duration,
+    /// How long a closed TCP flow lingers to re-acknowledge a late FIN.
+    pub time_wait: Duration,
+    /// A TCP flow with no traffic at all for this long is reset and removed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            network: Ipv4Addr::new(10, 0, 2, 0),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+            guest: Ipv4Addr::new(10, 0, 2, 15),
+            gateway_mac: EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]),
+            mtu: 1500,
+            hostname: "vmlab".to_string(),
+            lease_time: Duration::from_secs(86400),
+            resolvers: Vec::new(),
+            forwards: Vec::new(),
+            outbound: Outbound::Any,
+            host_loopback: HostLoopback::All,
+            max_flows: 4096,
+            tcp_buffer: 512 * 1024,
+            udp_timeout: Duration::from_secs(60),
+            icmp_timeout: Duration::from_secs(10),
+            time_wait: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(7200),
+        }
+    }
+}
+
+impl NatConfig {
+    /// The default plan with resolvers read from the host's resolv.conf.
+    pub fn with_host_resolvers() -> Self {
+        NatConfig {
+            resolvers: resolvers_from_file(Path::new("/etc/resolv.conf")),
+            ..NatConfig::default()
+        }
+    }
+
+    /// True when `addr` lies in the NAT's own network.
+    pub fn in_network(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & u32::from(self.netmask) == u32::from(self.network)
+    }
+}
+
+/// IPv4 `nameserver` lines of a resolv.conf, port 53; loopback resolvers
+/// (such as systemd-resolved's 127.0.0.53) included, since the relay runs on
+/// the host. An unreadable file gives no resolvers: DNS queries then fail
+/// with ICMP unreachable instead of hanging.
+pub fn resolvers_from_file(path: &Path) -> Vec<SocketAddrV4> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_resolv_conf(&text),
+        Err(err) => {
+            log::warn!(
+                "nat: cannot read {}: {err}; the DNS relay has no resolver",
+                path.display()
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Parses resolv.conf text; see [`resolvers_from_file`].
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddrV4> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("nameserver"), Some(addr)) => addr.parse::<Ipv4Addr>().ok(),
+                _ => None,
+            }
+        })
+        .map(|ip| SocketAddrV4::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_keeps_ipv4_including_loopback() {
+        let text = "# comment\nsearch lan\nnameserver 127.0.0.53\nnameserver ::1\n\
+                    nameserver 10.1.2.3 \noptions edns0\nnameserver\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "10.1.2.3:53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn network_membership() {
+        let c = NatConfig::default();
+        assert!(c.in_network(Ipv4Addr::new(10, 0, 2, 200)));
+        assert!(!c.in_network(Ipv4Addr::new(10, 0, 3, 1)));
+    }
+}

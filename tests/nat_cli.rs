@@ -1,0 +1,106 @@
+//! `vmlab nat` as a user runs it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require_root_and_tools, Netns};
+
+const VMLAB: &str = env!("CARGO_BIN_EXE_vmlab");
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn forward_port_in_use_fails_before_anything_else() {
+    require_root_and_tools(&["ip"]);
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let tap = format!("vtcli{}", std::process::id() % 100_000);
+    let out = Command::new(VMLAB)
+        .args(["nat", "--tap", &tap, "--forward", &format!("tcp:{port}:22")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("choose another host port"), "{stderr}");
+    // The TAP device was never created.
+    let link = Command::new("ip")
+        .args(["link", "show", &tap])
+        .output()
+        .unwrap();
+    assert!(!link.status.success(), "tap {tap} exists");
+}
+
+#[test]
+fn bad_forward_rule_is_one_clear_line() {
+    let out = Command::new(VMLAB)
+        .args(["nat", "--tap", "x", "--forward", "tcp:22"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("expected tcp:[HOSTADDR:]HOSTPORT:GUESTPORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn nat_command_serves_a_namespace() {
+    require_root_and_tools(&["ip", "busybox"]);
+    let ns = Netns::new();
+    let tap = "vmlab0";
+    let _nat = Guard(
+        Command::new(VMLAB)
+            .args(["nat", "--tap", tap, "--host-only", "--hostname", "clitest"])
+            .arg("--netns")
+            .arg(ns.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    // The TAP appears inside the namespace once vmlab has opened it.
+    let start = Instant::now();
+    while !ns.sh(&format!("ip link show {tap}")).status.success() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vmlab never opened {tap}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ns.sh_ok(&format!(
+        "ip link set lo up && ip link set {tap} up && \
+         timeout 20 busybox udhcpc -i {tap} -q -f -n -t 5 -T 1 -s /bin/true >/dev/null"
+    ));
+    // udhcpc with a no-op script only proves the lease; configure statically.
+    ns.sh_ok(&format!(
+        "ip addr add 10.0.2.15/24 dev {tap} && ip route add default via 10.0.2.2"
+    ));
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        s.write_all(b"hello from the host\n").unwrap();
+    });
+    let got = ns.run(move || {
+        let mut s = TcpStream::connect(("10.0.2.2", port)).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    });
+    t.join().unwrap();
+    assert_eq!(got, "hello from the host\n");
+}
