@@ -6,3 +6,4 @@
 //! the guest talks to, `net` is the userspace NAT and `disk` the block layer.
 
 pub mod cli;
+pub mod disk;
