@@ -122,8 +122,7 @@ pub fn held_for_writing(file: &File) -> bool {
     byte_is_held(file, PERM_BASE + 1).unwrap_or(false)
 }
 
-/// Names who holds lock byte `offset`, from /proc/locks (best effort: OFD
-/// locks carry the pid of the process that took them).
+/// Names who holds lock byte `offset` (best effort).
 fn describe_holder(file: &File, offset: i64, perm_index: i64) -> String {
     let what = match (offset >= SHARED_BASE, perm_index) {
         (false, 1) => "another process writing to it",
@@ -145,6 +144,9 @@ fn describe_holder(file: &File, offset: i64, perm_index: i64) -> String {
     }
 }
 
+/// The process holding an OFD lock on byte `offset` of `file`. /proc/locks
+/// shows OFD locks without a pid, so look through every process's open files
+/// (/proc/PID/fdinfo lists the locks of each open file).
 fn lock_owner_pid(file: &File, offset: i64) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata().ok()?;
@@ -152,20 +154,30 @@ fn lock_owner_pid(file: &File, offset: i64) -> Option<u32> {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let me = std::process::id();
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    for line in locks.lines() {
-        // "1: OFDLCK ADVISORY  READ 1234 08:01:5678 101 101"
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 || fields[1] != "OFDLCK" {
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
             continue;
         }
-        let n = fields.len();
-        let (start, end) = (fields[n - 2].parse::<i64>(), fields[n - 1].parse::<i64>());
-        if fields[n - 3] != id || start != Ok(offset) || end != Ok(offset) {
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else {
             continue;
-        }
-        if let Ok(pid) = fields[n - 4].parse::<u32>() {
-            if pid != me {
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            // "lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:1234 100 101"
+            let holds = info.lines().filter(|l| l.starts_with("lock:")).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let n = f.len();
+                n >= 4
+                    && f[n - 3] == id
+                    && f[n - 2].parse::<i64>().is_ok_and(|s| s <= offset)
+                    && (f[n - 1] == "EOF" || f[n - 1].parse::<i64>().is_ok_and(|e| e >= offset))
+            });
+            if holds {
                 return Some(pid);
             }
         }
