@@ -9,6 +9,8 @@ mod backend;
 mod clone;
 mod create;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod info;
 pub mod iovec;
 mod lock;

@@ -126,6 +126,7 @@ impl Qcow2Image {
                 .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
                 .collect()
         };
+        check_reftable(&reftable, cs, file_len, path)?;
         let mut state = State {
             path: path.to_path_buf(),
             cluster_bits: hdr.cluster_bits,
@@ -213,6 +214,25 @@ fn check_writable(hdr: &Header, path: &Path) -> Result<()> {
             path,
             "writing to images with internal snapshots (open it read-only, or delete them with `qemu-img snapshot -d`)",
         ));
+    }
+    Ok(())
+}
+
+/// Refcount blocks must lie in the file and be distinct: a table naming one
+/// block many times would make every free-cluster search crawl.
+fn check_reftable(table: &[u64], cs: u64, file_len: u64, path: &Path) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for &entry in table {
+        let off = entry & REFT_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if off % cs != 0 || off.saturating_add(cs) > file_len || !seen.insert(off) {
+            return Err(DiskError::corrupt(
+                path,
+                format!("refcount block at {off:#x} is misaligned, outside the file or listed twice"),
+            ));
+        }
     }
     Ok(())
 }

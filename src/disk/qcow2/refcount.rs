@@ -80,7 +80,17 @@ impl State {
     /// Adds `delta` to the refcount of cluster `index`, creating refcount
     /// blocks (and growing the table) as needed. Returns the new count.
     pub(super) fn update_refcount(&mut self, index: u64, delta: i64) -> Result<u64> {
-        let slot = self.refblock_for(index)?;
+        let slot = if delta >= 0 {
+            self.refblock_for(index)?
+        } else {
+            // A count going down must exist already; never build tables
+            // for an offset a (possibly hostile) L2 entry made up.
+            let entry = self.reftable.get((index >> self.rb_entry_bits()) as usize).copied();
+            match entry.map(|e| e & REFT_OFFSET_MASK) {
+                Some(off) if off != 0 => self.refblock_slot(off)?,
+                _ => return Err(self.corrupt(format!("cluster {index} is in use but has no refcount"))),
+            }
+        };
         let i = (index & ((1 << self.rb_entry_bits()) - 1)) as usize;
         let order = self.refcount_order();
         let old = get_refcount(&self.rb_cache.get(slot).data, i, order);
@@ -196,6 +206,9 @@ impl State {
         let old_clusters = self.hdr.refcount_table_clusters as u64;
         // Room for the table itself and a few new blocks.
         let mut entries = min_entries.max(old_entries * 2).max(per_cluster);
+        if entries * 8 > super::header::MAX_REFTABLE_BYTES {
+            return Err(self.corrupt("refcount table would exceed 8 MiB"));
+        }
         let (start, clusters) = loop {
             let clusters = entries.div_ceil(per_cluster);
             let start = self.find_free(clusters)?;
