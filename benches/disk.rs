@@ -51,8 +51,24 @@ fn s(p: &Path) -> &str {
 
 /// Seconds qemu-img bench reports for the pattern on `img`.
 fn qemu_bench(img: &Path, p: Pattern) -> f64 {
-    let (count, size, step) = (p.count.to_string(), p.bufsize.to_string(), p.step.to_string());
-    let mut args = vec!["bench", "-f", "qcow2", "-c", &count, "-s", &size, "-S", &step, "-t", "writeback"];
+    let (count, size, step) = (
+        p.count.to_string(),
+        p.bufsize.to_string(),
+        p.step.to_string(),
+    );
+    let mut args = vec![
+        "bench",
+        "-f",
+        "qcow2",
+        "-c",
+        &count,
+        "-s",
+        &size,
+        "-S",
+        &step,
+        "-t",
+        "writeback",
+    ];
     if p.write {
         args.push("-w");
     }
@@ -98,8 +114,12 @@ fn compare(p: Pattern, prepare: &dyn Fn(&str) -> PathBuf) -> (f64, f64) {
     let (mut q, mut v) = (Vec::new(), Vec::new());
     let shared = (!p.write).then(|| prepare("read"));
     for run in 0..RUNS {
-        let qi = shared.clone().unwrap_or_else(|| prepare(&format!("q{run}")));
-        let vi = shared.clone().unwrap_or_else(|| prepare(&format!("v{run}")));
+        let qi = shared
+            .clone()
+            .unwrap_or_else(|| prepare(&format!("q{run}")));
+        let vi = shared
+            .clone()
+            .unwrap_or_else(|| prepare(&format!("v{run}")));
         q.push(qemu_bench(&qi, p));
         v.push(vmlab_bench(&vi, p));
         if shared.is_none() {
@@ -114,16 +134,52 @@ fn compare(p: Pattern, prepare: &dyn Fn(&str) -> PathBuf) -> (f64, f64) {
 fn io_benchmarks(dir: &Path, quick: bool) {
     let scale = if quick { 4 } else { 1 };
     let patterns = [
-        Pattern { name: "rand 4K read", bufsize: 4096, step: 4096 * RAND_STEP_SLOTS, count: 40_000 / scale, write: false },
-        Pattern { name: "rand 4K write", bufsize: 4096, step: 4096 * RAND_STEP_SLOTS, count: 10_000 / scale, write: true },
-        Pattern { name: "seq 64K read", bufsize: 65536, step: 65536, count: 8192 / scale, write: false },
-        Pattern { name: "seq 64K write", bufsize: 65536, step: 65536, count: 8192 / scale, write: true },
+        Pattern {
+            name: "rand 4K read",
+            bufsize: 4096,
+            step: 4096 * RAND_STEP_SLOTS,
+            count: 40_000 / scale,
+            write: false,
+        },
+        Pattern {
+            name: "rand 4K write",
+            bufsize: 4096,
+            step: 4096 * RAND_STEP_SLOTS,
+            count: 10_000 / scale,
+            write: true,
+        },
+        Pattern {
+            name: "seq 64K read",
+            bufsize: 65536,
+            step: 65536,
+            count: 8192 / scale,
+            write: false,
+        },
+        Pattern {
+            name: "seq 64K write",
+            bufsize: 65536,
+            step: 65536,
+            count: 8192 / scale,
+            write: true,
+        },
     ];
     // A fully written base, shared by the read tests and as backing file.
     let base = dir.join("base.qcow2");
     let size = IMAGE_SIZE.to_string();
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), &size]);
-    sh("qemu-io", &["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {size}"), s(&base)]);
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&base), &size],
+    );
+    sh(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P 0x5a 0 {size}"),
+            s(&base),
+        ],
+    );
     // Let writeback of the base finish before anything is timed.
     sh("sync", &[]);
 
@@ -137,20 +193,47 @@ fn io_benchmarks(dir: &Path, quick: bool) {
     let overlay = |tag: &str| {
         let p = dir.join(format!("overlay-{tag}.qcow2"));
         let _ = std::fs::remove_file(&p);
-        sh("qemu-img", &["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&p)]);
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                s(&base),
+                "-F",
+                "qcow2",
+                s(&p),
+            ],
+        );
         p
     };
 
-    println!("\n{:<34} {:>12} {:>12} {:>8}", "I/O pattern (1 GiB image)", "qemu MB/s", "vmlab MB/s", "ratio");
+    println!(
+        "\n{:<34} {:>12} {:>12} {:>8}",
+        "I/O pattern (1 GiB image)", "qemu MB/s", "vmlab MB/s", "ratio"
+    );
     for p in patterns {
-        let (label, prep): (&str, &dyn Fn(&str) -> PathBuf) =
-            if p.write { ("fresh qcow2", &fresh) } else { ("populated qcow2", &populated) };
+        let (label, prep): (&str, &dyn Fn(&str) -> PathBuf) = if p.write {
+            ("fresh qcow2", &fresh)
+        } else {
+            ("populated qcow2", &populated)
+        };
         let (q, v) = compare(p, prep);
-        println!("{:<34} {q:>12.1} {v:>12.1} {:>7.2}x", format!("{} ({label})", p.name), v / q);
+        println!(
+            "{:<34} {q:>12.1} {v:>12.1} {:>7.2}x",
+            format!("{} ({label})", p.name),
+            v / q
+        );
     }
     for p in patterns {
         let (q, v) = compare(p, &overlay);
-        println!("{:<34} {q:>12.1} {v:>12.1} {:>7.2}x", format!("{} (overlay over base)", p.name), v / q);
+        println!(
+            "{:<34} {q:>12.1} {v:>12.1} {:>7.2}x",
+            format!("{} (overlay over base)", p.name),
+            v / q
+        );
     }
 }
 
@@ -182,7 +265,8 @@ fn clone_benchmarks(dir: &Path) {
         // A little data at both ends, so the base is not all hole.
         use std::os::unix::fs::FileExt;
         f.write_all_at(&[1u8; 1 << 20], 0).unwrap();
-        f.write_all_at(&[2u8; 1 << 20], (gib << 30) - (1 << 20)).unwrap();
+        f.write_all_at(&[2u8; 1 << 20], (gib << 30) - (1 << 20))
+            .unwrap();
         drop(f);
         let dst = dir.join("clone.qcow2");
         let (mut lib, mut cli, mut qemu, mut cp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -197,7 +281,20 @@ fn clone_benchmarks(dir: &Path) {
             }));
             let _ = std::fs::remove_file(&dst);
             qemu.push(time_it(|| {
-                sh("qemu-img", &["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "raw", s(&dst)]);
+                sh(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        s(&base),
+                        "-F",
+                        "raw",
+                        s(&dst),
+                    ],
+                );
             }));
             let copy = dir.join("copy.raw");
             let _ = std::fs::remove_file(&copy);
@@ -223,7 +320,10 @@ fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects one part.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let quick = std::env::var_os("VMLAB_BENCH_QUICK").is_some();
-    let dir = tempfile::Builder::new().prefix("vmlab-disk-bench").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vmlab-disk-bench")
+        .tempdir()
+        .unwrap();
     println!("vmlab disk benchmarks (workdir {})", dir.path().display());
     if filter.as_deref().is_none_or(|f| "io".contains(f)) {
         io_benchmarks(dir.path(), quick);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use disk_support::*;
-use vmlab::disk::{open_image, BlockBackend, ImageFormat, OpenOptions};
+use vmlab::disk::{open_image, ImageFormat, OpenOptions};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -20,7 +20,11 @@ fn run(dir: &Path, args: &[&str]) -> Output {
 
 fn ok(dir: &Path, args: &[&str]) -> String {
     let out = run(dir, args);
-    assert!(out.status.success(), "vmlab {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vmlab {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -29,8 +33,15 @@ fn fails(dir: &Path, args: &[&str], needle: &str) {
     let out = run(dir, args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "vmlab {args:?} should fail");
-    assert_eq!(err.trim_end().lines().count(), 1, "vmlab {args:?}: not one line: {err}");
-    assert!(err.contains(needle), "vmlab {args:?}: expected '{needle}' in: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "vmlab {args:?}: not one line: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "vmlab {args:?}: expected '{needle}' in: {err}"
+    );
 }
 
 /// Names in `dir`, hidden temporaries included.
@@ -58,7 +69,11 @@ fn create_info_resize() {
     ok(d, &["disk", "resize", "a.qcow2", "20G"]);
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);
     assert_eq!(json_number(&q, "virtual-size"), Some(20 << 30));
-    fails(d, &["disk", "resize", "a.qcow2", "1G"], "smaller than the current");
+    fails(
+        d,
+        &["disk", "resize", "a.qcow2", "1G"],
+        "smaller than the current",
+    );
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);
     assert_eq!(json_number(&q, "virtual-size"), Some(20 << 30));
 
@@ -78,13 +93,28 @@ fn overlays_record_backing_files_qemu_can_follow() {
     std::fs::create_dir(d.join("base")).unwrap();
     std::fs::write(d.join("base/b.raw"), pattern(1, 0, 1 << 20)).unwrap();
     // Size taken from the backing file; path relative to the caller's cwd.
-    ok(d, &["disk", "create", "top.qcow2", "--backing", "base/b.raw"]);
+    ok(
+        d,
+        &["disk", "create", "top.qcow2", "--backing", "base/b.raw"],
+    );
     let info = ok(d, &["disk", "info", "top.qcow2"]);
-    assert!(info.contains("backing file:") && info.contains("backing image 1"), "{info}");
+    assert!(
+        info.contains("backing file:") && info.contains("backing image 1"),
+        "{info}"
+    );
     assert!(info.contains("format: raw"), "{info}");
     qemu_compare_identical(&d.join("top.qcow2"), &d.join("base/b.raw"));
     // Same directory: the bare name is stored, so the pair can move.
-    ok(d, &["disk", "create", "base/mid.qcow2", "--backing", "base/b.raw"]);
+    ok(
+        d,
+        &[
+            "disk",
+            "create",
+            "base/mid.qcow2",
+            "--backing",
+            "base/b.raw",
+        ],
+    );
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("base/mid.qcow2"))]);
     assert!(q.contains("\"backing-filename\": \"b.raw\""), "{q}");
     assert!(q.contains("\"backing-filename-format\": \"raw\""), "{q}");
@@ -120,8 +150,16 @@ fn linked_clone_shares_and_diverges() {
     assert_eq!(qemu_check(&d.join("dst.qcow2")), 0);
     fails(d, &["clone", "src.qcow2", "dst.qcow2"], "already exists");
     ok(d, &["clone", "--force", "src.qcow2", "dst.qcow2"]);
-    fails(d, &["clone", "--format", "raw", "src.qcow2", "x.img"], "--full");
-    fails(d, &["clone", "src.qcow2", "src.qcow2", "--force"], "same file");
+    fails(
+        d,
+        &["clone", "--format", "raw", "src.qcow2", "x.img"],
+        "--full",
+    );
+    fails(
+        d,
+        &["clone", "src.qcow2", "src.qcow2", "--force"],
+        "same file",
+    );
     assert!(!d.join("x.img").exists());
 }
 
@@ -152,7 +190,10 @@ fn full_clone_copies_and_keeps_holes() {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(&out).unwrap().blocks() * 512
         };
-        assert!(allocated < 8 << 20, "{name}: {allocated} bytes allocated, holes were filled");
+        assert!(
+            allocated < 8 << 20,
+            "{name}: {allocated} bytes allocated, holes were filled"
+        );
     }
     assert_eq!(qemu_check(&d.join("full.qcow2")), 0);
 }
@@ -169,16 +210,45 @@ fn user_errors_are_one_line_and_leave_nothing() {
     fails(d, &["clone", "bad.qcow2", "c.qcow2"], "corrupt");
     fails(d, &["clone", "--full", "bad.qcow2", "c.qcow2"], "corrupt");
     fails(d, &["disk", "create", "n.qcow2", "1000"], "multiple of 512");
-    fails(d, &["disk", "create", "n.qcow2", "1G", "--cluster-size", "3K"], "power of two");
-    fails(d, &["disk", "create", "n.qcow2", "1G", "--cluster-size", "4M"], "between 512 bytes and 2 MiB");
-    fails(d, &["disk", "create", "n.qcow2", "--backing", "missing.raw"], "no such file");
+    fails(
+        d,
+        &["disk", "create", "n.qcow2", "1G", "--cluster-size", "3K"],
+        "power of two",
+    );
+    fails(
+        d,
+        &["disk", "create", "n.qcow2", "1G", "--cluster-size", "4M"],
+        "between 512 bytes and 2 MiB",
+    );
+    fails(
+        d,
+        &["disk", "create", "n.qcow2", "--backing", "missing.raw"],
+        "no such file",
+    );
     fails(d, &["disk", "create", "n.qcow2"], "give a size");
-    fails(d, &["disk", "create", "--format", "raw", "n.img", "1G", "--backing", "bad.qcow2"], "backing");
+    fails(
+        d,
+        &[
+            "disk",
+            "create",
+            "--format",
+            "raw",
+            "n.img",
+            "1G",
+            "--backing",
+            "bad.qcow2",
+        ],
+        "backing",
+    );
     // Argument errors come from clap: the error line plus a pointer to --help.
     let out = run(d, &["disk", "create", "n.qcow2", "1G", "--format", "vmdk"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown image format 'vmdk'"));
-    fails(d, &["disk", "resize", "missing.qcow2", "1G"], "no such file");
+    fails(
+        d,
+        &["disk", "resize", "missing.qcow2", "1G"],
+        "no such file",
+    );
     fails(d, &["disk", "create", "bad.qcow2", "1G"], "already exists");
     assert_eq!(listing(d), before, "a failed command left files behind");
     // --force replaces, and the result is a valid image.
@@ -194,10 +264,23 @@ fn raw_images_are_never_reinterpreted() {
     let mut evil = vec![0u8; 1 << 20];
     evil[..4].copy_from_slice(b"QFI\xfb");
     std::fs::write(d.join("guest.raw"), &evil).unwrap();
-    qemu_img_ok(&["create", "-f", "qcow2", "-b", "guest.raw", "-F", "raw", s(&d.join("top.qcow2"))]);
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "guest.raw",
+        "-F",
+        "raw",
+        s(&d.join("top.qcow2")),
+    ]);
     let img = open_image(&d.join("top.qcow2"), &OpenOptions::read_only()).unwrap();
     let backing = img.backing().expect("backing");
-    assert_eq!(backing.format(), ImageFormat::Raw, "recorded format wins over content");
+    assert_eq!(
+        backing.format(),
+        ImageFormat::Raw,
+        "recorded format wins over content"
+    );
     let mut head = [0u8; 8];
     img.read_at(0, &mut head).unwrap();
     assert_eq!(&head[..4], b"QFI\xfb");

@@ -43,7 +43,10 @@ fn crash_child() {
     let log_path = std::env::var(CHILD_LOG).unwrap();
     let seed: u64 = std::env::var(CHILD_SEED).unwrap().parse().unwrap();
     let img = open_image(Path::new(&image), &OpenOptions::read_write()).unwrap();
-    let mut log = std::fs::OpenOptions::new().append(true).open(log_path).unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(log_path)
+        .unwrap();
     let mut rng = Rng(seed | 1);
     let size = img.size();
     for seq in 0u64.. {
@@ -51,10 +54,13 @@ fn crash_child() {
         let at = rng.below(size);
         let len = (1 + rng.below(200_000)).min(size - at);
         if pick < 7 {
-            log.write_all(format!("W {seq} {at} {len}\n").as_bytes()).unwrap();
-            img.write_at(at, &pattern(seed ^ seq, at, len as usize)).unwrap();
+            log.write_all(format!("W {seq} {at} {len}\n").as_bytes())
+                .unwrap();
+            img.write_at(at, &pattern(seed ^ seq, at, len as usize))
+                .unwrap();
         } else if pick < 8 {
-            log.write_all(format!("Z {seq} {at} {len}\n").as_bytes()).unwrap();
+            log.write_all(format!("Z {seq} {at} {len}\n").as_bytes())
+                .unwrap();
             img.discard(at, len).unwrap();
         } else {
             img.flush().unwrap();
@@ -115,7 +121,13 @@ fn crash_once(sc: &mut Scenario, dir: &Path, seed: u64, delay: Duration) -> (usi
     let log = dir.join("ops.log");
     std::fs::write(&log, b"").unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_IMAGE, &sc.image)
         .env(CHILD_LOG, &log)
         .env(CHILD_SEED, seed.to_string())
@@ -143,7 +155,11 @@ fn crash_once(sc: &mut Scenario, dir: &Path, seed: u64, delay: Duration) -> (usi
         let durable = last_flush.is_some_and(|f| i < f);
         match *op {
             Logged::Write { seq, at, len } if durable => {
-                expect[at as usize..(at + len) as usize].copy_from_slice(&pattern(seed ^ seq, at, len as usize));
+                expect[at as usize..(at + len) as usize].copy_from_slice(&pattern(
+                    seed ^ seq,
+                    at,
+                    len as usize,
+                ));
             }
             Logged::Zero { at, len } if durable => expect[at as usize..(at + len) as usize].fill(0),
             Logged::Write { at, len, .. } | Logged::Zero { at, len } => {
@@ -171,7 +187,7 @@ fn crash_leaves_images_consistent() {
     let dir = tempdir();
     let base = dir.path().join("base.raw");
     std::fs::write(&base, pattern(99, 0, IMAGE_SIZE as usize)).unwrap();
-    let mut scenarios = vec![
+    let mut scenarios = [
         scenario(dir.path(), "plain-4k.qcow2", 4096, None),
         scenario(dir.path(), "overlay-64k.qcow2", 65536, Some(base.clone())),
         scenario(dir.path(), "overlay-512.qcow2", 512, Some(base)),
@@ -179,16 +195,21 @@ fn crash_leaves_images_consistent() {
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let rounds = 25;
     let (mut total_ops, mut with_flush) = (0, 0);
-    for round in 0..rounds {
+    for _ in 0..rounds {
         for sc in scenarios.iter_mut() {
             let delay = Duration::from_millis(5 + rng.below(80));
             let (n, flushed) = crash_once(sc, dir.path(), rng.next(), delay);
             total_ops += n;
             with_flush += flushed as usize;
-            let _ = round;
         }
     }
-    eprintln!("{} kills, {total_ops} operations logged, {with_flush} runs reached a flush", rounds * 3);
+    eprintln!(
+        "{} kills, {total_ops} operations logged, {with_flush} runs reached a flush",
+        rounds * 3
+    );
     // The test means little unless children got work done before dying.
-    assert!(with_flush >= rounds, "too few runs got as far as a flush ({with_flush})");
+    assert!(
+        with_flush >= rounds,
+        "too few runs got as far as a flush ({with_flush})"
+    );
 }

@@ -38,7 +38,11 @@ fn fuzzer_findings_stay_fixed() {
         exercise(&name, std::fs::read(&path).unwrap(), dir.path());
         count += 1;
     }
-    assert!(count > 0, "no regression inputs found in {}", regressions.display());
+    assert!(
+        count > 0,
+        "no regression inputs found in {}",
+        regressions.display()
+    );
 }
 
 /// A valid small image (512-byte clusters) with some data, as bytes.
@@ -69,7 +73,10 @@ fn refused(dir: &Path, name: &str, bytes: &[u8], needle: &str) {
     std::fs::write(&p, bytes).unwrap();
     match open_image(&p, &OpenOptions::read_only()) {
         Ok(_) => panic!("{name}: hostile image was accepted"),
-        Err(e) => assert!(e.to_string().contains(needle), "{name}: expected '{needle}' in: {e}"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "{name}: expected '{needle}' in: {e}"
+        ),
     }
     exercise(name, bytes.to_vec(), dir);
 }
@@ -84,30 +91,95 @@ fn hostile_headers_are_refused() {
         f(&mut b);
         b
     };
-    refused(d, "l1-huge", &patched(&|b| put32(b, 36, u32::MAX)), "L1 table");
-    refused(d, "l1-outside", &patched(&|b| put64(b, 40, 1 << 40)), "L1 table");
-    refused(d, "l1-too-small", &patched(&|b| put64(b, 24, 1 << 40)), "L1 table is too small");
-    refused(d, "size-huge", &patched(&|b| put64(b, 24, u64::MAX)), "too large");
-    refused(d, "reftable-huge", &patched(&|b| put32(b, 56, u32::MAX)), "refcount table");
-    refused(d, "reftable-outside", &patched(&|b| put64(b, 48, 1 << 50)), "refcount table");
-    refused(d, "cluster-bits", &patched(&|b| put32(b, 20, 30)), "cluster size");
+    refused(
+        d,
+        "l1-huge",
+        &patched(&|b| put32(b, 36, u32::MAX)),
+        "L1 table",
+    );
+    refused(
+        d,
+        "l1-outside",
+        &patched(&|b| put64(b, 40, 1 << 40)),
+        "L1 table",
+    );
+    refused(
+        d,
+        "l1-too-small",
+        &patched(&|b| put64(b, 24, 1 << 40)),
+        "L1 table is too small",
+    );
+    refused(
+        d,
+        "size-huge",
+        &patched(&|b| put64(b, 24, u64::MAX)),
+        "too large",
+    );
+    refused(
+        d,
+        "reftable-huge",
+        &patched(&|b| put32(b, 56, u32::MAX)),
+        "refcount table",
+    );
+    refused(
+        d,
+        "reftable-outside",
+        &patched(&|b| put64(b, 48, 1 << 50)),
+        "refcount table",
+    );
+    refused(
+        d,
+        "cluster-bits",
+        &patched(&|b| put32(b, 20, 30)),
+        "cluster size",
+    );
     refused(d, "version", &patched(&|b| put32(b, 4, 4)), "version 4");
-    refused(d, "header-length", &patched(&|b| put32(b, 100, 1 << 30)), "header length");
-    refused(d, "refcount-order", &patched(&|b| put32(b, 96, 7)), "refcount order");
+    refused(
+        d,
+        "header-length",
+        &patched(&|b| put32(b, 100, 1 << 30)),
+        "header length",
+    );
+    refused(
+        d,
+        "refcount-order",
+        &patched(&|b| put32(b, 96, 7)),
+        "refcount order",
+    );
     refused(d, "encrypted", &patched(&|b| put32(b, 32, 1)), "encrypted");
-    refused(d, "extended-l2", &patched(&|b| put64(b, 72, 1 << 4)), "extended L2");
-    refused(d, "zstd", &patched(&|b| {
-        put64(b, 72, 1 << 3);
-        b[104] = 1;
-    }), "zstd");
-    refused(d, "backing-name", &patched(&|b| {
-        put64(b, 8, 400);
-        put32(b, 16, 5000);
-    }), "backing file name");
+    refused(
+        d,
+        "extended-l2",
+        &patched(&|b| put64(b, 72, 1 << 4)),
+        "extended L2",
+    );
+    refused(
+        d,
+        "zstd",
+        &patched(&|b| {
+            put64(b, 72, 1 << 3);
+            b[104] = 1;
+        }),
+        "zstd",
+    );
+    refused(
+        d,
+        "backing-name",
+        &patched(&|b| {
+            put64(b, 8, 400);
+            put32(b, 16, 5000);
+        }),
+        "backing file name",
+    );
     refused(d, "truncated", &good[..50], "truncated");
     // An unknown incompatible feature is named from the feature table when
     // the image has one; with 512-byte clusters ours has none, so by bit.
-    refused(d, "unknown-feature", &patched(&|b| put64(b, 72, 1 << 40)), "bit 40");
+    refused(
+        d,
+        "unknown-feature",
+        &patched(&|b| put64(b, 72, 1 << 40)),
+        "bit 40",
+    );
 }
 
 #[test]
@@ -119,7 +191,9 @@ fn unknown_features_are_named_from_the_feature_table() {
     put64(&mut b, 72, 1 << 1); // corrupt bit: readable, not writable
     std::fs::write(&p, &b).unwrap();
     open_image(&p, &OpenOptions::read_only()).expect("corrupt images stay readable");
-    let err = open_image(&p, &OpenOptions::read_write()).err().expect("corrupt image opened for writing");
+    let err = open_image(&p, &OpenOptions::read_write())
+        .err()
+        .expect("corrupt image opened for writing");
     assert!(err.to_string().contains("marked corrupt"), "{err}");
     put64(&mut b, 72, 1 << 2);
     std::fs::write(&p, &b).unwrap();
@@ -138,16 +212,36 @@ fn hostile_tables_give_errors_on_io() {
     let d = dir.path();
     let good = sample(d);
     let l1_offset = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
-    let l2 = u64::from_be_bytes(good[l1_offset..l1_offset + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    let l2 = u64::from_be_bytes(good[l1_offset..l1_offset + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
     assert!(l2 != 0, "the sample has an L2 table");
     let l2 = l2 as usize;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        ("l1-entry-outside", Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, (1 << 45) | (1 << 63)))),
-        ("l1-entry-unaligned", Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, 4100))),
-        ("l2-entry-outside", Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 3, (1 << 50) | (1 << 63)))),
-        ("compressed-outside", Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 4, (1 << 62) | (1 << 40)))),
-        ("compressed-garbage", Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 5, (1 << 62) | 512))),
-        ("l2-is-header", Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, 1 << 63))),
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Patch)> = vec![
+        (
+            "l1-entry-outside",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, (1 << 45) | (1 << 63))),
+        ),
+        (
+            "l1-entry-unaligned",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, 4100)),
+        ),
+        (
+            "l2-entry-outside",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 3, (1 << 50) | (1 << 63))),
+        ),
+        (
+            "compressed-outside",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 4, (1 << 62) | (1 << 40))),
+        ),
+        (
+            "compressed-garbage",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l2 + 8 * 5, (1 << 62) | 512)),
+        ),
+        (
+            "l2-is-header",
+            Box::new(move |b: &mut Vec<u8>| put64(b, l1_offset, 1 << 63)),
+        ),
     ];
     for (name, patch) in cases {
         let mut b = good.clone();
@@ -158,7 +252,9 @@ fn hostile_tables_give_errors_on_io() {
         let mut buf = vec![0u8; 1 << 20];
         let res = img.read_at(0, &mut buf);
         if name != "l2-entry-outside" && name != "l2-is-header" {
-            let err = res.err().unwrap_or_else(|| panic!("{name}: read succeeded"));
+            let err = res
+                .err()
+                .unwrap_or_else(|| panic!("{name}: read succeeded"));
             assert!(matches!(err, DiskError::Corrupt { .. }), "{name}: {err}");
         }
         drop(img);
@@ -170,9 +266,24 @@ fn overlay_naming(dir: &Path, name: &str, backing: &str) -> PathBuf {
     let p = dir.join(name);
     let out = qemu(
         "qemu-img",
-        &["create", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", p.to_str().unwrap(), "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            p.to_str().unwrap(),
+            "1M",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     p
 }
 
@@ -199,6 +310,8 @@ fn backing_chain_loops_and_odd_files_are_refused() {
         overlay_naming(d, &name, &prev);
         prev = name;
     }
-    let err = open_image(&d.join(&prev), &OpenOptions::read_only()).err().unwrap();
+    let err = open_image(&d.join(&prev), &OpenOptions::read_only())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("deep"), "{err}");
 }

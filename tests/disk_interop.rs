@@ -8,7 +8,9 @@ mod disk_support;
 use std::path::{Path, PathBuf};
 
 use disk_support::*;
-use vmlab::disk::{create_image, open_image, resize_image, BlockBackend, CreateOptions, OpenOptions};
+use vmlab::disk::{
+    create_image, open_image, resize_image, BlockBackend, CreateOptions, OpenOptions,
+};
 
 /// A raw file of `size` bytes with patterned data in scattered extents and
 /// holes elsewhere; returns its contents.
@@ -68,7 +70,10 @@ fn reads_qemu_images_of_every_cluster_size_plain_and_compressed() {
             args.extend([s(&raw), s(&q)]);
             qemu_img_ok(&args);
             let img = open_image(&q, &OpenOptions::read_only()).unwrap();
-            assert!(read_all(img.as_ref()) == data, "cluster {cluster} compressed {compressed}: contents differ");
+            assert!(
+                read_all(img.as_ref()) == data,
+                "cluster {cluster} compressed {compressed}: contents differ"
+            );
         }
     }
 }
@@ -78,7 +83,12 @@ fn reads_version_2_images_and_every_refcount_width() {
     let dir = tempdir();
     let raw = dir.path().join("src.raw");
     let data = make_raw(&raw, 3 << 20, 2);
-    for opts in ["compat=0.10", "refcount_bits=1", "refcount_bits=8", "refcount_bits=64"] {
+    for opts in [
+        "compat=0.10",
+        "refcount_bits=1",
+        "refcount_bits=8",
+        "refcount_bits=64",
+    ] {
         let q = dir.path().join("q.qcow2");
         let _ = std::fs::remove_file(&q);
         qemu_img_ok(&["convert", "-O", "qcow2", "-o", opts, s(&raw), s(&q)]);
@@ -86,7 +96,10 @@ fn reads_version_2_images_and_every_refcount_width() {
         assert!(read_all(img.as_ref()) == data, "{opts}: contents differ");
         // And take writes: overwrite, allocate, zero.
         let mut expect = data.clone();
-        for (i, at) in [0u64, 70_000, 1 << 20, (3 << 20) - 5000].into_iter().enumerate() {
+        for (i, at) in [0u64, 70_000, 1 << 20, (3 << 20) - 5000]
+            .into_iter()
+            .enumerate()
+        {
             let len = 5000usize.min((3 << 20) - at as usize);
             let bytes = pattern(100 + i as u64, at, len);
             img.write_at(at, &bytes).unwrap();
@@ -96,7 +109,10 @@ fn reads_version_2_images_and_every_refcount_width() {
         expect[1 << 21..(1 << 21) + 300_000].fill(0);
         drop(img);
         assert_eq!(qemu_check(&q), 0, "{opts}: leaks");
-        assert!(convert_to_raw(&q, dir.path()) == expect, "{opts}: qemu reads other data");
+        assert!(
+            convert_to_raw(&q, dir.path()) == expect,
+            "{opts}: qemu reads other data"
+        );
     }
 }
 
@@ -124,7 +140,11 @@ fn writes_over_compressed_clusters_free_them() {
 
 fn qemu_io(img: &Path, fmt: &str, cmd: &str) {
     let out = qemu("qemu-io", &["-f", fmt, "-c", cmd, s(img)]);
-    assert!(out.status.success(), "qemu-io {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -137,15 +157,39 @@ fn reads_and_writes_backing_chains_made_by_qemu_img() {
     let mid = sub.join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
     // Relative names: mid names its backing relative to its own directory.
-    qemu_img_ok(&["create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw", s(&mid)]);
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+    ]);
     qemu_io(&mid, "qcow2", "write -P 0x11 60k 10k");
     qemu_io(&mid, "qcow2", "write -z 1M 128k");
-    qemu_img_ok(&["create", "-f", "qcow2", "-b", "images/mid.qcow2", "-F", "qcow2", s(&top), "6M"]);
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "images/mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "6M",
+    ]);
     qemu_io(&top, "qcow2", "write -P 0x22 100k 70k");
     let expect = convert_to_raw(&top, dir.path());
     let img = open_image(&top, &OpenOptions::read_write()).unwrap();
     assert_eq!(img.size(), 6 << 20);
-    assert!(read_all(img.as_ref()) == expect, "chain reads differ from qemu-img's");
+    assert!(
+        read_all(img.as_ref()) == expect,
+        "chain reads differ from qemu-img's"
+    );
     // Copy-on-write over the chain: partial writes keep the rest of each cluster.
     let mut expect = expect;
     for at in [1000u64, 65_000, (1 << 20) + 4097, (5 << 20) - 100] {
@@ -182,7 +226,10 @@ fn images_vmlab_writes_pass_check_at_every_cluster_size() {
         img.flush().unwrap();
         drop(img);
         assert_eq!(qemu_check(&q), 0, "cluster {cluster}");
-        assert!(convert_to_raw(&q, dir.path()) == expect, "cluster {cluster}: qemu reads other data");
+        assert!(
+            convert_to_raw(&q, dir.path()) == expect,
+            "cluster {cluster}: qemu reads other data"
+        );
     }
 }
 

@@ -9,7 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use disk_support::*;
-use vmlab::disk::{clone_image, create_image, image_info, open_image, CloneOptions, CreateOptions, DiskError, OpenOptions};
+use vmlab::disk::{
+    clone_image, create_image, image_info, open_image, CloneOptions, CreateOptions, DiskError,
+    OpenOptions,
+};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -24,7 +27,10 @@ fn new_image(dir: &Path, name: &str) -> std::path::PathBuf {
 /// qemu-io opening `img` read-write and running `cmd`; returns its stderr.
 fn qemu_io_rw(img: &Path, cmd: &str) -> (bool, String) {
     let out = qemu("qemu-io", &["-f", "qcow2", "-c", cmd, s(img)]);
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A qemu-io that holds `img` open for writing until killed.
@@ -43,7 +49,11 @@ impl QemuWriter {
         // would make qemu-io itself fail.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !image_info(img).unwrap()[0].in_use {
-            assert!(Instant::now() < deadline, "qemu-io never locked {}", img.display());
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io never locked {}",
+                img.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         QemuWriter(child)
@@ -62,7 +72,9 @@ fn second_vmlab_writer_is_refused() {
     let dir = tempdir();
     let img = new_image(dir.path(), "a.qcow2");
     let first = open_image(&img, &OpenOptions::read_write()).unwrap();
-    let err = open_image(&img, &OpenOptions::read_write()).err().expect("second writer must fail");
+    let err = open_image(&img, &OpenOptions::read_write())
+        .err()
+        .expect("second writer must fail");
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     assert!(err.to_string().contains("in use"), "{err}");
     drop(first);
@@ -82,10 +94,15 @@ fn qemu_writer_is_refused_while_vmlab_writes_and_vice_versa() {
     assert!(ok, "qemu-io should work once vmlab closed the image: {err}");
 
     let writer = QemuWriter::start(&img);
-    let err = open_image(&img, &OpenOptions::read_write()).err().expect("vmlab must be refused");
+    let err = open_image(&img, &OpenOptions::read_write())
+        .err()
+        .expect("vmlab must be refused");
     let text = err.to_string();
     assert!(matches!(err, DiskError::Locked { .. }), "{text}");
-    assert!(text.contains("qemu-io"), "the message should name the holder: {text}");
+    assert!(
+        text.contains("qemu-io"),
+        "the message should name the holder: {text}"
+    );
     drop(writer);
     open_image(&img, &OpenOptions::read_write()).unwrap();
 }
@@ -103,8 +120,13 @@ fn backing_files_are_locked_shared() {
     qemu_img_ok(&["info", s(&base)]);
     let reader = open_image(&base, &OpenOptions::read_only()).unwrap();
     let (ok, err) = qemu_io_rw(&base, "write 0 4k");
-    assert!(!ok && err.contains("lock"), "qemu-io wrote to a backing file in use: {err}");
-    let err = open_image(&base, &OpenOptions::read_write()).err().expect("vmlab writer on a backing file");
+    assert!(
+        !ok && err.contains("lock"),
+        "qemu-io wrote to a backing file in use: {err}"
+    );
+    let err = open_image(&base, &OpenOptions::read_write())
+        .err()
+        .expect("vmlab writer on a backing file");
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop((reader, running));
     let (ok, err) = qemu_io_rw(&base, "write 0 4k");
@@ -119,10 +141,14 @@ fn clone_of_an_image_open_for_writing_is_refused() {
     let writer = QemuWriter::start(&img);
     for full in [false, true] {
         let opts = CloneOptions {
-            mode: if full { vmlab::disk::CloneMode::Full } else { vmlab::disk::CloneMode::Linked },
+            mode: if full {
+                vmlab::disk::CloneMode::Full
+            } else {
+                vmlab::disk::CloneMode::Linked
+            },
             ..CloneOptions::default()
         };
-        let err = clone_image(&img, &dst, &opts).err().expect("clone must be refused");
+        let err = clone_image(&img, &dst, &opts).expect_err("clone must be refused");
         assert!(matches!(err, DiskError::Locked { .. }), "{err}");
         assert!(!dst.exists(), "a refused clone left a file behind");
     }
@@ -131,7 +157,10 @@ fn clone_of_an_image_open_for_writing_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("busy.qcow2") && stderr.contains("qemu-io"), "{stderr}");
+    assert!(
+        stderr.contains("busy.qcow2") && stderr.contains("qemu-io"),
+        "{stderr}"
+    );
     assert!(!dst.exists());
     drop(writer);
     clone_image(&img, &dst, &CloneOptions::default()).unwrap();

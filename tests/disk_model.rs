@@ -10,7 +10,9 @@ use std::path::Path;
 
 use disk_support::*;
 use proptest::prelude::*;
-use vmlab::disk::{create_image, open_image, BlockBackend, CreateOptions, ImageFormat, OpenOptions};
+use vmlab::disk::{
+    create_image, open_image, BlockBackend, CreateOptions, ImageFormat, OpenOptions,
+};
 
 #[derive(Clone, Debug)]
 enum Op {

@@ -155,7 +155,11 @@ fn lock_owner_pid(file: &File, offset: i64) -> Option<u32> {
     let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let me = std::process::id();
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc_entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == me {

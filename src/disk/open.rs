@@ -52,7 +52,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBacken
     let mut seen = Vec::new();
     Ok(match open_chain(path, opts, &mut seen, 0)? {
         Opened::Raw(r) => Box::new(r),
-        Opened::Qcow2(q) => Box::new(q),
+        Opened::Qcow2(q) => q,
     })
 }
 
@@ -64,7 +64,7 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat> {
 
 pub(crate) enum Opened {
     Raw(RawImage),
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
 }
 
 fn open_file(path: &Path, read_only: bool) -> Result<File> {
@@ -200,18 +200,13 @@ pub(crate) fn open_chain(
                         })?;
                     Some(match opened {
                         Opened::Raw(r) => Arc::new(r) as Arc<dyn BlockBackend>,
-                        Opened::Qcow2(q) => Arc::new(q) as Arc<dyn BlockBackend>,
+                        Opened::Qcow2(q) => Arc::from(q as Box<dyn BlockBackend>),
                     })
                 }
                 None => None,
             };
-            Ok(Opened::Qcow2(Qcow2Image::open(
-                file,
-                path,
-                hdr,
-                opts.read_only,
-                backing,
-            )?))
+            let image = Qcow2Image::open(file, path, hdr, opts.read_only, backing)?;
+            Ok(Opened::Qcow2(Box::new(image)))
         }
     }
 }

@@ -43,7 +43,11 @@ pub fn qemu_check(path: &Path) -> u64 {
 /// Extracts `"key": N` from qemu-img's JSON output.
 pub fn json_number(text: &str, key: &str) -> Option<u64> {
     let at = text.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let digits: String = text[at..].trim_start().chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = text[at..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     digits.parse().ok()
 }
 
@@ -51,7 +55,15 @@ pub fn json_number(text: &str, key: &str) -> Option<u64> {
 pub fn qemu_compare_identical(qcow2: &Path, raw: &Path) {
     let out = qemu(
         "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", qcow2.to_str().unwrap(), raw.to_str().unwrap()],
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            qcow2.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
     );
     assert!(
         out.status.success(),
@@ -74,11 +86,16 @@ pub fn pattern_byte(seed: u64, pos: u64) -> u8 {
 }
 
 pub fn pattern(seed: u64, pos: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| pattern_byte(seed, pos + i)).collect()
+    (0..len as u64)
+        .map(|i| pattern_byte(seed, pos + i))
+        .collect()
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("vmlab-disk-test").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("vmlab-disk-test")
+        .tempdir()
+        .expect("temp dir")
 }
 
 pub fn vmlab() -> Command {

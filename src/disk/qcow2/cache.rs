@@ -151,7 +151,7 @@ mod tests {
                 (1u64 << (1 << order)) - 1
             };
             let mut block = vec![0u8; 64];
-            let entries = 64 * 8 >> order;
+            let entries = (64 * 8) >> order;
             for i in 0..entries {
                 set_refcount(&mut block, i, order, (i as u64 * 7) & max);
             }

@@ -230,7 +230,9 @@ fn check_reftable(table: &[u64], cs: u64, file_len: u64, path: &Path) -> Result<
         if off % cs != 0 || off.saturating_add(cs) > file_len || !seen.insert(off) {
             return Err(DiskError::corrupt(
                 path,
-                format!("refcount block at {off:#x} is misaligned, outside the file or listed twice"),
+                format!(
+                    "refcount block at {off:#x} is misaligned, outside the file or listed twice"
+                ),
             ));
         }
     }

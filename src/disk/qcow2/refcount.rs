@@ -85,10 +85,17 @@ impl State {
         } else {
             // A count going down must exist already; never build tables
             // for an offset a (possibly hostile) L2 entry made up.
-            let entry = self.reftable.get((index >> self.rb_entry_bits()) as usize).copied();
+            let entry = self
+                .reftable
+                .get((index >> self.rb_entry_bits()) as usize)
+                .copied();
             match entry.map(|e| e & REFT_OFFSET_MASK) {
                 Some(off) if off != 0 => self.refblock_slot(off)?,
-                _ => return Err(self.corrupt(format!("cluster {index} is in use but has no refcount"))),
+                _ => {
+                    return Err(
+                        self.corrupt(format!("cluster {index} is in use but has no refcount"))
+                    )
+                }
             }
         };
         let i = (index & ((1 << self.rb_entry_bits()) - 1)) as usize;

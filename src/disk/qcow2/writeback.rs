@@ -5,6 +5,7 @@
 //! 2. the refcount table, when it points at new blocks,
 //! 3. L2 tables (pointing at data that is now durable),
 //! 4. the L1 table (pointing at L2 tables that are now durable).
+//!
 //! Then references dropped from the tables are counted down.
 
 use super::cache::set_be64;
