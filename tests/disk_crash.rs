@@ -42,7 +42,12 @@ fn crash_child() {
     let image = std::env::var(CHILD_IMAGE).expect("run by crash_leaves_images_consistent");
     let log_path = std::env::var(CHILD_LOG).unwrap();
     let seed: u64 = std::env::var(CHILD_SEED).unwrap().parse().unwrap();
-    let img = open_image(Path::new(&image), &OpenOptions::read_write()).unwrap();
+    let mut opts = OpenOptions::read_write();
+    if image.contains("tiny-cache") {
+        // Evict metadata all the time: write-back order under pressure.
+        opts.cache_bytes = Some(1);
+    }
+    let img = open_image(Path::new(&image), &opts).unwrap();
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(log_path)
@@ -190,10 +195,10 @@ fn crash_leaves_images_consistent() {
     let mut scenarios = [
         scenario(dir.path(), "plain-4k.qcow2", 4096, None),
         scenario(dir.path(), "overlay-64k.qcow2", 65536, Some(base.clone())),
-        scenario(dir.path(), "overlay-512.qcow2", 512, Some(base)),
+        scenario(dir.path(), "overlay-512-tiny-cache.qcow2", 512, Some(base)),
     ];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let rounds = 25;
+    let rounds = 40;
     let (mut total_ops, mut with_flush) = (0, 0);
     for _ in 0..rounds {
         for sc in scenarios.iter_mut() {

@@ -55,11 +55,17 @@ fn clamp(at: u64, len: u64, size: u64) -> (u64, u64) {
     (at, len.min(size - at))
 }
 
-fn open_rw(path: &Path) -> Box<dyn BlockBackend> {
-    open_image(path, &OpenOptions::read_write()).expect("open overlay")
+/// Opens read-write; a tiny metadata cache makes every few requests evict
+/// (and write back) L2 tables and refcount blocks.
+fn open_rw(path: &Path, tiny_cache: bool) -> Box<dyn BlockBackend> {
+    let mut opts = OpenOptions::read_write();
+    if tiny_cache {
+        opts.cache_bytes = Some(1);
+    }
+    open_image(path, &opts).expect("open overlay")
 }
 
-fn run_case(base: Base, cluster: u64, size: u64, ops: Vec<Op>) {
+fn run_case(base: Base, cluster: u64, size: u64, tiny_cache: bool, ops: Vec<Op>) {
     let dir = tempdir();
     let top = dir.path().join("top.qcow2");
     let mut model = vec![0u8; size as usize];
@@ -79,7 +85,7 @@ fn run_case(base: Base, cluster: u64, size: u64, ops: Vec<Op>) {
             let mut opts = CreateOptions::qcow2(base_size);
             opts.cluster_size = cluster;
             create_image(&p, &opts).unwrap();
-            let img = open_rw(&p);
+            let img = open_rw(&p, tiny_cache);
             // Every third 48 KiB stripe holds data; the rest stays unallocated.
             let stripe = 48 << 10;
             let mut at = 0;
@@ -102,7 +108,7 @@ fn run_case(base: Base, cluster: u64, size: u64, ops: Vec<Op>) {
         force: false,
     };
     create_image(&top, &opts).unwrap();
-    let mut img = open_rw(&top);
+    let mut img = open_rw(&top, tiny_cache);
     for op in ops {
         match op {
             Op::Write { at, len, seed } => {
@@ -141,7 +147,7 @@ fn run_case(base: Base, cluster: u64, size: u64, ops: Vec<Op>) {
             Op::Flush => img.flush().unwrap(),
             Op::Reopen => {
                 drop(img);
-                img = open_rw(&top);
+                img = open_rw(&top, tiny_cache);
             }
         }
     }
@@ -164,10 +170,11 @@ proptest! {
         base in base(),
         cluster in prop_oneof![Just(512u64), Just(4096), Just(65536)],
         extra in 0u64..64,
+        tiny_cache in any::<bool>(),
         ops in prop::collection::vec(op(), 1..30),
     ) {
         // A size that is not a multiple of the cluster size.
         let size = (1 << 20) + extra * 512 + 8192;
-        run_case(base, cluster, size, ops);
+        run_case(base, cluster, size, tiny_cache, ops);
     }
 }

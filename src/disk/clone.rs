@@ -120,6 +120,7 @@ pub fn clone_image(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneO
                         read_only: false,
                         lock: LockMode::None,
                         format: Some(ImageFormat::Qcow2),
+                        cache_bytes: None,
                     };
                     let Opened::Qcow2(out) =
                         open_chain(staged.tmp_path(), &opts, &mut Vec::new(), 0)?

@@ -56,6 +56,7 @@ pub(crate) fn check_replaceable(dst: &Path) -> Result<()> {
         read_only: true,
         lock: LockMode::Write,
         format: Some(ImageFormat::Raw),
+        cache_bytes: None,
     };
     match open_image(dst, &opts) {
         Err(e @ DiskError::Locked { .. }) => Err(e),

@@ -18,6 +18,7 @@ pub fn open_and_exercise(data: &[u8], scratch: &Path) {
         read_only: true,
         lock: LockMode::None,
         format: None,
+        cache_bytes: None,
     };
     if let Ok(img) = open_image(scratch, &opts) {
         read_around(img.as_ref());

@@ -34,6 +34,7 @@ pub fn image_info(path: &Path) -> Result<Vec<ImageInfo>> {
         read_only: true,
         lock: LockMode::None,
         format: None,
+        cache_bytes: None,
     };
     let top = open_image(path, &opts)?;
     let mut chain = Vec::new();

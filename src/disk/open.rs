@@ -25,6 +25,9 @@ pub struct OpenOptions {
     pub lock: LockMode,
     /// The format, when the caller knows it; otherwise probed from content.
     pub format: Option<ImageFormat>,
+    /// qcow2 metadata cache budget per image in bytes (default 32 MiB of
+    /// L2 tables, as QEMU); small values exercise eviction in tests.
+    pub cache_bytes: Option<u64>,
 }
 
 impl OpenOptions {
@@ -34,6 +37,7 @@ impl OpenOptions {
             read_only: false,
             lock: LockMode::Write,
             format: None,
+            cache_bytes: None,
         }
     }
 
@@ -43,6 +47,7 @@ impl OpenOptions {
             read_only: true,
             lock: LockMode::SharedRead,
             format: None,
+            cache_bytes: None,
         }
     }
 }
@@ -188,6 +193,7 @@ pub(crate) fn open_chain(
                             LockMode::SharedRead
                         },
                         format,
+                        cache_bytes: opts.cache_bytes,
                     };
                     let bpath = resolve_backing(path, name);
                     let opened =
@@ -205,7 +211,7 @@ pub(crate) fn open_chain(
                 }
                 None => None,
             };
-            let image = Qcow2Image::open(file, path, hdr, opts.read_only, backing)?;
+            let image = Qcow2Image::open(file, path, hdr, opts, backing)?;
             Ok(Opened::Qcow2(Box::new(image)))
         }
     }

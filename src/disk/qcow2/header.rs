@@ -388,3 +388,59 @@ pub fn encode_v3(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(backing: Option<(&str, &str)>) -> Vec<u8> {
+        let mut out = vec![0u8; 65536];
+        encode_v3(&mut out, 10 << 30, 16, (0x30000, 20), (0x10000, 1), backing).unwrap();
+        out
+    }
+
+    #[test]
+    fn encoded_header_parses_back() {
+        let head = encoded(Some(("base.raw", "raw")));
+        let h = Header::parse(&head, 0x40000, Path::new("t")).unwrap();
+        assert_eq!((h.version, h.cluster_bits, h.size), (3, 16, 10 << 30));
+        assert_eq!((h.l1_table_offset, h.l1_size), (0x30000, 20));
+        assert_eq!(
+            (h.refcount_table_offset, h.refcount_table_clusters),
+            (0x10000, 1)
+        );
+        assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        assert_eq!((h.refcount_order, h.header_length), (4, 112));
+    }
+
+    #[test]
+    fn tables_must_lie_inside_the_file() {
+        let head = encoded(None);
+        let err = Header::parse(&head, 0x30000, Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("L1 table"), "{err}");
+    }
+
+    #[test]
+    fn unknown_incompatible_bits_are_named() {
+        let mut head = encoded(None);
+        head[72..80].copy_from_slice(&(1u64 << 33).to_be_bytes());
+        let err = Header::parse(&head, 0x40000, Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("bit 33"), "{err}");
+    }
+
+    #[test]
+    fn a_backing_name_too_long_for_the_cluster_is_refused() {
+        let mut out = vec![0u8; 512];
+        let name = "x".repeat(600);
+        assert!(encode_v3(
+            &mut out,
+            1 << 20,
+            9,
+            (1536, 1),
+            (512, 1),
+            Some((&name, "raw"))
+        )
+        .is_err());
+    }
+}

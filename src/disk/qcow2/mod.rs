@@ -28,6 +28,7 @@ use self::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use super::backend::{check_range, BlockBackend, BlockStatus, ImageFormat};
 use super::error::{DiskError, Result};
 use super::iovec;
+use super::open::OpenOptions;
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -101,9 +102,12 @@ impl Qcow2Image {
         file: File,
         path: &Path,
         hdr: Header,
-        read_only: bool,
+        opts: &OpenOptions,
         backing: Option<Arc<dyn BlockBackend>>,
     ) -> Result<Self> {
+        let read_only = opts.read_only;
+        let l2_budget = opts.cache_bytes.unwrap_or(L2_CACHE_BYTES);
+        let rb_budget = opts.cache_bytes.map_or(REFBLOCK_CACHE_BYTES, |b| b / 8);
         let file_len = file.metadata().map_err(|e| DiskError::io(path, e))?.len();
         if !read_only {
             check_writable(&hdr, path)?;
@@ -134,10 +138,10 @@ impl Qcow2Image {
             l2_entries: cs / 8,
             l1,
             l1_dirty: false,
-            l2_cache: TableCache::new((L2_CACHE_BYTES / cs).max(16) as usize),
+            l2_cache: TableCache::new((l2_budget / cs) as usize),
             reftable,
             reftable_dirty: false,
-            rb_cache: TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(8) as usize),
+            rb_cache: TableCache::new((rb_budget / cs) as usize),
             backing: backing.clone(),
             file_len,
             known_zero_from: file_len.div_ceil(cs) * cs,
