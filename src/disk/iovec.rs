@@ -15,14 +15,14 @@ pub fn total_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
-/// The buffers covering bytes `[start, start + len)` of the list, re-borrowed.
-pub fn sub_mut<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSliceMut<'a>> {
-    let mut out = Vec::new();
+/// For buffers of lengths `lens`, which part of each (index, from, to)
+/// covers bytes `[start, start + len)` of their concatenation.
+fn pieces(lens: impl Iterator<Item = usize>, start: u64, len: u64) -> Vec<(usize, usize, usize)> {
     let end = start + len;
+    let mut out = Vec::new();
     let mut pos = 0u64;
-    for buf in bufs.iter_mut() {
-        let blen = buf.len() as u64;
-        let (b_start, b_end) = (pos, pos + blen);
+    for (i, blen) in lens.enumerate() {
+        let (b_start, b_end) = (pos, pos + blen as u64);
         pos = b_end;
         if b_end <= start || blen == 0 {
             continue;
@@ -32,31 +32,33 @@ pub fn sub_mut<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<
         }
         let lo = start.max(b_start) - b_start;
         let hi = end.min(b_end) - b_start;
-        out.push(IoSliceMut::new(&mut buf[lo as usize..hi as usize]));
+        out.push((i, lo as usize, hi as usize));
+    }
+    out
+}
+
+/// The buffers covering bytes `[start, start + len)` of the list, re-borrowed.
+pub fn sub_mut<'a>(bufs: &'a mut [IoSliceMut<'_>], start: u64, len: u64) -> Vec<IoSliceMut<'a>> {
+    let wanted = pieces(bufs.iter().map(|b| b.len()), start, len);
+    let mut out = Vec::with_capacity(wanted.len());
+    let mut rest: &mut [IoSliceMut<'_>] = bufs;
+    let mut base = 0;
+    for (i, lo, hi) in wanted {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+        let (this, tail) = tail.split_first_mut().expect("index from pieces");
+        out.push(IoSliceMut::new(&mut this[lo..hi]));
+        rest = tail;
+        base = i + 1;
     }
     out
 }
 
 /// The buffers covering bytes `[start, start + len)` of the list.
 pub fn sub<'a>(bufs: &'a [IoSlice<'_>], start: u64, len: u64) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::new();
-    let end = start + len;
-    let mut pos = 0u64;
-    for buf in bufs.iter() {
-        let blen = buf.len() as u64;
-        let (b_start, b_end) = (pos, pos + blen);
-        pos = b_end;
-        if b_end <= start || blen == 0 {
-            continue;
-        }
-        if b_start >= end {
-            break;
-        }
-        let lo = start.max(b_start) - b_start;
-        let hi = end.min(b_end) - b_start;
-        out.push(IoSlice::new(&buf[lo as usize..hi as usize]));
-    }
-    out
+    pieces(bufs.iter().map(|b| b.len()), start, len)
+        .into_iter()
+        .map(|(i, lo, hi)| IoSlice::new(&bufs[i][lo..hi]))
+        .collect()
 }
 
 /// Zeroes bytes `[start, start + len)` of the list.
@@ -97,7 +99,6 @@ pub fn pread_vectored(
         return pread_one(file, single, offset);
     }
     let mut done = 0u64;
-    IoSliceMut::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         let n = bufs.len().min(IOV_MAX);
         match preadv(file, &mut bufs[..n], (offset + done) as i64) {
@@ -132,7 +133,6 @@ pub fn pwrite_vectored(file: &File, mut bufs: &mut [IoSlice<'_>], offset: u64) -
         return file.write_all_at(single, offset);
     }
     let mut done = 0u64;
-    IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         let n = bufs.len().min(IOV_MAX);
         match pwritev(file, &bufs[..n], (offset + done) as i64) {

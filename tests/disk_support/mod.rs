@@ -6,7 +6,25 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs a QEMU tool; a missing tool fails the test with what to install.
+///
+/// Tests run in parallel threads that spawn processes: a child forked by one
+/// thread briefly shares every open file of the others (until its exec
+/// closes them), and with them their OFD locks. So an image another thread
+/// just closed may still look locked for a moment; such a run is retried.
 pub fn qemu(tool: &str, args: &[&str]) -> Output {
+    for _ in 0..50 {
+        let out = qemu_once(tool, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("Is another process using the image") {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{tool} {args:?}: the image stayed locked")
+}
+
+/// Runs a QEMU tool once, for tests that expect it to meet a lock.
+pub fn qemu_once(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
         .args(args)
         .output()

@@ -90,6 +90,15 @@ impl TableCache {
         slots
     }
 
+    /// Writes the table in `slot` to its place in `file` and marks it clean.
+    pub fn write_back(&mut self, slot: usize, file: &std::fs::File) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let t = &mut self.tables[slot];
+        file.write_all_at(&t.data, t.offset)?;
+        t.dirty = false;
+        Ok(())
+    }
+
     pub fn any_dirty(&self) -> bool {
         self.tables.iter().any(|t| t.dirty)
     }

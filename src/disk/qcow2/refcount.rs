@@ -46,13 +46,10 @@ impl State {
     fn make_room_refblock(&mut self) -> Result<()> {
         if let Some(v) = self.rb_cache.victim() {
             if self.rb_cache.get(v).dirty {
-                let off = self.rb_cache.get(v).offset;
-                let data = std::mem::take(&mut self.rb_cache.get_mut(v).data);
-                let res = self.write_at(&data, off);
-                let t = self.rb_cache.get_mut(v);
-                t.data = data;
-                res?;
-                t.dirty = false;
+                self.unsynced = true;
+                self.rb_cache
+                    .write_back(v, &self.file)
+                    .map_err(|e| self.io_err(e))?;
             }
         }
         Ok(())
@@ -267,13 +264,10 @@ impl State {
 
     pub(super) fn write_dirty_refblocks(&mut self) -> Result<()> {
         for slot in self.rb_cache.dirty_slots() {
-            let off = self.rb_cache.get(slot).offset;
-            let data = std::mem::take(&mut self.rb_cache.get_mut(slot).data);
-            let res = self.write_at(&data, off);
-            let t = self.rb_cache.get_mut(slot);
-            t.data = data;
-            res?;
-            t.dirty = false;
+            self.unsynced = true;
+            self.rb_cache
+                .write_back(slot, &self.file)
+                .map_err(|e| self.io_err(e))?;
         }
         Ok(())
     }

@@ -39,14 +39,10 @@ impl State {
     }
 
     fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
-        let off = self.l2_cache.get(slot).offset;
-        let data = std::mem::take(&mut self.l2_cache.get_mut(slot).data);
-        let res = self.write_at(&data, off);
-        let t = self.l2_cache.get_mut(slot);
-        t.data = data;
-        res?;
-        t.dirty = false;
-        Ok(())
+        self.unsynced = true;
+        self.l2_cache
+            .write_back(slot, &self.file)
+            .map_err(|e| self.io_err(e))
     }
 
     fn write_l1(&mut self) -> Result<()> {
