@@ -427,13 +427,18 @@ impl State {
                 _ => false,
             };
             if !already_zero {
+                // Borrowed out of the state for the duration of the writes.
+                let mut zeros = std::mem::take(&mut self.zeroes);
+                zeros.resize(self.cs as usize, 0);
                 let mut done = 0;
-                while done < run {
+                let mut res = Ok(());
+                while done < run && res.is_ok() {
                     let n = (run - done).min(self.cs);
-                    let zeros = self.zero_buf().to_vec();
-                    self.write(guest + done, &[IoSlice::new(&zeros[..n as usize])], n)?;
+                    res = self.write(guest + done, &[IoSlice::new(&zeros[..n as usize])], n);
                     done += n;
                 }
+                self.zeroes = zeros;
+                res?;
             }
             pos += run;
         }

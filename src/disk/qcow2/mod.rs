@@ -90,6 +90,7 @@ pub(crate) struct State {
     pending_free: Vec<(u64, u64)>,
     /// Something was written to the file since the last fdatasync.
     unsynced: bool,
+    /// A cluster of zeroes, for zeroing partial clusters.
     zeroes: Vec<u8>,
     /// The last decompressed cluster, keyed by its L2 entry.
     decompressed: Option<(u64, Vec<u8>)>,
@@ -276,13 +277,6 @@ impl State {
         self.file.sync_data().map_err(|e| self.io_err(e))?;
         self.unsynced = false;
         Ok(())
-    }
-
-    fn zero_buf(&mut self) -> &[u8] {
-        if self.zeroes.len() as u64 != self.cs {
-            self.zeroes = vec![0u8; self.cs as usize];
-        }
-        &self.zeroes
     }
 }
 
