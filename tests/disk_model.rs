@@ -109,15 +109,35 @@ fn run_case(base: Base, cluster: u64, size: u64, tiny_cache: bool, ops: Vec<Op>)
     };
     create_image(&top, &opts).unwrap();
     let mut img = open_rw(&top, tiny_cache);
+    for (i, stretch) in ops.split(|o| matches!(o, Op::Reopen)).enumerate() {
+        if i > 0 {
+            drop(img);
+            img = open_rw(&top, tiny_cache);
+        }
+        apply_ops(img.as_ref(), &mut model, stretch);
+    }
+    let mut whole = vec![0u8; size as usize];
+    img.read_at(0, &mut whole).unwrap();
+    assert!(whole == model, "final contents differ from the model");
+    drop(img);
+    let leaks = qemu_check(&top);
+    assert_eq!(leaks, 0, "a cleanly closed image must not leak clusters");
+    let raw = dir.path().join("model.raw");
+    std::fs::write(&raw, &model).unwrap();
+    qemu_compare_identical(&top, &raw);
+}
+
+/// Applies `ops` to `img` and to a flat model; every read must agree.
+fn apply_ops(img: &dyn BlockBackend, model: &mut [u8], ops: &[Op]) {
+    let size = model.len() as u64;
     for op in ops {
-        match op {
+        match *op {
             Op::Write { at, len, seed } => {
                 let (at, len) = clamp(at, len, size);
                 let data = pattern(seed, at, len as usize);
                 // Split into a few buffers, as a descriptor chain would be.
                 let cut1 = (len / 3) as usize;
-                let cut2 = (len / 2) as usize + 1;
-                let cut2 = cut2.min(len as usize).max(cut1);
+                let cut2 = ((len / 2) as usize + 1).min(len as usize).max(cut1);
                 let bufs = [
                     std::io::IoSlice::new(&data[..cut1]),
                     std::io::IoSlice::new(&data[cut1..cut2]),
@@ -141,29 +161,16 @@ fn run_case(base: Base, cluster: u64, size: u64, tiny_cache: bool, ops: Vec<Op>)
                 img.read_at(at, &mut buf).unwrap();
                 assert!(
                     buf == model[at as usize..(at + len) as usize],
-                    "read of {len} bytes at {at} differs from the model"
+                    "read at {at} differs"
                 );
             }
-            Op::Flush => img.flush().unwrap(),
-            Op::Reopen => {
-                drop(img);
-                img = open_rw(&top, tiny_cache);
-            }
+            Op::Flush | Op::Reopen => img.flush().unwrap(),
         }
     }
-    let mut whole = vec![0u8; size as usize];
-    img.read_at(0, &mut whole).unwrap();
-    assert!(whole == model, "final contents differ from the model");
-    drop(img);
-    let leaks = qemu_check(&top);
-    assert_eq!(leaks, 0, "a cleanly closed image must not leak clusters");
-    let raw = dir.path().join("model.raw");
-    std::fs::write(&raw, &model).unwrap();
-    qemu_compare_identical(&top, &raw);
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn qcow2_overlay_matches_flat_model(
@@ -176,5 +183,18 @@ proptest! {
         // A size that is not a multiple of the cluster size.
         let size = (1 << 20) + extra * 512 + 8192;
         run_case(base, cluster, size, tiny_cache, ops);
+    }
+
+    #[test]
+    fn raw_image_matches_flat_model(ops in prop::collection::vec(op(), 1..30)) {
+        let dir = tempdir();
+        let path = dir.path().join("disk.raw");
+        let size = (1u64 << 20) + 4096;
+        std::fs::write(&path, pattern(3, 0, size as usize)).unwrap();
+        let mut model = pattern(3, 0, size as usize);
+        let img = open_image(&path, &OpenOptions::read_write()).unwrap();
+        apply_ops(img.as_ref(), &mut model, &ops);
+        drop(img);
+        assert!(std::fs::read(&path).unwrap() == model);
     }
 }
