@@ -9,6 +9,7 @@ pub mod arch;
 pub mod cli;
 pub mod devices;
 pub mod dirs;
+pub mod disk;
 pub mod image;
 pub mod net;
 pub mod vmm;

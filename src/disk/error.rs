@@ -1,0 +1,84 @@
+//! Errors of the block layer. Each names the image it concerns and, where the
+//! user can act, what to do, so the CLI prints it as one line.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong opening, creating or doing I/O on an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: io::Error },
+
+    #[error("{}: no such file", path.display())]
+    NotFound { path: PathBuf },
+
+    #[error("{}: {reason}", path.display())]
+    InvalidFile { path: PathBuf, reason: String },
+
+    #[error("{}: image is in use by {holder}; stop it first or clone a different image", path.display())]
+    Locked { path: PathBuf, holder: String },
+
+    #[error("{}: corrupt qcow2 image: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+
+    #[error("{}: unsupported: {what}", path.display())]
+    Unsupported { path: PathBuf, what: String },
+
+    #[error("{}: image is read-only", path.display())]
+    ReadOnly { path: PathBuf },
+
+    #[error(
+        "request at offset {offset} of {len} bytes lies beyond the end of the disk ({size} bytes)"
+    )]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+
+    #[error("{}: already exists; pass --force to overwrite it", path.display())]
+    Exists { path: PathBuf },
+
+    #[error("{}: new size {requested} is smaller than the current {current} bytes; images can only grow", path.display())]
+    Shrink {
+        path: PathBuf,
+        current: u64,
+        requested: u64,
+    },
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("{}: backing chain: {reason}", path.display())]
+    BackingChain { path: PathBuf, reason: String },
+}
+
+/// Shorthand for results of the block layer.
+pub type Result<T, E = DiskError> = std::result::Result<T, E>;
+
+impl DiskError {
+    /// An I/O error on `path`, turning ENOENT into the clearer `NotFound`.
+    pub fn io(path: &Path, err: io::Error) -> Self {
+        if err.kind() == io::ErrorKind::NotFound {
+            DiskError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            DiskError::Io {
+                path: path.to_path_buf(),
+                err,
+            }
+        }
+    }
+
+    pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
+        DiskError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(path: &Path, what: impl Into<String>) -> Self {
+        DiskError::Unsupported {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+}
