@@ -3,13 +3,16 @@
 //! The crate is split the way data flows through it (see README.md):
 //! `cli` parses what users type, `vmm` owns the machine and its vCPU
 //! threads, `arch` lays out an x86-64 guest for boot, `devices` emulates what
-//! the guest talks to, `net` is the userspace NAT and `disk` the block layer.
+//! the guest talks to, `net` is the userspace NAT and `disk` the block layer;
+//! `bench` measures vmlab against its peers (QEMU, a container runtime).
 
 pub mod arch;
+pub mod bench;
 pub mod cli;
 pub mod devices;
 pub mod dirs;
 pub mod disk;
+pub mod fsutil;
 pub mod image;
 pub mod net;
 pub mod vmm;

@@ -6,12 +6,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use vmlab::bench::{BootBench, Progress, RunOptions};
 use vmlab::cli::{ByteSize, ForwardRule};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
-use vmlab::vmm::{BootSource, ConsoleConfig, VmConfig};
+use vmlab::vmm::{BootSource, ConsoleConfig, RunReport, VmConfig};
 
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
@@ -39,6 +40,44 @@ enum Command {
     },
     /// Clone a disk image: a linked qcow2 clone in constant time, or a full copy.
     Clone(CloneArgs),
+    /// Measure vmlab against its peers.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Boot time to the guest's init: vmlab, QEMU microvm and runc,
+    /// interleaved, with vmlab's own CPU and memory cost.
+    Boot(BenchBootArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchBootArgs {
+    /// Guest kernel to boot [default: the default guest's].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the VMs, unpacked as the container's root filesystem
+    /// [default: the default guest's].
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Measured boots per contender.
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    runs: u32,
+    /// Rounds run first and not counted (cold caches).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    warmup: u32,
+    /// Guest memory of every VM contender.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: ByteSize,
+    /// Write a chart (SVG): a stacked bar per contender, spread shown.
+    #[arg(long, value_name = "PATH")]
+    plot: Option<PathBuf>,
+    /// Write the raw samples and statistics as JSON.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +105,10 @@ struct RunArgs {
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
     boot_timer: bool,
+    /// At exit, write the boot timeline, memory footprint and exit reason
+    /// as JSON (for benchmarks).
+    #[arg(long, value_name = "PATH")]
+    report_json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +227,7 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Nat(args) => nat(args),
         Command::Disk { action } => disk_cmd(action),
         Command::Clone(args) => clone_cmd(args),
+        Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
     }
 }
 
@@ -213,9 +257,14 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     let (reason, footprint) = vm.run_measured()?;
     if args.boot_timer || verbose > 0 {
         eprintln!("vmlab: {}", timeline.summary());
-        if let Some(footprint) = footprint {
+        if let Some(footprint) = &footprint {
             eprintln!("vmlab: {}", footprint.summary());
         }
+    }
+    if let Some(path) = &args.report_json {
+        RunReport::new(&timeline, footprint.as_ref(), &reason)
+            .write(path)
+            .with_context(|| format!("cannot write the run report {}", path.display()))?;
     }
     eprintln!("vmlab: {reason}");
     Ok(reason.exit_code())
@@ -299,4 +348,54 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
         outcome.bytes_copied
     );
     Ok(0)
+}
+
+fn bench_boot(args: BenchBootArgs) -> Result<i32> {
+    vmlab::bench::check_host()?;
+    for path in args.json.iter().chain(&args.plot) {
+        vmlab::bench::check_output_path(path)?;
+    }
+    let (kernel, initrd) = match (args.kernel, args.initrd) {
+        (Some(kernel), Some(initrd)) => (kernel, initrd),
+        (kernel, initrd) => {
+            let guest = vmlab::image::default_guest()?;
+            (
+                kernel.unwrap_or(guest.kernel),
+                initrd.unwrap_or(guest.initrd),
+            )
+        }
+    };
+    for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+        anyhow::ensure!(
+            path.is_file(),
+            "{what} {} not found: give an existing file",
+            path.display()
+        );
+    }
+    let bench = BootBench {
+        vmlab: std::env::current_exe().context("cannot find the vmlab binary")?,
+        kernel,
+        initrd,
+        mem_mib: args.mem.bytes() >> 20,
+        options: RunOptions {
+            runs: args.runs as usize,
+            warmup: args.warmup as usize,
+        },
+    };
+    let report = bench.run(&Progress::stderr())?;
+    print!("{}", vmlab::bench::table::render(&report));
+    if let Some(path) = &args.json {
+        report
+            .write_json(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        vmlab::bench::chart::write(&report, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let failed = report
+        .contenders
+        .iter()
+        .any(|c| c.status == vmlab::bench::Status::Failed);
+    Ok(if failed { 1 } else { 0 })
 }

@@ -1,6 +1,7 @@
-//! Boot timeline: milliseconds from vmlab's start to the first vCPU entry
-//! and to the guest's "userspace started" signal (one byte written to
-//! `BOOT_TIMER_PORT`), plus the VMM's CPU time spent before the first entry.
+//! Boot timeline: milliseconds from vmlab's start to the VM being built
+//! ("VMM ready"), to the first vCPU entry and to the guest's "userspace
+//! started" signal (one byte written to `BOOT_TIMER_PORT`), plus the VMM's
+//! CPU time spent before the first entry.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct BootTimeline {
     started: Instant,
+    vmm_ready: OnceLock<Duration>,
     first_vcpu_entry: OnceLock<Duration>,
     vmm_cpu_before_entry: OnceLock<Duration>,
     userspace_started: OnceLock<Duration>,
@@ -18,19 +20,30 @@ pub struct BootTimeline {
     report_live: bool,
 }
 
-/// CPU time (user + system) this process has used so far.
-pub fn process_cpu_time() -> Duration {
+fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime only writes the timespec we pass, which lives
     // on this stack frame for the duration of the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
     if rc != 0 {
         return Duration::ZERO;
     }
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn process_cpu_time() -> Duration {
+    clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// CLOCK_MONOTONIC now: the clock `Instant` uses on Linux, and one that
+/// every process on the machine shares, so a parent can place a child's
+/// timeline on its own (see `run_report`).
+pub fn monotonic_now() -> Duration {
+    clock(libc::CLOCK_MONOTONIC)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -41,12 +54,27 @@ impl BootTimeline {
     pub fn new(started: Instant, report_live: bool) -> Arc<Self> {
         Arc::new(BootTimeline {
             started,
+            vmm_ready: OnceLock::new(),
             first_vcpu_entry: OnceLock::new(),
             vmm_cpu_before_entry: OnceLock::new(),
             userspace_started: OnceLock::new(),
             markers: Mutex::new(Vec::new()),
             report_live,
         })
+    }
+
+    /// When vmlab started: the origin of every time here.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Called once the VM is built: memory, guest loaded, devices, vCPUs.
+    pub fn record_vmm_ready(&self) {
+        let _ = self.vmm_ready.set(self.started.elapsed());
+    }
+
+    pub fn vmm_ready(&self) -> Option<Duration> {
+        self.vmm_ready.get().copied()
     }
 
     /// Called by vCPU 0 right before its first `KVM_RUN`.
@@ -130,6 +158,27 @@ mod tests {
         let summary = timeline.summary();
         assert!(summary.contains("first vCPU entry"), "{summary}");
         assert!(summary.contains("userspace started"), "{summary}");
+    }
+
+    #[test]
+    fn vmm_ready_is_recorded_once() {
+        let timeline = BootTimeline::new(Instant::now(), false);
+        assert_eq!(timeline.vmm_ready(), None);
+        timeline.record_vmm_ready();
+        let ready = timeline.vmm_ready().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        timeline.record_vmm_ready();
+        assert_eq!(timeline.vmm_ready(), Some(ready));
+    }
+
+    #[test]
+    fn monotonic_clock_matches_instant() {
+        // Instant is CLOCK_MONOTONIC on Linux: both advance together.
+        let (mono, instant) = (monotonic_now(), Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        let (mono2, elapsed) = (monotonic_now(), instant.elapsed());
+        let diff = (mono2 - mono).as_secs_f64() - elapsed.as_secs_f64();
+        assert!(diff.abs() < 0.002, "{diff}");
     }
 
     #[test]

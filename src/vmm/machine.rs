@@ -180,6 +180,7 @@ impl Vm {
                 exits: exits.clone(),
             },
         )?;
+        timeline.record_vmm_ready();
 
         Ok(Vm {
             vcpus,

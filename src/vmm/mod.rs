@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod progress;
+pub mod run_report;
 pub mod signals;
 pub mod vcpu;
 
@@ -17,6 +18,7 @@ pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
 pub use error::VmmError;
 pub use exit::ExitReason;
 pub use machine::Vm;
+pub use run_report::RunReport;
 
 /// Builds and runs a VM to its end.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {

@@ -1,0 +1,89 @@
+//! The boot benchmark as a cargo bench: `cargo bench --bench boot`.
+//!
+//! Runs the same measurements as `vmlab bench boot` (vmlab, QEMU microvm and
+//! runc to the guest's init, interleaved; vmlab's CPU and memory cost) and
+//! prints the table, the ratios and the targets. Results are written to
+//! `target/tmp/boot.json` and `target/tmp/boot.svg`.
+//!
+//! Where /dev/kvm is hardware-style it runs here. On a PVM host (which cannot
+//! boot the guest) it does two things instead:
+//! - measures vmlab's own start-up natively, up to the first vCPU entry
+//!   (which does not need the guest to boot): `boot-first-entry.json`;
+//! - runs `vmlab bench boot` inside the emulated-SVM rig (tests/rig), where
+//!   only the ratios mean anything.
+//!
+//! `VMLAB_BENCH_RUNS` sets the rounds (default 10).
+
+#[path = "../tests/rig/mod.rs"]
+mod rig;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmlab::bench::{table, BootBench, HostInfo, HostKind, Progress, RunOptions};
+
+fn runs() -> usize {
+    std::env::var("VMLAB_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(10)
+}
+
+fn save(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    match vmlab::fsutil::write_atomically(&path, text.as_bytes()) {
+        Ok(()) => println!("bench: wrote {}", path.display()),
+        Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
+    }
+}
+
+fn main() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let host = HostInfo::detect();
+    println!("bench: host: {}", host.describe());
+    let artifacts = rig::artifacts().unwrap_or_else(|e| panic!("bench: {e}"));
+    let bench = BootBench {
+        vmlab: PathBuf::from(env!("CARGO_BIN_EXE_vmlab")),
+        kernel: artifacts.vmlinux.clone(),
+        initrd: artifacts.initramfs.clone(),
+        mem_mib: 256,
+        options: RunOptions {
+            runs: runs(),
+            warmup: 1,
+        },
+    };
+
+    if host.kind != HostKind::Pvm {
+        let report = bench
+            .run(&Progress::stderr())
+            .unwrap_or_else(|e| panic!("bench: {e}"));
+        print!("{}", table::render(&report));
+        save(&out, "boot.json", &report.to_json());
+        save(&out, "boot.svg", &vmlab::bench::chart::render(&report));
+        return;
+    }
+
+    println!("\nbench: vmlab's start-up to the first vCPU entry, natively on this PVM host");
+    let native = bench
+        .run_first_entry(&Progress::stderr())
+        .unwrap_or_else(|e| panic!("bench: {e}"));
+    print!("{}", table::render(&native));
+    save(&out, "boot-first-entry.json", &native.to_json());
+
+    println!("\nbench: the whole boot benchmark in the emulated-SVM rig (ratios only)");
+    // About 25 s per round in the rig (vmlab ~10 s, QEMU ~12 s, runc ~1 s).
+    let limit = Duration::from_secs(120 + 40 * (bench.options.runs as u64 + 1));
+    let script = format!(
+        r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {} --warmup 1 --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#,
+        bench.options.runs
+    );
+    let run = rig::Batch::new("bench_boot")
+        .scenario("bench_boot", limit, &script)
+        .run();
+    let s = run.scenario("bench_boot");
+    println!("{}", s.output);
+    let s = s.assert_success();
+    save(&out, "boot.json", s.file("boot.json"));
+    save(&out, "boot.svg", s.file("boot.svg"));
+}

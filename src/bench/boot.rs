@@ -1,0 +1,226 @@
+//! `vmlab bench boot`: vmlab, QEMU microvm and runc brought to the same
+//! "init started" signal, interleaved, with vmlab's own cost, and the
+//! ssh-ready contenders listed as missing until vmlab can run them.
+
+use std::path::{Path, PathBuf};
+
+use super::contender::{Contender, Goal, Role};
+use super::contenders::{GuestSpec, Planned, QemuMicrovm, Runc, Vmlab, BENCH_CMDLINE};
+use super::host::{HostInfo, HostKind};
+use super::report::{BenchReport, Target};
+use super::runner::{self, Progress, RunOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("this host's KVM is PVM ({0}): it cannot boot the default guest kernel, which has no PVM guest support; run the benchmark in the emulated-SVM rig instead: `cargo bench --bench boot` (or `bash tests/rig/l1 -- target/release/vmlab bench boot`)")]
+    PvmHost(String),
+    #[error("cannot create a scratch directory under {dir}: {source}")]
+    Scratch {
+        dir: PathBuf,
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {0}: its directory does not exist")]
+    NoOutputDir(PathBuf),
+}
+
+/// This host, unless it is one where the benchmark guest cannot boot (PVM).
+pub fn check_host() -> Result<HostInfo, BenchError> {
+    let host = HostInfo::detect();
+    match host.kind {
+        HostKind::Pvm => Err(BenchError::PvmHost(host.detail)),
+        _ => Ok(host),
+    }
+}
+
+/// Fails early, before minutes of measuring, when `path` cannot be written
+/// for want of its directory.
+pub fn check_output_path(path: &Path) -> Result<(), BenchError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if parent.is_dir() && path.file_name().is_some() {
+        Ok(())
+    } else {
+        Err(BenchError::NoOutputDir(path.to_path_buf()))
+    }
+}
+
+/// What `vmlab bench boot` measures with.
+#[derive(Clone, Debug)]
+pub struct BootBench {
+    /// The vmlab binary to run (`vmlab run --report-json`).
+    pub vmlab: PathBuf,
+    /// The guest every VM boots, and whose initramfs the container runs.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub mem_mib: u64,
+    pub options: RunOptions,
+}
+
+impl BootBench {
+    fn guest(&self) -> GuestSpec {
+        GuestSpec {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            mem_mib: self.mem_mib,
+            cmdline: BENCH_CMDLINE.to_string(),
+        }
+    }
+
+    /// The contenders, in sampling order; `scratch` holds their files.
+    pub fn contenders(&self, scratch: &Path) -> Vec<Box<dyn Contender>> {
+        let mut list: Vec<Box<dyn Contender>> = vec![
+            Box::new(Vmlab::to_init(
+                self.vmlab.clone(),
+                self.guest(),
+                scratch.join("vmlab"),
+            )),
+            Box::new(QemuMicrovm::new(self.guest(), scratch.join("qemu"))),
+            Box::new(Runc::new(self.initrd.clone(), scratch.join("runc"))),
+        ];
+        for planned in Planned::ssh_ready() {
+            list.push(Box::new(planned));
+        }
+        list
+    }
+
+    /// Runs the whole benchmark. Refuses on a PVM host (the guest cannot
+    /// boot there).
+    pub fn run(&self, progress: &Progress) -> Result<BenchReport, BenchError> {
+        let host = check_host()?;
+        let scratch = scratch_dir()?;
+        let mut contenders = self.contenders(scratch.as_path());
+        let mut report = runner::run(&mut contenders, self.options, host, progress);
+        report.targets = targets(&report);
+        Ok(report)
+    }
+
+    /// vmlab's start-up alone, up to the first vCPU entry: runs on any
+    /// KVM, including PVM (see [`Vmlab::to_first_entry`]).
+    pub fn run_first_entry(&self, progress: &Progress) -> Result<BenchReport, BenchError> {
+        let scratch = scratch_dir()?;
+        let mut contenders: Vec<Box<dyn Contender>> = vec![Box::new(Vmlab::to_first_entry(
+            self.vmlab.clone(),
+            self.guest(),
+            scratch.as_path().join("vmlab"),
+        ))];
+        let mut report = runner::run(&mut contenders, self.options, HostInfo::detect(), progress);
+        report.targets = targets(&report);
+        Ok(report)
+    }
+}
+
+fn scratch_dir() -> Result<vmm_sys_util::tempdir::TempDir, BenchError> {
+    let dir = std::env::temp_dir();
+    let prefix = dir.join("vmlab-bench-");
+    vmm_sys_util::tempdir::TempDir::new_with_prefix(&prefix)
+        .map_err(|source| BenchError::Scratch { dir, source })
+}
+
+/// The project's boot targets (issue "Boot an unmodified Linux guest"),
+/// evaluated on this report.
+pub fn targets(report: &BenchReport) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if report.contenders.iter().any(|c| c.goal == Goal::Init) {
+        let ratio = report.ratio(Goal::Init, Role::Qemu).map(|r| r.median);
+        targets.push(Target {
+            what: "vmlab to init / QEMU microvm to init (median)".into(),
+            limit: 0.8,
+            unit: "x".into(),
+            measured: ratio,
+            met: ratio.map(|r| r <= 0.8),
+            note: ratio
+                .is_none()
+                .then(|| "QEMU microvm or vmlab was not measured".into()),
+        });
+    }
+    let vmlab = report
+        .contenders
+        .iter()
+        .find(|c| c.role == Role::Vmlab && c.summary.is_some());
+    let metric = |key: &str| {
+        vmlab
+            .and_then(|c| c.summary.as_ref())
+            .and_then(|s| s.metrics.get(key))
+            .map(|s| s.median)
+    };
+    for (what, key, limit, unit) in [
+        (
+            "VMM CPU time before the first vCPU entry (median)",
+            "vmm_cpu_before_entry_ms",
+            10.0,
+            "ms",
+        ),
+        (
+            "VMM overhead, peak RSS minus guest memory touched (median)",
+            "vmm_overhead_mib",
+            5.0,
+            "MiB",
+        ),
+    ] {
+        let measured = metric(key);
+        targets.push(Target {
+            what: what.into(),
+            limit,
+            unit: unit.into(),
+            measured,
+            met: measured.map(|v| v <= limit),
+            note: measured.is_none().then(|| "vmlab was not measured".into()),
+        });
+    }
+    targets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_planned_peer_is_in_the_list() {
+        let bench = BootBench {
+            vmlab: PathBuf::from("/bin/vmlab"),
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            mem_mib: 256,
+            options: RunOptions { runs: 1, warmup: 0 },
+        };
+        let ids: Vec<String> = bench
+            .contenders(Path::new("/tmp/x"))
+            .iter()
+            .map(|c| c.describe().id)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "vmlab-init",
+                "qemu-microvm-init",
+                "runc-init",
+                "vmlab-ssh",
+                "qemu-microvm-ssh",
+                "runc-sshd"
+            ]
+        );
+    }
+
+    #[test]
+    fn output_paths_need_an_existing_directory() {
+        assert!(check_output_path(Path::new("results.json")).is_ok());
+        assert!(check_output_path(Path::new("/tmp/results.json")).is_ok());
+        let err = check_output_path(Path::new("/nonexistent-dir/r.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent-dir/r.json"), "{err}");
+        assert!(check_output_path(Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn pvm_refusal_is_one_line_that_points_to_the_rig() {
+        let text = BenchError::PvmHost("kvm_pvm loaded".into()).to_string();
+        assert!(!text.contains('\n'));
+        assert!(text.contains("PVM") && text.contains("rig"), "{text}");
+    }
+}
