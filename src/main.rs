@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions};
-use vmlab::cli::{ByteSize, ForwardRule};
+use vmlab::cli::{ByteSize, DiskSpec, ForwardRule};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{BootSource, ConsoleConfig, RunReport, VmConfig};
@@ -101,6 +101,10 @@ struct RunArgs {
     /// Name of the VM.
     #[arg(long, default_value = "vmlab")]
     name: String,
+    /// A disk image (raw or qcow2, told apart by content), PATH or PATH,ro;
+    /// repeat for more: /dev/vda, /dev/vdb, ... in this order.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<DiskSpec>,
     /// Print milliseconds to the first vCPU entry and to the guest's
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
@@ -249,6 +253,7 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
             cmdline: args.cmdline,
         },
         console: ConsoleConfig::stdio(),
+        disks: args.disks,
         boot_timer: args.boot_timer,
         started,
     };

@@ -46,6 +46,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
             input,
             output: Box::new(out),
         },
+        disks: Vec::new(),
         boot_timer: false,
         started: Instant::now(),
     }

@@ -1,8 +1,10 @@
 //! Argument types shared by every subcommand, parsed once here so that `run`,
 //! `nat`, `disk` and the rest accept exactly the same spellings.
 
+mod disk;
 mod forward;
 mod size;
 
+pub use disk::{DiskParseError, DiskSpec};
 pub use forward::{ForwardParseError, ForwardRule, Protocol};
 pub use size::{ByteSize, SizeParseError};

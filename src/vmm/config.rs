@@ -5,6 +5,8 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::cli::DiskSpec;
+
 /// The command line vmlab always gives a Linux guest; device entries and
 /// the user's `--cmdline` are appended after it.
 pub const BASE_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 pci=off";
@@ -54,6 +56,8 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub boot: BootSource,
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb, ...
+    pub disks: Vec<DiskSpec>,
     /// Print the boot timeline on stderr as soon as userspace starts.
     pub boot_timer: bool,
     /// When vmlab started: the origin of the boot timeline.

@@ -33,6 +33,8 @@ pub enum VmmError {
     },
     #[error("cannot set up device {what}: {reason}")]
     Device { what: &'static str, reason: String },
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -38,9 +38,12 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
+use crate::cli::DiskSpec;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
+use crate::devices::virtio::block::{disk_serial, Block};
 use crate::devices::virtio::events::QueueEvents;
+use crate::devices::virtio::io_thread::IoThread;
 use crate::devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
@@ -67,6 +70,8 @@ pub struct Vm {
     // Field order matters for drop: vCPUs and the VM fd go before memory.
     vcpus: Vec<Vcpu>,
     events: EventManager<Subscriber>,
+    /// Device I/O threads (one per disk), stopped once the vCPUs are.
+    io_threads: Vec<IoThread>,
     _vm: VmFd,
     memory: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
@@ -91,6 +96,9 @@ impl Vm {
             });
         }
         memory::check_size(config.mem_size)?;
+        // Disks before anything else: a missing or locked image fails at
+        // once, before the guest starts.
+        let disks = open_disks(&config.name, &config.disks)?;
 
         let vm = kvm.create_vm().map_err(VmmError::kvm("create a VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR as usize)
@@ -110,7 +118,7 @@ impl Vm {
         memory::register(&vm, &mem)?;
         let ram = ram_regions(config.mem_size);
 
-        let virtio = virtio_devices()?;
+        let virtio = virtio_devices(disks)?;
         let slots = virtio_slots(virtio.len())?;
 
         let (entry, cr3) = match &config.boot {
@@ -157,8 +165,14 @@ impl Vm {
         let mut events: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
         let mut mmio = Bus::new();
-        for (device, slot) in virtio.into_iter().zip(&slots) {
-            attach_virtio(&vm, &mem, &mut mmio, &mut events, *slot, device)?;
+        let mut io_threads = Vec::new();
+        for (index, (device, slot)) in virtio.into_iter().zip(&slots).enumerate() {
+            let io = attach_virtio(&vm, &mem, &mut mmio, &mut events, *slot, device)?;
+            if let Some(handler) = io.own_thread {
+                let thread = IoThread::spawn(&format!("virtio{index}-io"), handler)
+                    .map_err(VmmError::io("start a device I/O thread"))?;
+                io_threads.push(thread);
+            }
         }
         let mmio = Arc::new(mmio);
 
@@ -185,6 +199,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             events,
+            io_threads,
             _vm: vm,
             memory: mem,
             serial,
@@ -266,6 +281,11 @@ impl Vm {
             }
         }
         stop_vcpus(threads);
+        // In-flight disk requests finish; the images close (qcow2 metadata
+        // written back) when the devices drop with this Vm.
+        for thread in self.io_threads.drain(..) {
+            thread.stop();
+        }
         let footprint = self.footprint();
         Ok((self.exit.reason().unwrap_or(ExitReason::Halted), footprint))
     }
@@ -355,10 +375,35 @@ fn legacy_bus(
     Ok(bus)
 }
 
-/// The virtio devices every guest gets (disks and network join later).
-fn virtio_devices() -> Result<Vec<Arc<Mutex<dyn VirtioDevice>>>, VmmError> {
+/// Opens each `--disk` image (format by content, locked while the VM
+/// runs) as a virtio-blk device.
+fn open_disks(vm_name: &str, specs: &[DiskSpec]) -> Result<Vec<Block>, VmmError> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let opts = if spec.read_only {
+                crate::disk::OpenOptions::read_only()
+            } else {
+                crate::disk::OpenOptions::read_write()
+            };
+            let backend = crate::disk::open_image(&spec.path, &opts)?;
+            let serial = disk_serial(&spec.path, &format!("{vm_name}-disk{index}"));
+            Ok(Block::new(Arc::from(backend), spec.read_only, serial))
+        })
+        .collect()
+}
+
+/// The virtio devices of the guest: rng, then the disks in `--disk` order.
+/// Linux names virtio disks in the order their devices are probed, which
+/// is the DSDT order of these slots: the first disk is /dev/vda.
+fn virtio_devices(disks: Vec<Block>) -> Result<Vec<Arc<Mutex<dyn VirtioDevice>>>, VmmError> {
     let rng = Rng::new().map_err(VmmError::io("open the host's entropy source"))?;
-    Ok(vec![Arc::new(Mutex::new(rng))])
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = vec![Arc::new(Mutex::new(rng))];
+    for disk in disks {
+        devices.push(Arc::new(Mutex::new(disk)));
+    }
+    Ok(devices)
 }
 
 /// MMIO windows and GSIs for `count` devices: one page each from
@@ -379,8 +424,16 @@ fn virtio_slots(count: usize) -> Result<Vec<VirtioMmioSlot>, VmmError> {
         .collect())
 }
 
+/// What attaching a device left to do.
+struct Attached {
+    /// Queue events for the device's own I/O thread, if it wants one.
+    own_thread: Option<Subscriber>,
+}
+
 /// Puts a virtio device on the MMIO bus with its interrupt (irqfd) and
-/// queue notifications (one ioeventfd per queue, matched on the index).
+/// queue notifications (one ioeventfd per queue, matched on the index),
+/// watched by the main event loop or, for devices that ask for it, by an
+/// I/O thread of their own.
 fn attach_virtio(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
@@ -388,7 +441,7 @@ fn attach_virtio(
     events: &mut EventManager<Subscriber>,
     slot: VirtioMmioSlot,
     device: Arc<Mutex<dyn VirtioDevice>>,
-) -> Result<(), VmmError> {
+) -> Result<Attached, VmmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(VmmError::kvm("route a virtio interrupt"))?;
@@ -409,8 +462,16 @@ fn attach_virtio(
     let transport = MmioTransport::new(device.clone(), interrupt, mem.clone());
     mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
         .map_err(|e| VmmError::device("virtio-mmio")(e.to_string()))?;
-    events.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(device, notifiers))));
-    Ok(())
+    let own = lock(&device).io_thread_handler();
+    Ok(match own {
+        Some(handler) => Attached {
+            own_thread: Some(Arc::new(Mutex::new(QueueEvents::new(handler, notifiers)))),
+        },
+        None => {
+            events.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(device, notifiers))));
+            Attached { own_thread: None }
+        }
+    })
 }
 
 /// Copies a flat binary to `load_addr` with the long-mode scaffolding it

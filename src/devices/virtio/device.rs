@@ -1,9 +1,10 @@
 //! What a virtio device model implements, independent of the transport.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
+use super::events::QueueHandler;
 use super::interrupt::VirtioInterrupt;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -61,6 +62,15 @@ pub trait VirtioDevice: Send {
 
     /// The guest notified queue `index`.
     fn process_queue(&mut self, index: usize);
+
+    /// Queue work too slow for the shared event loop (a disk's fdatasync
+    /// takes milliseconds): the handler that the device's own I/O thread
+    /// runs instead of `process_queue`, without the device lock, so that
+    /// vCPUs reading the configuration space never wait for I/O. `None`
+    /// (the default): the main event loop calls `process_queue`.
+    fn io_thread_handler(&self) -> Option<Arc<Mutex<dyn QueueHandler>>> {
+        None
+    }
 }
 
 /// Serves every available chain of `queue` with `handle`, which returns

@@ -1,5 +1,5 @@
-//! Queue notifications on the event loop: each queue's ioeventfd wakes the
-//! loop, which runs the device's queue handler there (never on a vCPU).
+//! Queue notifications on an event loop: each queue's ioeventfd wakes the
+//! loop, which runs the queue handler there (never on a vCPU).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -10,19 +10,30 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::VirtioDevice;
 use crate::devices::bus::lock;
 
-pub struct QueueEvents {
-    device: Arc<Mutex<dyn VirtioDevice>>,
+/// What an event loop calls when the guest notifies a queue.
+pub trait QueueHandler: Send {
+    fn handle_queue(&mut self, index: usize);
+}
+
+impl QueueHandler for dyn VirtioDevice {
+    fn handle_queue(&mut self, index: usize) {
+        self.process_queue(index);
+    }
+}
+
+pub struct QueueEvents<H: QueueHandler + ?Sized> {
+    handler: Arc<Mutex<H>>,
     /// One ioeventfd per queue, in queue order.
     notifiers: Vec<EventFd>,
 }
 
-impl QueueEvents {
-    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, notifiers: Vec<EventFd>) -> Self {
-        QueueEvents { device, notifiers }
+impl<H: QueueHandler + ?Sized> QueueEvents<H> {
+    pub fn new(handler: Arc<Mutex<H>>, notifiers: Vec<EventFd>) -> Self {
+        QueueEvents { handler, notifiers }
     }
 }
 
-impl MutEventSubscriber for QueueEvents {
+impl<H: QueueHandler + ?Sized> MutEventSubscriber for QueueEvents<H> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let index = events.data() as usize;
         let Some(notifier) = self.notifiers.get(index) else {
@@ -32,7 +43,7 @@ impl MutEventSubscriber for QueueEvents {
         // Draining first means a notification that races with processing
         // wakes us again instead of being lost.
         let _ = notifier.read();
-        lock(&self.device).process_queue(index);
+        lock(&self.handler).handle_queue(index);
     }
 
     fn init(&mut self, ops: &mut EventOps) {

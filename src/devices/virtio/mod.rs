@@ -6,9 +6,11 @@
 //! `VirtioDevice`), which moves data on the event-loop thread when the
 //! guest notifies a queue (ioeventfd) and signals completions (irqfd).
 
+pub mod block;
 pub mod device;
 pub mod events;
 pub mod interrupt;
+pub mod io_thread;
 pub mod mmio;
 pub mod rng;
 
