@@ -123,3 +123,51 @@ fn no_permission_on_dev_kvm() {
         .expect("unshare and setpriv (util-linux) run; the test needs root");
     assert_one_line_error(&out, &["permission denied", "/dev/kvm", "kvm"]);
 }
+
+#[test]
+fn missing_disk_image() {
+    let kernel = fake_bzimage();
+    let out = vmlab(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        "/nonexistent/data.qcow2",
+    ]);
+    assert_one_line_error(&out, &["/nonexistent/data.qcow2", "no such file"]);
+}
+
+#[test]
+fn unknown_disk_option() {
+    let out = vmlab(&["run", "--disk", "data.qcow2,cache=none"]);
+    assert_one_line_error(&out, &["data.qcow2,cache=none", "unknown option", "PATH,ro"]);
+}
+
+/// A disk that QEMU holds open for writing fails `vmlab run` at once.
+#[test]
+fn disk_in_use_by_qemu() {
+    let kernel = fake_bzimage();
+    let image = scratch("busy.qcow2", b"");
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"])
+        .status()
+        .expect("qemu-img is needed (apt-get install qemu-utils, see .ci/setup)");
+    assert!(created.success());
+    // qemu-io holds the image (write lock) while it sleeps.
+    let mut holder = Command::new("qemu-io")
+        .args(["-c", "sleep 20000", image.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io is needed (apt-get install qemu-utils, see .ci/setup)");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let out = vmlab(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_one_line_error(&out, &["busy.qcow2", "in use by", "qemu-io"]);
+}

@@ -87,6 +87,9 @@ impl Vm {
         if let BootSource::Linux { kernel, initrd, .. } = &config.boot {
             check_images(kernel, initrd.as_deref()).map_err(BootError::from)?;
         }
+        // Disks before anything else: a missing or locked image fails at
+        // once, before the guest starts.
+        let disks = open_disks(&config.name, &config.disks)?;
         let kvm = kvm::open()?;
         let max = kvm::max_vcpus(&kvm);
         if usize::from(config.cpus) > max || config.cpus == 0 {
@@ -96,9 +99,6 @@ impl Vm {
             });
         }
         memory::check_size(config.mem_size)?;
-        // Disks before anything else: a missing or locked image fails at
-        // once, before the guest starts.
-        let disks = open_disks(&config.name, &config.disks)?;
 
         let vm = kvm.create_vm().map_err(VmmError::kvm("create a VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR as usize)
