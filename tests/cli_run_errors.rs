@@ -140,7 +140,10 @@ fn missing_disk_image() {
 #[test]
 fn unknown_disk_option() {
     let out = vmlab(&["run", "--disk", "data.qcow2,cache=none"]);
-    assert_one_line_error(&out, &["data.qcow2,cache=none", "unknown option", "PATH,ro"]);
+    assert_one_line_error(
+        &out,
+        &["data.qcow2,cache=none", "unknown option", "PATH,ro"],
+    );
 }
 
 /// A disk that QEMU holds open for writing fails `vmlab run` at once.
