@@ -11,6 +11,9 @@ use crate::vmm::memory::GuestMemoryMmap;
 
 /// The guest buffers `bufs` as slices of host memory (a buffer that spans
 /// two memory regions becomes two slices).
+// Guest RAM is mutable through a shared `GuestMemoryMmap` by design (the
+// guest writes it too), which is what this lint objects to.
+#[allow(clippy::mut_from_ref)]
 fn host_slices<'m>(
     mem: &'m GuestMemoryMmap,
     bufs: &[GuestBuf],

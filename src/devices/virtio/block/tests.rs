@@ -143,10 +143,15 @@ impl<'m> Rig<'m> {
 
     /// Submits a chain and runs the queue; returns (used length, status).
     fn submit(&mut self, bufs: &[(u64, u32, Dir)]) -> (u32, u8) {
+        self.submit_raw(&chain(self.next_desc, bufs))
+    }
+
+    /// Submits the descriptors `descs` (the chain's `next` fields count
+    /// from `self.next_desc`) and runs the queue.
+    fn submit_raw(&mut self, descs: &[RawDescriptor]) -> (u32, u8) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let descs = chain(self.next_desc, bufs);
-        self.vq.add_desc_chains(&descs, self.next_desc).unwrap();
-        self.next_desc += bufs.len() as u16;
+        self.vq.add_desc_chains(descs, self.next_desc).unwrap();
+        self.next_desc += descs.len() as u16;
         self.submitted += 1;
         self.dev.process_queue(0);
         assert!(!self.interrupt.needs_reset(), "a valid chain was refused");
@@ -361,25 +366,6 @@ fn indirect_descriptor_tables_are_followed() {
     let mut back = [0u8; 512];
     m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert_eq!(back, [0x5a; 512]);
-}
-
-impl Rig<'_> {
-    fn submit_raw(&mut self, descs: &[RawDescriptor]) -> (u32, u8) {
-        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        self.vq.add_desc_chains(descs, self.next_desc).unwrap();
-        self.next_desc += descs.len() as u16;
-        self.submitted += 1;
-        self.dev.process_queue(0);
-        assert!(!self.interrupt.needs_reset());
-        let used = self
-            .vq
-            .used()
-            .ring()
-            .ref_at(usize::from(self.submitted - 1))
-            .unwrap()
-            .load();
-        (used.len(), self.mem.read_obj(GuestAddress(STATUS)).unwrap())
-    }
 }
 
 #[test]
@@ -654,39 +640,36 @@ fn hostile_rig(m: &GuestMemoryMmap) -> (tempfile::TempDir, Rig<'_>) {
     (dir, rig)
 }
 
-#[test]
-fn hostile_chain_without_a_status_descriptor() {
+/// A fresh device refuses `descs` (see `Rig::hostile`).
+fn assert_hostile(descs: &[RawDescriptor]) {
     let m = mem();
     let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(0, &[(HDR, 16, Dir::R), (DATA, 512, Dir::R)]));
+    rig.hostile(descs);
+}
+
+#[test]
+fn hostile_chain_without_a_status_descriptor() {
+    assert_hostile(&chain(0, &[(HDR, 16, Dir::R), (DATA, 512, Dir::R)]));
 }
 
 #[test]
 fn hostile_chain_with_an_empty_writable_descriptor_only() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(0, &[(HDR, 16, Dir::R), (STATUS, 0, Dir::W)]));
+    assert_hostile(&chain(0, &[(HDR, 16, Dir::R), (STATUS, 0, Dir::W)]));
 }
 
 #[test]
 fn hostile_chain_with_a_short_header() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(0, &[(HDR, 8, Dir::R), (STATUS, 1, Dir::W)]));
+    assert_hostile(&chain(0, &[(HDR, 8, Dir::R), (STATUS, 1, Dir::W)]));
 }
 
 #[test]
 fn hostile_chain_with_the_header_writable() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(0, &[(HDR, 16, Dir::W), (STATUS, 1, Dir::W)]));
+    assert_hostile(&chain(0, &[(HDR, 16, Dir::W), (STATUS, 1, Dir::W)]));
 }
 
 #[test]
 fn hostile_chain_readable_after_writable() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(
+    assert_hostile(&chain(
         0,
         &[
             (HDR, 16, Dir::R),
@@ -699,9 +682,7 @@ fn hostile_chain_readable_after_writable() {
 
 #[test]
 fn hostile_chain_with_a_buffer_outside_guest_memory() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(
+    assert_hostile(&chain(
         0,
         &[
             (HDR, 16, Dir::R),
@@ -713,16 +694,12 @@ fn hostile_chain_with_a_buffer_outside_guest_memory() {
 
 #[test]
 fn hostile_chain_with_the_status_outside_guest_memory() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&chain(0, &[(HDR, 16, Dir::R), (1 << 40, 1, Dir::W)]));
+    assert_hostile(&chain(0, &[(HDR, 16, Dir::R), (1 << 40, 1, Dir::W)]));
 }
 
 #[test]
 fn hostile_chain_that_loops() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&[
+    assert_hostile(&[
         raw(HDR, 16, VRING_DESC_F_NEXT, 1),
         raw(DATA, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
         raw(STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
@@ -731,9 +708,7 @@ fn hostile_chain_that_loops() {
 
 #[test]
 fn hostile_chain_with_a_next_index_past_the_queue() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&[
+    assert_hostile(&[
         raw(HDR, 16, VRING_DESC_F_NEXT, 1),
         raw(STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, QSIZE + 5),
     ]);
@@ -741,9 +716,7 @@ fn hostile_chain_with_a_next_index_past_the_queue() {
 
 #[test]
 fn hostile_chain_with_an_indirect_table_outside_memory() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&[
+    assert_hostile(&[
         raw(HDR, 16, VRING_DESC_F_NEXT, 1),
         raw(1 << 40, 32, VRING_DESC_F_INDIRECT, 0),
     ]);
@@ -751,9 +724,7 @@ fn hostile_chain_with_an_indirect_table_outside_memory() {
 
 #[test]
 fn hostile_chain_longer_than_4_gib() {
-    let m = mem();
-    let (_dir, mut rig) = hostile_rig(&m);
-    rig.hostile(&[
+    assert_hostile(&[
         raw(HDR, 16, VRING_DESC_F_NEXT, 1),
         raw(DATA, u32::MAX, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
         raw(STATUS, 1, VRING_DESC_F_WRITE, 0),
