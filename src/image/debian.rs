@@ -157,14 +157,15 @@ pub fn boot_params(identity: &GuestIdentity) -> Vec<String> {
 pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
     let started = Instant::now();
     let dir = image_dir();
-    if !force {
-        if let Some(image) = read_entry(&dir) {
-            return Ok(BuildOutcome {
-                image,
-                built: false,
-                elapsed: started.elapsed(),
-            });
-        }
+    let cache_hit = || {
+        read_entry(&dir).map(|image| BuildOutcome {
+            image,
+            built: false,
+            elapsed: started.elapsed(),
+        })
+    };
+    if let Some(outcome) = cache_hit().filter(|_| !force) {
+        return Ok(outcome);
     }
     if !is_root() {
         return Err(ImageError::NeedsRoot);
@@ -172,15 +173,9 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
     let parent = images_dir();
     let _lock = BuildLock::acquire(&parent.join(format!(".{name}.lock")), "the Debian image")?;
-    if !force {
-        // Built by the vmlab we waited for.
-        if let Some(image) = read_entry(&dir) {
-            return Ok(BuildOutcome {
-                image,
-                built: false,
-                elapsed: started.elapsed(),
-            });
-        }
+    // Built by the vmlab we waited for?
+    if let Some(outcome) = cache_hit().filter(|_| !force) {
+        return Ok(outcome);
     }
     if force {
         // VMs running on the old base hold a lock on it: never pull it
