@@ -230,3 +230,52 @@ fn without_root_the_build_fails_in_one_line_writing_nothing() {
         "nothing written to the cache"
     );
 }
+
+#[test]
+fn force_rebuild_is_refused_while_a_vm_uses_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = dir.path().join("vm.qcow2");
+    let out = vmlab(
+        &["clone", base().to_str().unwrap(), overlay.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // qemu-io stands for a running VM: the overlay open for writing, its
+    // backing file (the base) shared read-only with writers forbidden.
+    let mut vm = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            overlay.to_str().unwrap(),
+            "-c",
+            "sleep 60000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-io (qemu-utils) runs: run .ci/setup");
+    // Until qemu-io holds its locks, the refusal cannot be seen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let held = loop {
+        // Without -U, `qemu-img info` fails on an image open for writing.
+        let probe = tool("qemu-img", &["info", overlay.to_str().unwrap()]);
+        if !probe.status.success() || std::time::Instant::now() > deadline {
+            break !probe.status.success();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let before = std::fs::metadata(base()).unwrap().ino();
+    let out = vmlab(&["image", "build", "--force"], &[]);
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+    assert!(held, "qemu-io never locked the overlay");
+    assert!(!out.status.success(), "rebuilt under a running VM: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert_eq!(
+        std::fs::metadata(base()).unwrap().ino(),
+        before,
+        "base untouched"
+    );
+}

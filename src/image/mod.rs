@@ -47,8 +47,16 @@ pub enum ImageError {
     },
     #[error("{0}")]
     InvalidIdentity(String),
+    // Not a #[source]: the message already includes it, and error chains
+    // printed with their sources would say it twice.
     #[error("the Debian base image: {0}")]
-    Disk(#[from] crate::disk::DiskError),
+    Disk(crate::disk::DiskError),
+}
+
+impl From<crate::disk::DiskError> for ImageError {
+    fn from(e: crate::disk::DiskError) -> Self {
+        ImageError::Disk(e)
+    }
 }
 
 /// Paths of the default guest's kernel and initramfs.
