@@ -43,6 +43,20 @@ enum Command {
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The default Debian guest image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build the Debian base image (needs root: debootstrap) unless this
+    /// recipe's is cached; prints its path.
+    Build {
+        /// Rebuild even if cached (refused while a VM uses the image).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -232,6 +246,7 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Disk { action } => disk_cmd(action),
         Command::Clone(args) => clone_cmd(args),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Image(ImageCommand::Build { force }) => image_build(force),
     }
 }
 
@@ -352,6 +367,24 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
         outcome.format,
         outcome.bytes_copied
     );
+    Ok(0)
+}
+
+fn image_build(force: bool) -> Result<i32> {
+    let outcome = vmlab::image::build_image(force)?;
+    let index = &outcome.image.index;
+    if outcome.built {
+        eprintln!(
+            "vmlab: built the Debian {} image in {:.1} s: {} MiB on disk, {} GiB virtual",
+            index.suite,
+            outcome.elapsed.as_secs_f64(),
+            index.file_size >> 20,
+            index.virtual_size >> 30
+        );
+    } else {
+        log::info!("the Debian image of recipe {} is cached", index.recipe);
+    }
+    println!("{}", outcome.image.base.display());
     Ok(0)
 }
 

@@ -21,6 +21,7 @@ mod staging;
 
 pub use backend::{BlockBackend, BlockStatus, ImageFormat};
 pub use clone::{clone_image, CloneMode, CloneOptions, CloneOutcome};
+pub(crate) use create::check_replaceable;
 pub use create::{create_image, resize_image, CreateOptions, DEFAULT_CLUSTER_SIZE};
 pub use error::{DiskError, Result};
 pub use info::{image_info, ImageInfo};

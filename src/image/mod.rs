@@ -1,12 +1,25 @@
-//! The default guest: vmlab's own kernel and initramfs, built from the
-//! recipes in guest/ on first use and cached under the XDG cache directory.
+//! The default guests, built from the recipes in guest/ on first use and
+//! cached under the XDG cache directory: vmlab's own kernel and initramfs
+//! (this file), the Debian base image booted from a disk (debian.rs), the
+//! identity each VM gets at boot (identity.rs) and the user's SSH key
+//! (ssh_key.rs).
 
+mod debian;
+mod identity;
+mod lock;
 mod recipe;
+mod ssh_key;
 mod step;
 
 use std::path::PathBuf;
 
+pub use debian::{
+    boot_params, build_image, cached_image, debian_guest, image_dir, recipe_hash, BuildOutcome,
+    DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
+};
+pub use identity::{check_hostname, cmdline_param, GuestIdentity};
 pub use recipe::{Recipe, RECIPE_HASH};
+pub use ssh_key::{ssh_dir, user_key, UserKey};
 pub use step::run_step;
 
 /// Why the default guest could not be built.
@@ -25,6 +38,25 @@ pub enum ImageError {
     },
     #[error("building {step} printed no result path")]
     NoResult { step: String },
+    #[error("building the Debian base image needs root (debootstrap): run `vmlab image build` as root once")]
+    NeedsRoot,
+    #[error("{tool} not found: install {package}")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("{0}")]
+    InvalidIdentity(String),
+    // Not a #[source]: the message already includes it, and error chains
+    // printed with their sources would say it twice.
+    #[error("the Debian base image: {0}")]
+    Disk(crate::disk::DiskError),
+}
+
+impl From<crate::disk::DiskError> for ImageError {
+    fn from(e: crate::disk::DiskError) -> Self {
+        ImageError::Disk(e)
+    }
 }
 
 /// Paths of the default guest's kernel and initramfs.

@@ -82,6 +82,28 @@ pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, Imag
         })
 }
 
+/// A spinner for a step run in-process (none when stderr is not a
+/// terminal: then one line says what is happening).
+pub fn spinner(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        eprintln!("vmlab: {what}");
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+pub fn finish(bar: Option<ProgressBar>) {
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
