@@ -34,6 +34,13 @@ pub struct DefaultGuest {
     pub initrd: PathBuf,
 }
 
+/// The private key `vmlab ssh` logs in with. The default-guest image work
+/// provisions the pair and gets the public half into each VM; until then,
+/// this is only where it will be.
+pub fn ssh_key_path() -> PathBuf {
+    crate::dirs::data_dir().join("ssh").join("id_ed25519")
+}
+
 /// Where the paths of the built default guest are remembered, per recipe.
 fn index_file() -> PathBuf {
     crate::dirs::cache_dir()
