@@ -34,6 +34,7 @@ enum Command {
     /// Run the userspace NAT on an existing TAP device (e.g. one moved into a
     /// network namespace), the way slirp4netns serves a namespace; or
     /// `nat show NAME`: a running VM's flows and forwards.
+    #[command(args_conflicts_with_subcommands = true)]
     Nat(NatCmd),
     /// Create, inspect and grow disk images.
     Disk {
@@ -140,7 +141,7 @@ struct RunArgs {
     name: Option<String>,
     /// Run in the background (needs --name); reach it with vmlab console,
     /// vmlab ssh, vmlab stop.
-    #[arg(long, requires = "name")]
+    #[arg(long)]
     detach: bool,
     /// Print milliseconds to the first vCPU entry and to the guest's
     /// userspace-started signal (also shown with -v).
@@ -156,7 +157,7 @@ struct RunArgs {
 struct NatArgs {
     /// TAP device to serve (created if missing; needs CAP_NET_ADMIN).
     #[arg(long, value_name = "DEV")]
-    tap: String,
+    tap: Option<String>,
     /// Open the TAP inside this network namespace (e.g. /run/netns/NAME);
     /// host sockets stay in vmlab's own namespace.
     #[arg(long, value_name = "PATH")]
@@ -179,7 +180,6 @@ struct NatArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct NatCmd {
     #[command(subcommand)]
     action: Option<NatAction>,
@@ -300,6 +300,9 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
 
 fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     match args.name.clone() {
+        None if args.detach => {
+            anyhow::bail!("--detach needs --name NAME: a VM in the background is reached by its name")
+        }
         None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
         Some(name) => run_named(args, &name, verbose, started),
     }
@@ -515,10 +518,14 @@ fn ssh_config(name: &str) -> Result<i32> {
 
 fn nat(args: NatArgs) -> Result<i32> {
     // Forward ports first: a port in use must fail before anything else.
+    // Optional for clap only, so that `nat show NAME` needs no --tap.
+    let Some(dev) = &args.tap else {
+        anyhow::bail!("vmlab nat needs --tap DEV (or: vmlab nat show NAME for a VM's NAT)");
+    };
     let listeners = ForwardListeners::bind(&args.forwards)?;
     let tap = match &args.netns {
-        Some(path) => Tap::open_in_netns(&args.tap, path)?,
-        None => Tap::open(&args.tap)?,
+        Some(path) => Tap::open_in_netns(dev, path)?,
+        None => Tap::open(dev)?,
     };
     let config = NatConfig {
         mtu: args.mtu,
