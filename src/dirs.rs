@@ -47,7 +47,11 @@ pub fn runtime_dir() -> PathBuf {
 pub fn ensure_runtime_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = runtime_dir();
-    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir) {
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),

@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions};
 use vmlab::cli::{ByteSize, ForwardRule};
+use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
-use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
 /// A small hypervisor for virtualization labs.
@@ -301,7 +301,9 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
 fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     match args.name.clone() {
         None if args.detach => {
-            anyhow::bail!("--detach needs --name NAME: a VM in the background is reached by its name")
+            anyhow::bail!(
+                "--detach needs --name NAME: a VM in the background is reached by its name"
+            )
         }
         None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
         Some(name) => run_named(args, &name, verbose, started),
@@ -352,9 +354,8 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
 
 /// The command line's settings over `base` (a named VM's saved ones).
 fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings> {
-    let absolute = |p: &PathBuf| {
-        std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
-    };
+    let absolute =
+        |p: &PathBuf| std::path::absolute(p).with_context(|| format!("bad path {}", p.display()));
     if let Some(kernel) = &args.kernel {
         settings.kernel = Some(absolute(kernel)?);
     }
@@ -448,7 +449,10 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         .map(|n| VmDir::existing(n))
         .collect::<Result<Vec<_>, _>>()?;
     let mut failed = false;
-    for (vm, result) in vms.iter().zip(control::stop_all(&vms, Duration::from_secs(timeout))) {
+    for (vm, result) in vms
+        .iter()
+        .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
+    {
         match result {
             Ok(StopOutcome::PoweredOff) => eprintln!("{}: powered off", vm.name()),
             Ok(StopOutcome::Killed) => eprintln!(
@@ -512,7 +516,10 @@ fn ssh(name: &str, command: &[String]) -> Result<i32> {
 
 fn ssh_config(name: &str) -> Result<i32> {
     let (addr, key, known_hosts) = ssh_target(name)?;
-    print!("{}", control::ssh::ssh_config(name, addr, &key, &known_hosts));
+    print!(
+        "{}",
+        control::ssh::ssh_config(name, addr, &key, &known_hosts)
+    );
     Ok(0)
 }
 
@@ -617,7 +624,10 @@ fn vm_name_of(arg: &std::path::Path) -> Option<String> {
     if text.contains('/') {
         return None;
     }
-    VmDir::named(text).ok().filter(VmDir::exists).map(|_| text.to_string())
+    VmDir::named(text)
+        .ok()
+        .filter(VmDir::exists)
+        .map(|_| text.to_string())
 }
 
 fn bench_boot(args: BenchBootArgs) -> Result<i32> {

@@ -59,9 +59,7 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
         message: format!("console: {e}"),
     };
     // Unbuffered, so that poll sees every byte still to read.
-    let mut stdin = std::fs::File::from(
-        crate::vmm::console::ConsoleInput::stdin_fd().map_err(io)?,
-    );
+    let mut stdin = std::fs::File::from(crate::vmm::console::ConsoleInput::stdin_fd().map_err(io)?);
     let terminal = RawTerminal::enable(libc::STDIN_FILENO);
     let mut escape = terminal.is_some().then(EscapeParser::default);
     let mut out = std::io::stdout();
@@ -91,7 +89,9 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
                 eprintln!("\r\nvmlab: {} stopped", vm.name());
                 return Ok(true);
             }
-            out.write_all(&buf[..n]).and_then(|()| out.flush()).map_err(io)?;
+            out.write_all(&buf[..n])
+                .and_then(|()| out.flush())
+                .map_err(io)?;
         }
         if stdin_ready {
             let n = stdin.read(&mut buf).map_err(io)?;

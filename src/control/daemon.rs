@@ -23,7 +23,8 @@ const READY: &str = "ready";
 /// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
 pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log_path = vm.vmm_log();
-    let log = std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let log =
+        std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
     let mut command = Command::new(exe);
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));
@@ -43,7 +44,9 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     if line.trim() == READY {
         return Ok(child.id());
     }
-    let status = child.wait().map_err(ControlError::io("cannot wait for", exe))?;
+    let status = child
+        .wait()
+        .map_err(ControlError::io("cannot wait for", exe))?;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().rev().find(|l| !l.trim().is_empty());
     let message = match last {

@@ -83,6 +83,10 @@ mod tests {
             assert_eq!(err.lines().count(), 1, "{err}");
         }
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        assert!(long.parse::<VmName>().unwrap_err().to_string().contains("longer"));
+        assert!(long
+            .parse::<VmName>()
+            .unwrap_err()
+            .to_string()
+            .contains("longer"));
     }
 }

@@ -37,7 +37,9 @@ pub enum Response {
     /// Raw console bytes follow.
     Console,
     Nat(NatSnapshot),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -206,7 +208,12 @@ mod tests {
 
     #[test]
     fn requests_are_one_json_line_each() {
-        for request in [Request::Status, Request::Stop, Request::Console, Request::Nat] {
+        for request in [
+            Request::Status,
+            Request::Stop,
+            Request::Console,
+            Request::Nat,
+        ] {
             assert_eq!(round_trip(&request), request);
         }
         assert_eq!(encode(&Request::Stop), b"{\"request\":\"stop\"}\n");
@@ -250,7 +257,10 @@ mod tests {
         };
         let rule: ForwardRule = "tcp:2222:22".parse().unwrap();
         let snapshot = NatSnapshot::from_nat(&[rule], &[flow], &counters);
-        assert_eq!(round_trip(&Response::Nat(snapshot.clone())), Response::Nat(snapshot.clone()));
+        assert_eq!(
+            round_trip(&Response::Nat(snapshot.clone())),
+            Response::Nat(snapshot.clone())
+        );
         let text = snapshot.render();
         assert!(text.contains("tcp:127.0.0.1:2222:22"), "{text}");
         assert!(text.contains("tcp/fwd"), "{text}");
@@ -269,7 +279,10 @@ mod tests {
             b"[1,2,3]\n",
         ];
         for bytes in cases {
-            assert!(read_message::<Request>(&mut Cursor::new(bytes)).is_err(), "{bytes:?}");
+            assert!(
+                read_message::<Request>(&mut Cursor::new(bytes)).is_err(),
+                "{bytes:?}"
+            );
         }
         let mut long = vec![b' '; MAX_LINE + 10];
         long.push(b'\n');

@@ -59,7 +59,10 @@ pub fn format_uptime(secs: u64) -> String {
 pub fn render(rows: &[PsRow]) -> String {
     use std::fmt::Write as _;
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
-    let mut out = format!("{:<width$}  {:<8}  {:>7}  {:>7}  FORWARDS\n", "NAME", "STATE", "PID", "UPTIME");
+    let mut out = format!(
+        "{:<width$}  {:<8}  {:>7}  {:>7}  FORWARDS\n",
+        "NAME", "STATE", "PID", "UPTIME"
+    );
     for r in rows {
         let pid = r.pid.map_or_else(|| "-".into(), |p| p.to_string());
         let uptime = r.uptime_secs.map_or_else(|| "-".into(), format_uptime);
@@ -68,7 +71,11 @@ pub fn render(rows: &[PsRow]) -> String {
         } else {
             r.forwards.join(", ")
         };
-        let _ = writeln!(out, "{:<width$}  {:<8}  {pid:>7}  {uptime:>7}  {forwards}", r.name, r.state);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<8}  {pid:>7}  {uptime:>7}  {forwards}",
+            r.name, r.state
+        );
     }
     out
 }
@@ -108,7 +115,10 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NAME      STATE"), "{text}");
-        assert!(lines[1].contains("running") && lines[1].contains("1234"), "{text}");
+        assert!(
+            lines[1].contains("running") && lines[1].contains("1234"),
+            "{text}"
+        );
         assert!(lines[1].contains("1m05s") && lines[1].ends_with("tcp:127.0.0.1:2222:22"));
         assert!(lines[2].starts_with("database  stopped"), "{text}");
         let state_col = lines[0].find("STATE").unwrap();
@@ -122,7 +132,10 @@ mod tests {
             forwards: vec!["tcp:2222:22".parse().unwrap()],
             ..Default::default()
         };
-        VmDir::named("vm1").unwrap().save_settings(&settings).unwrap();
+        VmDir::named("vm1")
+            .unwrap()
+            .save_settings(&settings)
+            .unwrap();
         let rows = rows().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state, "stopped");

@@ -197,7 +197,7 @@ mod tests {
         let presses = Arc::new(AtomicUsize::new(0));
         let counted = presses.clone();
         let hub = ConsoleHub::new(None, false);
-        let (input, pipe_w) = std::io::pipe().unwrap();
+        let (input, pipe_w) = nix::unistd::pipe().unwrap();
         let mut ctx = ControlContext::new(
             "vm1".into(),
             vec!["tcp:2222:22".parse().unwrap()],
@@ -207,7 +207,7 @@ mod tests {
             }),
             hub.clone(),
         );
-        ctx.console_input = Some(Mutex::new(File::from(std::os::fd::OwnedFd::from(pipe_w))));
+        ctx.console_input = Some(Mutex::new(File::from(pipe_w)));
         if with_nat {
             ctx.nat = Some(Arc::new(FakeNat));
         }
@@ -217,7 +217,7 @@ mod tests {
             socket,
             presses,
             hub,
-            input: File::from(std::os::fd::OwnedFd::from(input)),
+            input: File::from(input),
         }
     }
 
@@ -262,7 +262,10 @@ mod tests {
     fn garbage_gets_an_error_answer_and_the_server_lives_on() {
         let s = serve_fake(false);
         for raw in [&b"hello\n"[..], b"{\"request\":\"explode\"}\n", b"\n"] {
-            assert!(matches!(ask(&s.socket, raw), Response::Error { .. }), "{raw:?}");
+            assert!(
+                matches!(ask(&s.socket, raw), Response::Error { .. }),
+                "{raw:?}"
+            );
         }
         assert!(matches!(
             ask(&s.socket, &encode(&Request::Status)),

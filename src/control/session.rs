@@ -46,11 +46,9 @@ pub fn start_named(
     let (input, keystrokes) = match attach {
         Attach::Terminal => (ConsoleInput::Stdin, None),
         Attach::Detached => {
-            let (read, write) = std::io::pipe().map_err(ControlError::io("cannot create a pipe for", &log_path))?;
-            (
-                ConsoleInput::Fd(read.into()),
-                Some(Mutex::new(File::from(std::os::fd::OwnedFd::from(write)))),
-            )
+            let (read, write) = nix::unistd::pipe()
+                .map_err(|e| ControlError::io("cannot create a pipe for", &log_path)(e.into()))?;
+            (ConsoleInput::Fd(read), Some(Mutex::new(File::from(write))))
         }
     };
     let config = build(ConsoleConfig {
@@ -59,12 +57,16 @@ pub fn start_named(
     })?;
     let vm = Vm::build(config)?;
 
-    let runtime = crate::dirs::ensure_runtime_dir()
-        .map_err(ControlError::io("cannot prepare the runtime directory", &crate::dirs::runtime_dir()))?;
+    let runtime = crate::dirs::ensure_runtime_dir().map_err(ControlError::io(
+        "cannot prepare the runtime directory",
+        &crate::dirs::runtime_dir(),
+    ))?;
     log::debug!("control sockets in {}", runtime.display());
     let socket = dir.socket_path();
-    let listener =
-        UnixListener::bind(&socket).map_err(ControlError::io("cannot create the control socket", &socket))?;
+    let listener = UnixListener::bind(&socket).map_err(ControlError::io(
+        "cannot create the control socket",
+        &socket,
+    ))?;
     lock.write_pid()?;
     let button = vm.power_button();
     let mut ctx = ControlContext::new(
@@ -84,8 +86,13 @@ impl NamedVm {
     /// Runs the VM to its end, then frees the name (socket, pid file).
     pub fn run_measured(
         self,
-    ) -> Result<(crate::vmm::ExitReason, Option<crate::vmm::footprint::Footprint>), crate::vmm::VmmError>
-    {
+    ) -> Result<
+        (
+            crate::vmm::ExitReason,
+            Option<crate::vmm::footprint::Footprint>,
+        ),
+        crate::vmm::VmmError,
+    > {
         let NamedVm { vm, _lock } = self;
         vm.run_measured()
     }

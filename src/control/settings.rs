@@ -105,9 +105,13 @@ impl VmSettings {
                     .forwards
                     .push(value.parse().map_err(|e| err(format!("{e}")))?),
                 "disk" => settings.disks.push(PathBuf::from(value)),
-                "mac" => settings.mac = Some(parse_mac(value).ok_or_else(|| {
-                    err(format!("mac '{value}' is not six hex bytes like 52:54:00:12:34:56"))
-                })?),
+                "mac" => {
+                    settings.mac = Some(parse_mac(value).ok_or_else(|| {
+                        err(format!(
+                            "mac '{value}' is not six hex bytes like 52:54:00:12:34:56"
+                        ))
+                    })?)
+                }
                 "kernel" => settings.kernel = Some(PathBuf::from(value)),
                 "initrd" => settings.initrd = Some(PathBuf::from(value)),
                 "cmdline" => settings.cmdline = value.to_string(),
@@ -167,7 +171,10 @@ mod tests {
                 "tcp:2222:22".parse().unwrap(),
                 "udp:0.0.0.0:5353:53".parse().unwrap(),
             ],
-            disks: vec![PathBuf::from("/data/vm1/disk.qcow2"), PathBuf::from("/x y.raw")],
+            disks: vec![
+                PathBuf::from("/data/vm1/disk.qcow2"),
+                PathBuf::from("/x y.raw"),
+            ],
             mac: Some([0x52, 0x54, 0, 1, 2, 0xab]),
             kernel: Some(PathBuf::from("/k/vmlinux")),
             initrd: Some(PathBuf::from("/k/initrd.cpio")),
@@ -179,7 +186,11 @@ mod tests {
     fn round_trips() {
         for settings in [VmSettings::default(), full()] {
             let text = settings.render();
-            assert_eq!(VmSettings::parse(&text, Path::new("vm.conf")).unwrap(), settings, "{text}");
+            assert_eq!(
+                VmSettings::parse(&text, Path::new("vm.conf")).unwrap(),
+                settings,
+                "{text}"
+            );
         }
     }
 

@@ -103,7 +103,12 @@ pub fn forget_host_key(name: &str) -> Result<()> {
     let alias = host_key_alias(name);
     let kept: String = text
         .lines()
-        .filter(|line| line.split_whitespace().next().map(|h| h.split(',').any(|h| h == alias)) != Some(true))
+        .filter(|line| {
+            line.split_whitespace()
+                .next()
+                .map(|h| h.split(',').any(|h| h == alias))
+                != Some(true)
+        })
         .map(|line| format!("{line}\n"))
         .collect();
     if kept != text {
@@ -127,14 +132,22 @@ mod tests {
     #[test]
     fn the_tcp_forward_to_22_is_used() {
         let s = with_forwards(&["udp:2222:22", "tcp:8080:80", "tcp:0.0.0.0:2223:22"]);
-        assert_eq!(ssh_address("vm1", &s).unwrap(), "127.0.0.1:2223".parse().unwrap());
+        assert_eq!(
+            ssh_address("vm1", &s).unwrap(),
+            "127.0.0.1:2223".parse().unwrap()
+        );
         let s = with_forwards(&["tcp:127.0.0.2:2222:22"]);
-        assert_eq!(ssh_address("vm1", &s).unwrap(), "127.0.0.2:2222".parse().unwrap());
+        assert_eq!(
+            ssh_address("vm1", &s).unwrap(),
+            "127.0.0.2:2222".parse().unwrap()
+        );
     }
 
     #[test]
     fn no_forward_to_22_is_one_clear_line() {
-        let err = ssh_address("vm1", &with_forwards(&["tcp:8080:80"])).unwrap_err().to_string();
+        let err = ssh_address("vm1", &with_forwards(&["tcp:8080:80"]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no port forward to its port 22"), "{err}");
         assert!(err.contains("--forward tcp:2222:22"), "{err}");
     }
@@ -159,7 +172,10 @@ mod tests {
         ] {
             assert!(joined.contains(needle), "{joined}");
         }
-        assert!(joined.ends_with("root@127.0.0.1 -- cat /root/mark"), "{joined}");
+        assert!(
+            joined.ends_with("root@127.0.0.1 -- cat /root/mark"),
+            "{joined}"
+        );
     }
 
     #[test]
@@ -172,7 +188,10 @@ mod tests {
         );
         assert!(text.starts_with("Host vm2\n  HostName 127.0.0.1\n  Port 2223\n  User root\n"));
         assert!(text.contains("  IdentityFile \"/my keys/id\"\n"), "{text}");
-        assert!(text.contains("  StrictHostKeyChecking accept-new\n"), "{text}");
+        assert!(
+            text.contains("  StrictHostKeyChecking accept-new\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -186,7 +205,10 @@ mod tests {
         )
         .unwrap();
         forget_host_key("vm1").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "vmlab-vm10 ssh-ed25519 AAAA2\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "vmlab-vm10 ssh-ed25519 AAAA2\n"
+        );
         forget_host_key("absent").unwrap();
     }
 }

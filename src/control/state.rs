@@ -7,7 +7,10 @@
 //! it dies. Anyone else probes with a shared lock: if they get it, no VM
 //! runs, and a socket or pid file still there is stale and is removed.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -46,7 +49,7 @@ pub enum Liveness {
 /// Dropping it removes the socket and pid file, then releases the lock.
 pub struct RunLock {
     dir: VmDir,
-    _file: File,
+    _held: Flock<File>,
 }
 
 impl Drop for RunLock {
@@ -115,8 +118,10 @@ impl VmDir {
 
     /// Writes the configuration (atomically), creating the directory.
     pub fn save_settings(&self, settings: &VmSettings) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(ControlError::io("cannot create the VM directory", &self.dir))?;
+        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+            "cannot create the VM directory",
+            &self.dir,
+        ))?;
         let path = self.config_path();
         crate::fsutil::write_atomically(&path, settings.render().as_bytes())
             .map_err(ControlError::io("cannot write the VM configuration", &path))
@@ -138,19 +143,22 @@ impl VmDir {
             return Ok(Liveness::Stopped { cleaned: false });
         }
         let file = self.open_lock()?;
-        match file.try_lock_shared() {
-            Ok(()) => {
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(_shared) => {
                 let cleaned = self.remove_run_files();
                 if cleaned {
-                    log::info!("{}: removed the socket or pid file of a crashed run", self.name);
+                    log::info!(
+                        "{}: removed the socket or pid file of a crashed run",
+                        self.name
+                    );
                 }
                 Ok(Liveness::Stopped { cleaned })
             }
-            Err(TryLockError::WouldBlock) => Ok(Liveness::Running { pid: self.pid() }),
-            Err(TryLockError::Error(e)) => Err(ControlError::Io {
+            Err((_, Errno::EWOULDBLOCK)) => Ok(Liveness::Running { pid: self.pid() }),
+            Err((_, e)) => Err(ControlError::Io {
                 what: "cannot lock",
                 path: self.dir.join(LOCK_FILE),
-                source: e,
+                source: e.into(),
             }),
         }
     }
@@ -172,32 +180,35 @@ impl VmDir {
     /// that must not race with it: rm, clone). Fails with `Running` while
     /// another process holds it. Stale run files are removed.
     pub fn lock_exclusive(&self) -> Result<RunLock> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(ControlError::io("cannot create the VM directory", &self.dir))?;
-        let file = self.open_lock()?;
+        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+            "cannot create the VM directory",
+            &self.dir,
+        ))?;
+        let mut file = self.open_lock()?;
         let deadline = Instant::now() + EXCLUSIVE_RETRY;
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+        let held = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => break held,
+                Err((back, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = back;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(TryLockError::WouldBlock) => {
+                Err((_, Errno::EWOULDBLOCK)) => {
                     return Err(ControlError::Running(self.name.to_string()))
                 }
-                Err(TryLockError::Error(e)) => {
+                Err((_, e)) => {
                     return Err(ControlError::Io {
                         what: "cannot lock",
                         path: self.dir.join(LOCK_FILE),
-                        source: e,
+                        source: e.into(),
                     })
                 }
             }
-        }
+        };
         self.remove_run_files();
         Ok(RunLock {
             dir: self.clone(),
-            _file: file,
+            _held: held,
         })
     }
 
@@ -216,8 +227,10 @@ impl VmDir {
 
     /// Deletes the VM's directory. The caller holds its exclusive lock.
     pub fn remove(&self, _held: &RunLock) -> Result<()> {
-        std::fs::remove_dir_all(&self.dir)
-            .map_err(ControlError::io("cannot remove the VM directory", &self.dir))
+        std::fs::remove_dir_all(&self.dir).map_err(ControlError::io(
+            "cannot remove the VM directory",
+            &self.dir,
+        ))
     }
 
     /// Every VM with a configuration, sorted by name.
@@ -274,7 +287,10 @@ pub(crate) mod tests {
         let home = temp_home();
         let vm = VmDir::named("vm1").unwrap();
         assert_eq!(vm.path(), home.dir.as_path().join("data/vmlab/vms/vm1"));
-        assert_eq!(vm.socket_path(), home.dir.as_path().join("run/vmlab/vm1.sock"));
+        assert_eq!(
+            vm.socket_path(),
+            home.dir.as_path().join("run/vmlab/vm1.sock")
+        );
         assert!(!vm.exists());
         assert!(VmDir::named("../x").is_err());
     }
@@ -288,11 +304,21 @@ pub(crate) mod tests {
             ..VmSettings::default()
         };
         for name in ["b", "a"] {
-            VmDir::named(name).unwrap().save_settings(&settings).unwrap();
+            VmDir::named(name)
+                .unwrap()
+                .save_settings(&settings)
+                .unwrap();
         }
-        let names: Vec<_> = VmDir::list().unwrap().iter().map(|v| v.name().to_string()).collect();
+        let names: Vec<_> = VmDir::list()
+            .unwrap()
+            .iter()
+            .map(|v| v.name().to_string())
+            .collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(VmDir::existing("a").unwrap().load_settings().unwrap(), settings);
+        assert_eq!(
+            VmDir::existing("a").unwrap().load_settings().unwrap(),
+            settings
+        );
         let missing = VmDir::existing("zz").unwrap_err().to_string();
         assert!(missing.contains("no VM named zz"), "{missing}");
     }

@@ -50,7 +50,10 @@ pub fn stop_all(vms: &[VmDir], timeout: Duration) -> Vec<Result<StopOutcome>> {
     for (vm, result) in vms.iter().zip(&mut results) {
         if result.is_none() {
             if let Some(pid) = vm.pid() {
-                log::info!("{}: did not power off in {timeout:?}; killing pid {pid}", vm.name());
+                log::info!(
+                    "{}: did not power off in {timeout:?}; killing pid {pid}",
+                    vm.name()
+                );
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }

@@ -60,11 +60,16 @@ fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path) -> Result<PathBuf> {
         vm: src.name().to_string(),
         source,
     };
-    let file_name = disk.file_name().expect("owned disks are files in the VM directory");
+    let file_name = disk
+        .file_name()
+        .expect("owned disks are files in the VM directory");
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let stem = Path::new(file_name).file_stem().unwrap_or(file_name).to_string_lossy();
+    let stem = Path::new(file_name)
+        .file_stem()
+        .unwrap_or(file_name)
+        .to_string_lossy();
     let frozen = disk.with_file_name(format!("{stem}.frozen-{stamp}.qcow2"));
     std::fs::rename(disk, &frozen).map_err(ControlError::io("cannot freeze the disk", disk))?;
     let undo = || {
@@ -150,7 +155,10 @@ mod tests {
         let chain2 = crate::disk::image_info(&s2.disks[0]).unwrap();
         assert_eq!(chain1.len(), 2);
         assert_eq!(chain2.len(), 2);
-        assert_eq!(chain1[1].path.canonicalize().unwrap(), chain2[1].path.canonicalize().unwrap());
+        assert_eq!(
+            chain1[1].path.canonicalize().unwrap(),
+            chain2[1].path.canonicalize().unwrap()
+        );
         assert!(chain1[1].path.to_string_lossy().contains(".frozen-"));
         assert_eq!(dependents(&vm1).unwrap(), ["vm2"]);
         assert!(dependents(&vm2).unwrap().is_empty());
@@ -164,11 +172,20 @@ mod tests {
         let held = VmDir::named("vm1").unwrap().lock_exclusive().unwrap();
         let err = clone_vm("vm1", "vm2").unwrap_err().to_string();
         assert!(err.contains("is running: stop it before cloning"), "{err}");
-        assert!(!VmDir::named("vm2").unwrap().path().exists(), "nothing half-made");
+        assert!(
+            !VmDir::named("vm2").unwrap().path().exists(),
+            "nothing half-made"
+        );
         drop(held);
         let err = clone_vm("vm1", "vm3").unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
-        assert!(clone_vm("nope", "vm4").unwrap_err().to_string().contains("no VM named nope"));
-        assert!(clone_vm("vm1", "Bad").unwrap_err().to_string().contains("invalid VM name"));
+        assert!(clone_vm("nope", "vm4")
+            .unwrap_err()
+            .to_string()
+            .contains("no VM named nope"));
+        assert!(clone_vm("vm1", "Bad")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid VM name"));
     }
 }

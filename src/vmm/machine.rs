@@ -29,7 +29,6 @@ use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
 use super::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::arch::x86_64::acpi::VirtioMmioSlot;
-use crate::control::NatView;
 use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
 use crate::arch::x86_64::kernel::check_images;
@@ -40,6 +39,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
+use crate::control::NatView;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::events::QueueEvents;
