@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod devices;
 pub mod dirs;
 pub mod disk;

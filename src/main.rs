@@ -4,15 +4,16 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule};
+use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
-use vmlab::vmm::{BootSource, ConsoleConfig, RunReport, VmConfig};
+use vmlab::vmm::{ConsoleConfig, RunReport};
 
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
@@ -31,15 +32,47 @@ enum Command {
     /// Boot a Linux guest with its console on this terminal (Ctrl-A x quits).
     Run(RunArgs),
     /// Run the userspace NAT on an existing TAP device (e.g. one moved into a
-    /// network namespace), the way slirp4netns serves a namespace.
-    Nat(NatArgs),
+    /// network namespace), the way slirp4netns serves a namespace; or
+    /// `nat show NAME`: a running VM's flows and forwards.
+    #[command(args_conflicts_with_subcommands = true)]
+    Nat(NatCmd),
     /// Create, inspect and grow disk images.
     Disk {
         #[command(subcommand)]
         action: DiskCommand,
     },
-    /// Clone a disk image: a linked qcow2 clone in constant time, or a full copy.
+    /// Clone a VM (SRC and DST are VM names) or a disk image (paths): a
+    /// linked qcow2 clone in constant time, or a full copy.
     Clone(CloneArgs),
+    /// List named VMs: name, state, pid, uptime, forwards.
+    Ps,
+    /// Stop named VMs: press the power button, wait, kill after --timeout.
+    Stop {
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Seconds to wait for the guest to power off before killing it.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Attach to a running VM's serial console (Ctrl-A x detaches).
+    Console { name: String },
+    /// Delete stopped VMs: their settings, disks and logs.
+    Rm {
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// SSH into a VM through its forward to port 22, with vmlab's key.
+    Ssh {
+        name: String,
+        /// Command to run instead of a shell (after --).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print an OpenSSH config stanza for a VM (for ssh, scp, rsync).
+    SshConfig { name: String },
+    /// Runs a named VM in the background (started by run --detach).
+    #[command(name = "vm-daemon", hide = true)]
+    VmDaemon { name: String },
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -103,20 +136,30 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Extra kernel command line, appended to vmlab's own (console=ttyS0 ...).
-    #[arg(long, value_name = "STR", default_value = "")]
-    cmdline: String,
-    /// Guest memory, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    mem: ByteSize,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1,
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory, e.g. 512M or 2G [default: 512M, or the named VM's].
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<ByteSize>,
+    /// Number of vCPUs [default: 1, or the named VM's].
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u8).range(1..=254))]
-    cpus: u8,
-    /// Name of the VM.
-    #[arg(long, default_value = "vmlab")]
-    name: String,
+    cpus: Option<u8>,
+    /// Port forward tcp:[HOSTADDR:]HOSTPORT:GUESTPORT or udp:... (repeatable;
+    /// replaces a named VM's saved forwards).
+    #[arg(long = "forward", value_name = "RULE")]
+    forwards: Vec<ForwardRule>,
+    /// Name the VM: its settings, serial log and control socket are kept
+    /// (see vmlab ps); without it the VM is throwaway.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Run in the background (needs --name); reach it with vmlab console,
+    /// vmlab ssh, vmlab stop.
+    #[arg(long)]
+    detach: bool,
     /// A disk image (raw or qcow2, told apart by content), PATH or PATH,ro;
-    /// repeat for more: /dev/vda, /dev/vdb, ... in this order.
+    /// repeat for more: /dev/vda, /dev/vdb, ... in this order (replaces a
+    /// named VM's saved disks).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskSpec>,
     /// Print milliseconds to the first vCPU entry and to the guest's
@@ -133,7 +176,7 @@ struct RunArgs {
 struct NatArgs {
     /// TAP device to serve (created if missing; needs CAP_NET_ADMIN).
     #[arg(long, value_name = "DEV")]
-    tap: String,
+    tap: Option<String>,
     /// Open the TAP inside this network namespace (e.g. /run/netns/NAME);
     /// host sockets stay in vmlab's own namespace.
     #[arg(long, value_name = "PATH")]
@@ -153,6 +196,20 @@ struct NatArgs {
     /// Only let the namespace reach the host itself (10.0.2.2 and the DNS relay).
     #[arg(long)]
     host_only: bool,
+}
+
+#[derive(Args, Debug)]
+struct NatCmd {
+    #[command(subcommand)]
+    action: Option<NatAction>,
+    #[command(flatten)]
+    serve: NatArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum NatAction {
+    /// A running VM's NAT: forwards, flow table and counters.
+    Show { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,39 +299,164 @@ fn main() {
 fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
     match command {
         Command::Run(args) => run(args, verbose, started),
-        Command::Nat(args) => nat(args),
+        Command::Nat(NatCmd {
+            action: Some(NatAction::Show { name }),
+            ..
+        }) => nat_show(&name),
+        Command::Nat(NatCmd { serve, .. }) => nat(serve),
         Command::Disk { action } => disk_cmd(action),
         Command::Clone(args) => clone_cmd(args),
+        Command::Ps => ps(),
+        Command::Stop { names, timeout } => stop(&names, timeout),
+        Command::Console { name } => console(&name),
+        Command::Rm { names } => rm(&names),
+        Command::Ssh { name, command } => ssh(&name, &command),
+        Command::SshConfig { name } => ssh_config(&name),
+        Command::VmDaemon { name } => vm_daemon(&name, started),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Image(ImageCommand::Build { force }) => image_build(force),
     }
 }
 
 fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
-    let (kernel, initrd) = match args.kernel {
-        Some(kernel) => (kernel, args.initrd),
+    match args.name.clone() {
+        None if args.detach => {
+            anyhow::bail!(
+                "--detach needs --name NAME: a VM in the background is reached by its name"
+            )
+        }
+        None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
+        Some(name) => run_named(args, &name, verbose, started),
+    }
+}
+
+/// A named VM: its saved settings with the command line's on top, saved
+/// back; then started detached or on this terminal.
+fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result<i32> {
+    let vm = VmDir::named(name)?;
+    let created = !vm.exists();
+    let base = if created {
+        VmSettings::default()
+    } else {
+        vm.load_settings()?
+    };
+    let mut settings = merge_settings(base, &args)?;
+    if vm.is_running()? {
+        return Err(ControlError::Running(name.to_string()).into());
+    }
+    // Builds the default guest now, with progress on this terminal. A new
+    // named VM without a kernel of its own is a Debian VM with its own disk.
+    let prepared = if created && settings.kernel.is_none() {
+        vmlab::image::check_hostname(name)?;
+        control::launch::prepare_debian(vm.path(), &mut settings)
+    } else if settings.debian {
+        Ok(())
+    } else {
+        control::launch::boot_images(&settings).map(drop)
+    };
+    if let Err(e) = prepared {
+        if created {
+            if let Ok(held) = vm.lock_exclusive() {
+                let _ = vm.remove(&held);
+            }
+        }
+        return Err(e.into());
+    }
+    vm.save_settings(&settings)?;
+    let result = if args.detach {
+        let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
+        control::daemon::spawn_detached(&exe, &vm, verbose)
+            .map(|pid| {
+                println!("{name} is running in the background (pid {pid})");
+                println!("  console: vmlab console {name}   (Ctrl-A x detaches)");
+                if control::ssh::ssh_address(name, &settings).is_ok() {
+                    println!("  ssh:     vmlab ssh {name}");
+                }
+                println!("  stop:    vmlab stop {name}");
+                0
+            })
+            .map_err(anyhow::Error::from)
+    } else {
+        run_vm(args, settings, name, Some(&vm), verbose, started)
+    };
+    if result.is_err() && created {
+        // A VM that never ran leaves nothing behind.
+        if let Ok(held) = vm.lock_exclusive() {
+            let _ = vm.remove(&held);
+        }
+    }
+    result
+}
+
+/// The command line's settings over `base` (a named VM's saved ones).
+fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings> {
+    let absolute =
+        |p: &PathBuf| std::path::absolute(p).with_context(|| format!("bad path {}", p.display()));
+    if let Some(kernel) = &args.kernel {
+        settings.kernel = Some(absolute(kernel)?);
+    }
+    if let Some(initrd) = &args.initrd {
+        settings.initrd = Some(absolute(initrd)?);
+    }
+    if let Some(cmdline) = &args.cmdline {
+        settings.cmdline = cmdline.clone();
+    }
+    if let Some(mem) = args.mem {
+        settings.mem = mem;
+    }
+    if let Some(cpus) = args.cpus {
+        settings.cpus = cpus;
+    }
+    if !args.forwards.is_empty() {
+        settings.forwards = args.forwards.clone();
+    }
+    if !args.disks.is_empty() {
+        settings.disks = args
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(DiskSpec {
+                    path: absolute(&d.path)?,
+                    read_only: d.read_only,
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(settings)
+}
+
+/// Runs a VM on this terminal; `named` gives it a control socket.
+fn run_vm(
+    args: RunArgs,
+    settings: VmSettings,
+    name: &str,
+    named: Option<&VmDir>,
+    verbose: u8,
+    started: Instant,
+) -> Result<i32> {
+    let settings = match named {
+        Some(_) => settings,
+        None => merge_settings(settings, &args)?,
+    };
+    let (timeline, (reason, footprint)) = match named {
         None => {
-            let guest = vmlab::image::default_guest()?;
-            (guest.kernel, args.initrd.or(Some(guest.initrd)))
+            let config = control::launch::vm_config(
+                name,
+                &settings,
+                ConsoleConfig::stdio(),
+                args.boot_timer,
+                started,
+            )?;
+            let vm = vmlab::vmm::Vm::build(config)?;
+            (vm.timeline(), vm.run_measured()?)
+        }
+        Some(dir) => {
+            let vm = control::start_named(dir, &settings, Attach::Terminal, |console| {
+                control::launch::vm_config(name, &settings, console, args.boot_timer, started)
+            })?;
+            (vm.vm.timeline(), vm.run_measured()?)
         }
     };
-    let config = VmConfig {
-        name: args.name,
-        cpus: args.cpus,
-        mem_size: args.mem.bytes(),
-        boot: BootSource::Linux {
-            kernel,
-            initrd,
-            cmdline: args.cmdline,
-        },
-        console: ConsoleConfig::stdio(),
-        disks: args.disks,
-        boot_timer: args.boot_timer,
-        started,
-    };
-    let vm = vmlab::vmm::Vm::build(config)?;
-    let timeline = vm.timeline();
-    let (reason, footprint) = vm.run_measured()?;
     if args.boot_timer || verbose > 0 {
         eprintln!("vmlab: {}", timeline.summary());
         if let Some(footprint) = &footprint {
@@ -290,12 +472,115 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
     Ok(reason.exit_code())
 }
 
+/// The background process of `run --detach`.
+fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
+    control::daemon::detach_from_terminal();
+    let vm = VmDir::existing(name)?;
+    let settings = vm.load_settings()?;
+    let named = control::start_named(&vm, &settings, Attach::Detached, |console| {
+        control::launch::vm_config(name, &settings, console, false, started)
+    })?;
+    control::daemon::signal_ready();
+    let (reason, _) = named.run_measured()?;
+    eprintln!("vmlab: {reason}");
+    Ok(reason.exit_code())
+}
+
+fn ps() -> Result<i32> {
+    print!("{}", control::ps::render(&control::ps::rows()?));
+    Ok(0)
+}
+
+fn stop(names: &[String], timeout: u64) -> Result<i32> {
+    let vms = names
+        .iter()
+        .map(|n| VmDir::existing(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut failed = false;
+    for (vm, result) in vms
+        .iter()
+        .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
+    {
+        match result {
+            Ok(StopOutcome::PoweredOff) => eprintln!("{}: powered off", vm.name()),
+            Ok(StopOutcome::Killed) => eprintln!(
+                "{}: killed (the guest did not power off within {timeout} s)",
+                vm.name()
+            ),
+            Ok(StopOutcome::NotRunning) => eprintln!("{}: was not running", vm.name()),
+            Err(e) => {
+                eprintln!("vmlab: error: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn console(name: &str) -> Result<i32> {
+    let vm = VmDir::existing(name)?;
+    eprintln!("vmlab: attached to {name}'s console (Ctrl-A x detaches)\r");
+    control::client::attach_console(&vm)?;
+    Ok(0)
+}
+
+fn rm(names: &[String]) -> Result<i32> {
+    for name in names {
+        control::remove_vm(name)?;
+    }
+    Ok(0)
+}
+
+fn nat_show(name: &str) -> Result<i32> {
+    let vm = VmDir::existing(name)?;
+    match control::client::request(&vm, &control::Request::Nat)? {
+        control::Response::Nat(snapshot) => print!("{}", snapshot.render()),
+        other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
+    }
+    Ok(0)
+}
+
+/// The address, key and known_hosts for ssh to `name`.
+fn ssh_target(name: &str) -> Result<(std::net::SocketAddrV4, PathBuf, PathBuf)> {
+    let vm = VmDir::existing(name)?;
+    let addr = control::ssh::ssh_address(name, &vm.load_settings()?)?;
+    let known_hosts = control::ssh::known_hosts_path();
+    if let Some(dir) = known_hosts.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok((addr, vmlab::image::user_key()?.private_key, known_hosts))
+}
+
+fn ssh(name: &str, command: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let (addr, key, known_hosts) = ssh_target(name)?;
+    if !VmDir::existing(name)?.is_running()? {
+        return Err(ControlError::NotRunning(name.to_string()).into());
+    }
+    let args = control::ssh::ssh_args(name, addr, &key, &known_hosts, command);
+    let err = std::process::Command::new("ssh").args(args).exec();
+    anyhow::bail!("cannot run ssh: {err} (install the OpenSSH client: apt install openssh-client)")
+}
+
+fn ssh_config(name: &str) -> Result<i32> {
+    let (addr, key, known_hosts) = ssh_target(name)?;
+    print!(
+        "{}",
+        control::ssh::ssh_config(name, addr, &key, &known_hosts)
+    );
+    Ok(0)
+}
+
 fn nat(args: NatArgs) -> Result<i32> {
     // Forward ports first: a port in use must fail before anything else.
+    // Optional for clap only, so that `nat show NAME` needs no --tap.
+    let Some(dev) = &args.tap else {
+        anyhow::bail!("vmlab nat needs --tap DEV (or: vmlab nat show NAME for a VM's NAT)");
+    };
     let listeners = ForwardListeners::bind(&args.forwards)?;
     let tap = match &args.netns {
-        Some(path) => Tap::open_in_netns(&args.tap, path)?,
-        None => Tap::open(&args.tap)?,
+        Some(path) => Tap::open_in_netns(dev, path)?,
+        None => Tap::open(dev)?,
     };
     let config = NatConfig {
         mtu: args.mtu,
@@ -350,6 +635,16 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
 }
 
 fn clone_cmd(args: CloneArgs) -> Result<i32> {
+    if let Some(src) = vm_name_of(&args.src) {
+        anyhow::ensure!(
+            !args.full && args.format.is_none() && !args.force,
+            "--full, --format and --force are for disk images; {src} is a VM (give a path like ./{src} for a file)"
+        );
+        let dst = args.dst.to_str().unwrap_or_default();
+        control::clone_vm(&src, dst)?;
+        eprintln!("cloned VM {src} to {dst} (start it with vmlab run --name {dst} --detach)");
+        return Ok(0);
+    }
     let opts = CloneOptions {
         mode: if args.full {
             CloneMode::Full
@@ -386,6 +681,19 @@ fn image_build(force: bool) -> Result<i32> {
     }
     println!("{}", outcome.image.base.display());
     Ok(0)
+}
+
+/// The VM a clone argument names: a bare word (no '/') that is an existing
+/// VM; anything else is a disk image path.
+fn vm_name_of(arg: &std::path::Path) -> Option<String> {
+    let text = arg.to_str()?;
+    if text.contains('/') {
+        return None;
+    }
+    VmDir::named(text)
+        .ok()
+        .filter(VmDir::exists)
+        .map(|_| text.to_string())
 }
 
 fn bench_boot(args: BenchBootArgs) -> Result<i32> {

@@ -32,7 +32,11 @@ fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmlab-cli-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
+    // Tests run in parallel and share these files: write them whole, then
+    // rename, so a vmlab started by another test never reads a half file.
+    let tmp = dir.join(format!("{name}.{:?}", std::thread::current().id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 

@@ -6,43 +6,22 @@
 //! error, and the boot timer.
 
 mod rig;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use support::tiny_guest::Program;
+
 /// A minimal ELF "kernel" whose only instruction is `ud2`. With no IDT the
 /// #UD becomes a double and then a triple fault.
 fn triple_fault_elf() -> PathBuf {
-    const LOAD: u64 = 0x10_0000;
-    let code = [0x0f, 0x0b];
-    let mut elf = Vec::new();
-    // ELF header: 64-bit, little endian, executable, x86-64.
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // e_type: EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // e_machine: x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for v in [64u16, 56, 1, 0, 0, 0] {
-        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-        elf.extend_from_slice(&v.to_le_bytes());
-    }
-    // One PT_LOAD segment right after the headers.
-    elf.extend_from_slice(&1u32.to_le_bytes()); // p_type
-    elf.extend_from_slice(&5u32.to_le_bytes()); // p_flags: R+X
-    elf.extend_from_slice(&120u64.to_le_bytes()); // p_offset
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // p_vaddr
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // p_paddr
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    assert_eq!(elf.len(), 120);
-    elf.extend_from_slice(&code);
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("triple-fault.elf");
-    std::fs::write(&path, elf).unwrap();
+    Program {
+        code: vec![0x0f, 0x0b],
+    }
+    .write_elf(&path);
     path
 }
 

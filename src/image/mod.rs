@@ -14,8 +14,8 @@ mod step;
 use std::path::PathBuf;
 
 pub use debian::{
-    boot_params, build_image, cached_image, debian_guest, image_dir, recipe_hash, BuildOutcome,
-    DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
+    boot_params, build_image, cached_image, debian_guest, image as debian_image, image_dir,
+    recipe_hash, BuildOutcome, DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
 };
 pub use identity::{check_hostname, cmdline_param, GuestIdentity};
 pub use recipe::{Recipe, RECIPE_HASH};

@@ -24,6 +24,7 @@ use super::exit::{ExitReason, ExitSignal};
 use super::footprint::{self, Footprint};
 use super::kvm;
 use super::memory::{self, GuestMemoryMmap};
+use super::power_button::PowerButton;
 use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
 use super::vcpu::{install_kick_handler, kick_signal, Vcpu};
@@ -39,6 +40,7 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, V
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
+use crate::control::NatView;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
@@ -79,6 +81,9 @@ pub struct Vm {
     exit: ExitSignal,
     timeline: Arc<BootTimeline>,
     exits: ExitCounter,
+    power_button: PowerButton,
+    /// What `vmlab nat show` reads; set when a network card is attached.
+    nat_view: Option<Arc<dyn NatView>>,
 }
 
 impl Vm {
@@ -179,6 +184,7 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("report supported CPUID"))?;
+        let power_button = PowerButton::new(&vm)?;
         let exits = ExitCounter::default();
         let vcpus = create_vcpus(
             &vm,
@@ -207,7 +213,20 @@ impl Vm {
             exit,
             timeline,
             exits,
+            power_button,
+            nat_view: None,
         })
+    }
+
+    /// The ACPI power button, to ask the guest to power off.
+    pub fn power_button(&self) -> PowerButton {
+        self.power_button.clone()
+    }
+
+    /// The NAT's flow table and counters for the control socket, when the
+    /// VM has a network card.
+    pub fn nat_view(&self) -> Option<Arc<dyn NatView>> {
+        self.nat_view.clone()
     }
 
     pub fn timeline(&self) -> Arc<BootTimeline> {

@@ -9,6 +9,7 @@ pub mod footprint;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod power_button;
 pub mod progress;
 pub mod run_report;
 pub mod signals;
@@ -18,6 +19,7 @@ pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
 pub use error::VmmError;
 pub use exit::ExitReason;
 pub use machine::Vm;
+pub use power_button::PowerButton;
 pub use run_report::RunReport;
 
 /// Builds and runs a VM to its end.

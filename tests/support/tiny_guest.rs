@@ -127,6 +127,44 @@ impl Program {
         self.out(0x600, (5 << 2) | (1 << 5)).spin()
     }
 
+    /// hlt in a loop: the vCPU sleeps in KVM (no interrupt ever wakes it
+    /// on a PVM host), so an idle VM costs no CPU.
+    pub fn halt_forever(mut self) -> Self {
+        self.code.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+        self
+    }
+
+    /// Writes the program as a minimal ELF executable loaded and entered
+    /// at 1 MiB (vmlab enters ELF kernels without a PVH note in 64-bit
+    /// mode), to boot with `vmlab run --kernel`.
+    pub fn write_elf(&self, path: &std::path::Path) {
+        const LOAD: u64 = 0x10_0000;
+        let mut elf = Vec::new();
+        elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        elf.extend_from_slice(&2u16.to_le_bytes()); // e_type: EXEC
+        elf.extend_from_slice(&0x3eu16.to_le_bytes()); // e_machine: x86-64
+        elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+        elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for v in [64u16, 56, 1, 0, 0, 0] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        let len = self.code.len() as u64;
+        elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        elf.extend_from_slice(&120u64.to_le_bytes()); // p_offset
+        elf.extend_from_slice(&LOAD.to_le_bytes()); // p_vaddr
+        elf.extend_from_slice(&LOAD.to_le_bytes()); // p_paddr
+        elf.extend_from_slice(&len.to_le_bytes()); // p_filesz
+        elf.extend_from_slice(&len.to_le_bytes()); // p_memsz
+        elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+        assert_eq!(elf.len(), 120);
+        elf.extend_from_slice(&self.code);
+        std::fs::write(path, elf).unwrap();
+    }
+
     /// jmp $ : never reached when the previous write stops the VM.
     pub fn spin(mut self) -> Self {
         self.code.extend_from_slice(&[0xeb, 0xfe]);

@@ -1,0 +1,120 @@
+//! The commands' side of a VM's control socket.
+
+use std::io::{BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::error::{ControlError, Result};
+use super::protocol::{encode, read_message, Request, Response};
+use super::state::VmDir;
+use crate::vmm::console::{EscapeAction, EscapeParser, RawTerminal};
+
+/// How long a VM may take to answer a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect(vm: &VmDir) -> Result<UnixStream> {
+    let path = vm.socket_path();
+    UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ControlError::NotRunning(vm.name().to_string())
+        }
+        _ => ControlError::io("cannot connect to", &path)(e),
+    })
+}
+
+fn send(vm: &VmDir, request: &Request) -> Result<(UnixStream, BufReader<UnixStream>, Response)> {
+    let protocol = |message: String| ControlError::Protocol {
+        name: vm.name().to_string(),
+        message,
+    };
+    let mut stream = connect(vm)?;
+    let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    stream
+        .write_all(&encode(request))
+        .map_err(|e| protocol(format!("cannot send the request: {e}")))?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| protocol(e.to_string()))?);
+    let answer = read_message(&mut reader).map_err(protocol)?;
+    if let Response::Error { message } = answer {
+        return Err(protocol(message));
+    }
+    Ok((stream, reader, answer))
+}
+
+/// Sends one request and returns the VM's answer (an error answer becomes
+/// an error).
+pub fn request(vm: &VmDir, request: &Request) -> Result<Response> {
+    send(vm, request).map(|(_, _, answer)| answer)
+}
+
+/// Attaches this terminal to the VM's serial console until Ctrl-A x (the
+/// VM keeps running) or until the VM ends. Returns true if the VM ended.
+pub fn attach_console(vm: &VmDir) -> Result<bool> {
+    let (mut stream, reader, _) = send(vm, &Request::Console)?;
+    let _ = stream.set_read_timeout(None);
+    let io = |e: std::io::Error| ControlError::Protocol {
+        name: vm.name().to_string(),
+        message: format!("console: {e}"),
+    };
+    // Unbuffered, so that poll sees every byte still to read.
+    let mut stdin = std::fs::File::from(crate::vmm::console::ConsoleInput::stdin_fd().map_err(io)?);
+    let terminal = RawTerminal::enable(libc::STDIN_FILENO);
+    let mut escape = terminal.is_some().then(EscapeParser::default);
+    let mut out = std::io::stdout();
+    // Output that arrived with the answer line.
+    out.write_all(reader.buffer()).map_err(io)?;
+    out.flush().map_err(io)?;
+    let mut buf = [0u8; 4096];
+    let mut stdin_open = true;
+    loop {
+        let mut fds = vec![PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io(e.into())),
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        let socket_ready = ready(&fds[0]);
+        let stdin_ready = stdin_open && ready(&fds[1]);
+        drop(fds);
+        if socket_ready {
+            let n = stream.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                drop(terminal);
+                eprintln!("\r\nvmlab: {} stopped", vm.name());
+                return Ok(true);
+            }
+            out.write_all(&buf[..n])
+                .and_then(|()| out.flush())
+                .map_err(io)?;
+        }
+        if stdin_ready {
+            let n = stdin.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                // Input closed (a pipe): keep showing output until the VM ends.
+                stdin_open = false;
+                continue;
+            }
+            let mut send = Vec::with_capacity(n);
+            for &b in &buf[..n] {
+                match escape.as_mut().map(|p| p.feed(b)) {
+                    None => send.push(b),
+                    Some(EscapeAction::Send(bytes)) => send.extend_from_slice(&bytes),
+                    Some(EscapeAction::Pending) => {}
+                    Some(EscapeAction::Quit) => {
+                        stream.write_all(&send).map_err(io)?;
+                        drop(terminal);
+                        eprintln!("\r\nvmlab: detached from {} (still running)", vm.name());
+                        return Ok(false);
+                    }
+                }
+            }
+            stream.write_all(&send).map_err(io)?;
+        }
+    }
+}

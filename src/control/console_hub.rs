@@ -1,0 +1,138 @@
+//! Where a named VM's serial output goes: its serial log, optionally the
+//! terminal it runs on, and every attached `vmlab console`.
+//!
+//! The UART writes from a vCPU thread, so nothing here may block: a console
+//! client that cannot take the bytes at once misses them (its terminal
+//! lags), and the guest never waits for it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{send, MsgFlags};
+
+use crate::devices::bus::lock;
+
+struct Client {
+    id: u64,
+    stream: UnixStream,
+}
+
+pub struct ConsoleHub {
+    log: Mutex<Option<File>>,
+    tee_stdout: bool,
+    clients: Mutex<Vec<Client>>,
+    next_id: Mutex<u64>,
+}
+
+impl ConsoleHub {
+    /// `log`: the serial log (None: keep nothing); `tee_stdout`: also
+    /// print to this process's stdout (a named VM run in the foreground).
+    pub fn new(log: Option<File>, tee_stdout: bool) -> Arc<ConsoleHub> {
+        Arc::new(ConsoleHub {
+            log: Mutex::new(log),
+            tee_stdout,
+            clients: Mutex::new(Vec::new()),
+            next_id: Mutex::new(0),
+        })
+    }
+
+    /// The UART's output sink.
+    pub fn writer(self: &Arc<Self>) -> HubWriter {
+        HubWriter(self.clone())
+    }
+
+    /// Starts copying output to `stream`; returns an id for `detach`.
+    pub fn attach(&self, stream: UnixStream) -> u64 {
+        let mut next = lock(&self.next_id);
+        *next += 1;
+        lock(&self.clients).push(Client { id: *next, stream });
+        *next
+    }
+
+    pub fn detach(&self, id: u64) {
+        lock(&self.clients).retain(|c| c.id != id);
+    }
+
+    pub fn clients(&self) -> usize {
+        lock(&self.clients).len()
+    }
+
+    fn publish(&self, bytes: &[u8]) {
+        if let Some(log) = lock(&self.log).as_mut() {
+            if let Err(e) = log.write_all(bytes) {
+                log::warn!("serial log: {e}; no longer writing it");
+                *lock(&self.log) = None;
+            }
+        }
+        if self.tee_stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes).and_then(|()| out.flush());
+        }
+        lock(&self.clients).retain(|client| {
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            match send(client.stream.as_raw_fd(), bytes, flags) {
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => true,
+                Err(e) => {
+                    log::debug!("console client {} gone: {e}", client.id);
+                    false
+                }
+            }
+        });
+    }
+}
+
+/// `Write` for the UART; never fails, never blocks on a client.
+pub struct HubWriter(Arc<ConsoleHub>);
+
+impl Write for HubWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.publish(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn output_reaches_log_and_clients_and_gone_clients_are_dropped() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vmlab-hub").unwrap();
+        let log_path = dir.as_path().join("serial.log");
+        let hub = ConsoleHub::new(Some(File::create(&log_path).unwrap()), false);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let id = hub.attach(ours);
+        let (gone, closed) = UnixStream::pair().unwrap();
+        hub.attach(gone);
+        drop(closed);
+        hub.writer().write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        theirs.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(hub.clients(), 1, "the closed client is dropped");
+        hub.detach(id);
+        assert_eq!(hub.clients(), 0);
+        hub.writer().write_all(b" world").unwrap();
+        assert_eq!(std::fs::read(&log_path).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_never_blocks_the_guest() {
+        let hub = ConsoleHub::new(None, false);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        hub.attach(ours);
+        let chunk = vec![b'x'; 64 << 10];
+        // Far more than a socket buffer holds: must return, not block.
+        for _ in 0..64 {
+            hub.writer().write_all(&chunk).unwrap();
+        }
+        assert_eq!(hub.clients(), 1, "a slow client stays attached");
+    }
+}

@@ -1,0 +1,89 @@
+//! `vmlab run --detach`: vmlab starts itself again as a background process
+//! (`vmlab vm-daemon NAME`, in a session of its own, console to the serial
+//! log), and returns once that process says the VM is running, or with its
+//! error.
+//!
+//! Re-executing rather than forking keeps the daemon a fresh process (no
+//! threads or locks inherited half-way). The daemon's stdout is a pipe to
+//! the parent that carries one line, `ready`; its stderr is `vmm.log`, so a
+//! failure to start is the last line there.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::error::{ControlError, Result};
+use super::state::VmDir;
+
+/// The hidden subcommand the daemon runs as.
+pub const DAEMON_COMMAND: &str = "vm-daemon";
+const READY: &str = "ready";
+
+/// Starts the VM `vm` (its settings already saved) in the background with
+/// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
+pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
+    let log_path = vm.vmm_log();
+    let log =
+        std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let mut command = Command::new(exe);
+    if verbose > 0 {
+        command.arg(format!("-{}", "v".repeat(verbose.into())));
+    }
+    let mut child = command
+        .arg(DAEMON_COMMAND)
+        .arg(vm.name().as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(ControlError::io("cannot start", exe))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == READY {
+        return Ok(child.id());
+    }
+    let status = child
+        .wait()
+        .map_err(ControlError::io("cannot wait for", exe))?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last = log.lines().rev().find(|l| !l.trim().is_empty());
+    let message = match last {
+        Some(line) => line
+            .trim_start_matches("vmlab: error: ")
+            .trim_start_matches("vmlab: ")
+            .to_string(),
+        None => format!("it exited ({status}) without a message"),
+    };
+    Err(ControlError::StartFailed {
+        name: vm.name().to_string(),
+        message,
+    })
+}
+
+/// The daemon's first step: leave the parent's session and terminal, so
+/// closing that terminal does not stop the VM.
+pub fn detach_from_terminal() {
+    if let Err(e) = nix::unistd::setsid() {
+        log::warn!("setsid: {e}");
+    }
+    if let Err(e) = std::env::set_current_dir("/") {
+        log::warn!("cannot leave the working directory: {e}");
+    }
+}
+
+/// Tells the parent the VM runs, then points stdout at /dev/null so a late
+/// write cannot fail on the closed pipe.
+pub fn signal_ready() {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY}").and_then(|()| out.flush());
+    match std::fs::File::open("/dev/null") {
+        Ok(null) => {
+            if let Err(e) = nix::unistd::dup2_stdout(&null) {
+                log::warn!("cannot redirect stdout: {e}");
+            }
+        }
+        Err(e) => log::warn!("cannot open /dev/null: {e}"),
+    }
+}

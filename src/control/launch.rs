@@ -1,0 +1,113 @@
+//! From a VM's settings to the machine's `VmConfig`: the one place where
+//! `vmlab run`, named or not, attached or detached, decides what it boots.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::error::Result;
+use super::settings::VmSettings;
+use crate::cli::DiskSpec;
+use crate::image::GuestIdentity;
+use crate::vmm::{BootSource, ConsoleConfig, VmConfig};
+
+/// The kernel and initrd to boot: the settings' own, else the default
+/// guest's (built on first use, with progress on stderr).
+pub fn boot_images(settings: &VmSettings) -> Result<(PathBuf, Option<PathBuf>)> {
+    Ok(match &settings.kernel {
+        Some(kernel) => (kernel.clone(), settings.initrd.clone()),
+        None => {
+            let guest = crate::image::default_guest()?;
+            (guest.kernel, settings.initrd.clone().or(Some(guest.initrd)))
+        }
+    })
+}
+
+pub fn vm_config(
+    name: &str,
+    settings: &VmSettings,
+    console: ConsoleConfig,
+    boot_timer: bool,
+    started: Instant,
+) -> Result<VmConfig> {
+    if settings.debian {
+        return debian_config(name, settings, console, boot_timer, started);
+    }
+    let (kernel, initrd) = boot_images(settings)?;
+    Ok(VmConfig {
+        name: name.to_string(),
+        cpus: settings.cpus,
+        mem_size: settings.mem.bytes(),
+        boot: BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline: settings.cmdline.clone(),
+        },
+        console,
+        disks: settings.disks.clone(),
+        boot_timer,
+        started,
+    })
+}
+
+/// A VM on the default Debian image: its disks already hold its overlay
+/// (see [`prepare_debian`]); the image's kernel boots it with the VM's name
+/// as hostname, the user's public key and the VM's name as the instance id
+/// (a clone, having a new name, makes itself new host keys and machine-id).
+fn debian_config(
+    name: &str,
+    settings: &VmSettings,
+    console: ConsoleConfig,
+    boot_timer: bool,
+    started: Instant,
+) -> Result<VmConfig> {
+    let key = crate::image::user_key()?;
+    let identity = GuestIdentity::new(name, &key.public_key)?.with_instance(name)?;
+    let guest = crate::image::debian_guest(&identity)?;
+    let mut cmdline = guest.cmdline.join(" ");
+    if !settings.cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&settings.cmdline);
+    }
+    Ok(VmConfig {
+        name: name.to_string(),
+        cpus: settings.cpus,
+        mem_size: settings.mem.bytes(),
+        boot: BootSource::Linux {
+            kernel: settings.kernel.clone().unwrap_or(guest.kernel),
+            initrd: settings.initrd.clone(),
+            cmdline,
+        },
+        console,
+        disks: settings.disks.clone(),
+        boot_timer,
+        started,
+    })
+}
+
+/// Makes a new named VM a Debian one: builds the base image if needed (with
+/// progress) and puts a linked qcow2 overlay of it, `disk.qcow2`, in the
+/// VM's directory as its first disk. Constant time whatever the base's size.
+pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
+    let image = crate::image::debian_image()?;
+    let overlay = dir.join("disk.qcow2");
+    std::fs::create_dir_all(dir).map_err(super::error::ControlError::io(
+        "cannot create the VM directory",
+        dir,
+    ))?;
+    crate::disk::clone_image(&image.base, &overlay, &crate::disk::CloneOptions::default())
+        .map_err(|source| super::error::ControlError::Disk {
+            vm: dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            source,
+        })?;
+    settings.disks.insert(
+        0,
+        DiskSpec {
+            path: overlay,
+            read_only: false,
+        },
+    );
+    settings.debian = true;
+    Ok(())
+}

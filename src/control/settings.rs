@@ -1,0 +1,248 @@
+//! A named VM's configuration file (`vm.conf` in its state directory):
+//! what `vmlab run --name NAME` starts it with next time. One `key = value`
+//! per line, `#` comments, `forward` and `disk` repeatable:
+//!
+//! ```text
+//! cpus = 2
+//! mem = 1G
+//! forward = tcp:127.0.0.1:2222:22
+//! disk = /home/me/.local/share/vmlab/vms/vm1/disk.qcow2
+//! ```
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::error::{ControlError, Result};
+use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+
+/// Guest memory when neither the user nor the file says.
+pub const DEFAULT_MEM: u64 = 512 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSettings {
+    pub cpus: u8,
+    pub mem: ByteSize,
+    pub forwards: Vec<ForwardRule>,
+    pub disks: Vec<DiskSpec>,
+    /// None: derived from the VM's name (see [`derived_mac`]), so a clone,
+    /// which has a new name, gets a new MAC.
+    pub mac: Option<[u8; 6]>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to vmlab's own.
+    pub cmdline: String,
+    /// Boots the default Debian image (its kernel, `root=/dev/vda` on the
+    /// VM's own overlay, identity on the command line) instead of `kernel`.
+    pub debian: bool,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            cpus: 1,
+            mem: ByteSize(DEFAULT_MEM),
+            forwards: Vec::new(),
+            disks: Vec::new(),
+            mac: None,
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+            debian: false,
+        }
+    }
+}
+
+impl VmSettings {
+    /// The file's text; [`VmSettings::parse`] reads it back unchanged.
+    pub fn render(&self) -> String {
+        let mut out = String::from("# vmlab VM configuration (edit while the VM is stopped)\n");
+        let _ = writeln!(out, "cpus = {}", self.cpus);
+        let _ = writeln!(out, "mem = {}", self.mem);
+        for rule in &self.forwards {
+            let _ = writeln!(out, "forward = {rule}");
+        }
+        for disk in &self.disks {
+            let _ = writeln!(out, "disk = {disk}");
+        }
+        if let Some(mac) = self.mac {
+            let _ = writeln!(out, "mac = {}", format_mac(&mac));
+        }
+        if let Some(kernel) = &self.kernel {
+            let _ = writeln!(out, "kernel = {}", kernel.display());
+        }
+        if let Some(initrd) = &self.initrd {
+            let _ = writeln!(out, "initrd = {}", initrd.display());
+        }
+        if !self.cmdline.is_empty() {
+            let _ = writeln!(out, "cmdline = {}", self.cmdline);
+        }
+        if self.debian {
+            let _ = writeln!(out, "guest = debian");
+        }
+        out
+    }
+
+    /// Parses a configuration; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<VmSettings> {
+        let mut settings = VmSettings::default();
+        for (index, raw) in text.lines().enumerate() {
+            let err = |message: String| ControlError::Config {
+                path: path.to_path_buf(),
+                line: index + 1,
+                message,
+            };
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(err(format!("expected 'key = value', found '{line}'")));
+            };
+            let (key, value) = (key.trim(), value.trim());
+            match key {
+                "cpus" => {
+                    settings.cpus = value
+                        .parse()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or_else(|| err(format!("cpus '{value}' is not 1 to 254")))?;
+                }
+                "mem" => settings.mem = value.parse().map_err(|e| err(format!("mem: {e}")))?,
+                "forward" => settings
+                    .forwards
+                    .push(value.parse().map_err(|e| err(format!("{e}")))?),
+                "disk" => settings
+                    .disks
+                    .push(value.parse().map_err(|e| err(format!("{e}")))?),
+                "mac" => {
+                    settings.mac = Some(parse_mac(value).ok_or_else(|| {
+                        err(format!(
+                            "mac '{value}' is not six hex bytes like 52:54:00:12:34:56"
+                        ))
+                    })?)
+                }
+                "kernel" => settings.kernel = Some(PathBuf::from(value)),
+                "initrd" => settings.initrd = Some(PathBuf::from(value)),
+                "cmdline" => settings.cmdline = value.to_string(),
+                "guest" if value == "debian" => settings.debian = true,
+                "guest" => return Err(err(format!("guest '{value}' is not 'debian'"))),
+                other => return Err(err(format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The MAC the VM's network card uses.
+    pub fn mac_for(&self, name: &str) -> [u8; 6] {
+        self.mac.unwrap_or_else(|| derived_mac(name))
+    }
+}
+
+/// A stable, locally administered MAC from the VM's name (QEMU's 52:54:00
+/// prefix, then 24 bits of an FNV-1a hash of the name).
+pub fn derived_mac(name: &str) -> [u8; 6] {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [_, a, b, c] = hash.to_be_bytes();
+    [0x52, 0x54, 0x00, a, b, c]
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> VmSettings {
+        VmSettings {
+            cpus: 2,
+            mem: ByteSize(1 << 30),
+            forwards: vec![
+                "tcp:2222:22".parse().unwrap(),
+                "udp:0.0.0.0:5353:53".parse().unwrap(),
+            ],
+            disks: vec![
+                "/data/vm1/disk.qcow2".parse().unwrap(),
+                "/x y.raw,ro".parse().unwrap(),
+            ],
+            mac: Some([0x52, 0x54, 0, 1, 2, 0xab]),
+            kernel: Some(PathBuf::from("/k/vmlinux")),
+            initrd: Some(PathBuf::from("/k/initrd.cpio")),
+            cmdline: "quiet loglevel=3 a=b".into(),
+            debian: true,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for settings in [VmSettings::default(), full()] {
+            let text = settings.render();
+            assert_eq!(
+                VmSettings::parse(&text, Path::new("vm.conf")).unwrap(),
+                settings,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn comments_blanks_and_spacing_are_fine() {
+        let text = "\n# hi\n  cpus=3  \nmem =  256M\n";
+        let s = VmSettings::parse(text, Path::new("c")).unwrap();
+        assert_eq!((s.cpus, s.mem), (3, ByteSize(256 << 20)));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        for (text, needle) in [
+            ("cpus = 0", "cpus '0'"),
+            ("cpus = 300", "cpus '300'"),
+            ("mem = lots", "mem:"),
+            ("forward = tcp:99999:22", "invalid forward"),
+            ("mac = 52:54", "mac '52:54'"),
+            ("colour = blue", "unknown key 'colour'"),
+            ("just words", "expected 'key = value'"),
+        ] {
+            let err = VmSettings::parse(&format!("# c\n{text}\n"), Path::new("/v/vm.conf"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("/v/vm.conf:2: "), "{err}");
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_and_differ_by_name() {
+        let a = derived_mac("vm1");
+        assert_eq!(a, derived_mac("vm1"));
+        assert_ne!(a, derived_mac("vm2"));
+        assert_eq!(&a[..3], &[0x52, 0x54, 0x00]);
+        assert_eq!(parse_mac(&format_mac(&a)), Some(a));
+        let s = VmSettings::default();
+        assert_eq!(s.mac_for("vm1"), a);
+        assert_eq!(parse_mac("52:54:00:00:00"), None);
+        assert_eq!(parse_mac("52:54:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("52:54:00:00:00:zz"), None);
+    }
+}
