@@ -6,6 +6,8 @@
 # time limit (DIR/scenarios/NNN-NAME/timeout, seconds) and these variables:
 #   RIG_OUT  DIR/scenarios/NNN-NAME/out: files left here reach the host test
 #   RIG_TMP  an empty directory on L1's tmpfs (fifos, scratch)
+# and vmlab's state (XDG_DATA_HOME, XDG_RUNTIME_DIR) in RIG_TMP, while its
+# cache (XDG_CACHE_HOME: the built guests) stays the host's, read-only.
 # Each scenario gets `output` (stdout+stderr), `status` and `elapsed_ms`.
 # Progress goes to stdout, which is L1's console.
 set -u
@@ -29,8 +31,11 @@ for s in "${scenarios[@]}"; do
     start=$(now_ms)
     # timeout(1) signals its whole process group: background children of the
     # scenario (VMMs it started) die with it.
+    mkdir -p "$tmp/xdg-data" "$tmp/xdg-run"
     # shellcheck disable=SC2016 # expanded by the inner bash
-    RIG_OUT=$s/out RIG_TMP=$tmp RIG_LIB=$here/lib.sh \
+    XDG_CACHE_HOME=${XDG_CACHE_HOME:-$HOME/.cache} \
+        XDG_DATA_HOME=$tmp/xdg-data XDG_RUNTIME_DIR=$tmp/xdg-run \
+        RIG_OUT=$s/out RIG_TMP=$tmp RIG_LIB=$here/lib.sh \
         timeout -k 5 "$(cat "$s/timeout")" \
         bash -euo pipefail -c '. "$RIG_LIB"; . "$1"' "$name" "$s/script" \
         </dev/null >"$s/output" 2>&1
