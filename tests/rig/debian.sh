@@ -12,9 +12,6 @@
 #                                    boot NAME's disk in QEMU microvm (KVM),
 #                                    ssh forwarded from 127.0.0.1:PORT; its
 #                                    serial console is rig console NAME
-#   debian_vmlab_start NAME PORT INSTANCE
-#                                    the same with vmlab, once `vmlab run`
-#                                    takes a disk and a forward
 #   debian_wait_ssh PORT SECS        until `ssh true` succeeds
 #   debian_ssh PORT CMD              run CMD in the guest as root
 #   debian_qemu_powerdown NAME       press QEMU's ACPI power button
@@ -47,15 +44,6 @@ debian_qemu_start() {
         -device virtio-net-device,netdev=n0 \
         -device virtio-rng-device \
         -qmp "unix:$RIG_TMP/$name.qmp,server=on,wait=off"
-}
-
-# Flags to adapt when virtio-blk/net land in `vmlab run` (--disk, --forward
-# and the identity will come from `vmlab run --name` itself).
-debian_vmlab_start() {
-    local name=$1 port=$2 instance=$3
-    rig_console_start "$name" "$VMLAB" run --kernel "$VMLAB_VMLINUX" --mem 512M \
-        --disk "$RIG_TMP/$name.qcow2" --forward "tcp:127.0.0.1:$port:22" \
-        --cmdline "$(debian_cmdline "$name" "$instance")"
 }
 
 debian_ssh() {
