@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions};
-use vmlab::cli::{ByteSize, DiskSpec, ForwardRule};
+use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
@@ -170,6 +170,21 @@ struct RunArgs {
     /// as JSON (for benchmarks).
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
+    /// Network: `user` (a NIC behind vmlab's NAT) or `none` (no NIC)
+    /// [default: user, or the named VM's].
+    #[arg(long, value_name = "MODE")]
+    net: Option<NetMode>,
+    /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
+    #[arg(long, value_name = "MAC")]
+    mac: Option<MacAddress>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NetMode {
+    /// virtio-net behind the userspace NAT (10.0.2.15, gateway 10.0.2.2).
+    User,
+    /// No network card.
+    None,
 }
 
 #[derive(Args, Debug)]
@@ -409,6 +424,12 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     }
     if !args.forwards.is_empty() {
         settings.forwards = args.forwards.clone();
+    }
+    if let Some(mac) = args.mac {
+        settings.mac = Some(mac.octets());
+    }
+    if let Some(net) = args.net {
+        settings.no_net = net == NetMode::None;
     }
     if !args.disks.is_empty() {
         settings.disks = args

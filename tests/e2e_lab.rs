@@ -140,7 +140,11 @@ fn detached_vm_gets_its_lease_and_answers_ssh_with_the_provisioned_key() {
     assert_eq!(s.value("vm1_dns"), "nameserver 10.0.2.3");
     assert_eq!(s.value("vm1_machine_id").len(), 32);
     assert!(s.value("vm1_hostkey").starts_with("SHA256:"));
-    assert_eq!(s.value("plain_ssh"), "vm1", "ssh-config works with plain ssh");
+    assert_eq!(
+        s.value("plain_ssh"),
+        "vm1",
+        "ssh-config works with plain ssh"
+    );
     assert_eq!(s.value("nat_forward"), "1", "{}", s.file("nat.txt"));
 }
 
@@ -161,7 +165,11 @@ fn a_taken_forward_port_fails_in_one_line_and_leaves_nothing() {
     let s = lab();
     assert_ne!(s.value("taken_status"), "0", "{}", s.file("taken.out"));
     assert_eq!(s.value("taken_lines"), "1", "{}", s.file("taken.out"));
-    assert!(s.file("taken.out").contains("2224"), "{}", s.file("taken.out"));
+    assert!(
+        s.file("taken.out").contains("2224"),
+        "{}",
+        s.file("taken.out")
+    );
     assert_eq!(s.value("taken_dir"), "none");
 }
 

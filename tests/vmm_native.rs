@@ -49,6 +49,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
         disks: Vec::new(),
         boot_timer: false,
         started: Instant::now(),
+        net: None,
     }
 }
 

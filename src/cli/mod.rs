@@ -3,8 +3,10 @@
 
 mod disk;
 mod forward;
+mod mac;
 mod size;
 
 pub use disk::{DiskParseError, DiskSpec};
 pub use forward::{ForwardParseError, ForwardRule, Protocol};
+pub use mac::{MacAddress, MacParseError};
 pub use size::{ByteSize, SizeParseError};

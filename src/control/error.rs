@@ -40,6 +40,8 @@ pub enum ControlError {
     Vmm(#[from] crate::vmm::VmmError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NatError),
     /// A request the state of things refuses, worded completely by the caller.
     #[error("{0}")]
     Refused(String),

@@ -4,10 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::error::ControlError;
 use super::error::Result;
 use super::settings::VmSettings;
-use crate::cli::DiskSpec;
+use crate::cli::{DiskSpec, MacAddress};
+use crate::devices::virtio::net::NetSettings;
 use crate::image::GuestIdentity;
+use crate::net::{ForwardListeners, NatConfig};
 use crate::vmm::{BootSource, ConsoleConfig, VmConfig};
 
 /// The kernel and initrd to boot: the settings' own, else the default
@@ -44,6 +47,7 @@ pub fn vm_config(
         },
         console,
         disks: settings.disks.clone(),
+        net: net_settings(name, settings)?,
         boot_timer,
         started,
     })
@@ -79,6 +83,7 @@ fn debian_config(
         },
         console,
         disks: settings.disks.clone(),
+        net: net_settings(name, settings)?,
         boot_timer,
         started,
     })
@@ -110,4 +115,27 @@ pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
     );
     settings.debian = true;
     Ok(())
+}
+
+/// The VM's network card behind the NAT, or none. Binds the forwarded host
+/// ports now, before anything else is built: a port in use fails the start
+/// at once, with the port named.
+pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSettings>> {
+    if settings.no_net {
+        if !settings.forwards.is_empty() {
+            return Err(ControlError::Refused(
+                "--forward needs a network card: drop --forward or --net none".to_string(),
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(NetSettings {
+        listeners: ForwardListeners::bind(&settings.forwards)?,
+        mac: MacAddress(settings.mac_for(name)),
+        nat: NatConfig {
+            hostname: name.to_string(),
+            forwards: settings.forwards.clone(),
+            ..NatConfig::with_host_resolvers()
+        },
+    }))
 }

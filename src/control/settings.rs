@@ -34,6 +34,8 @@ pub struct VmSettings {
     /// Boots the default Debian image (its kernel, `root=/dev/vda` on the
     /// VM's own overlay, identity on the command line) instead of `kernel`.
     pub debian: bool,
+    /// No network card (`--net none`).
+    pub no_net: bool,
 }
 
 impl Default for VmSettings {
@@ -48,6 +50,7 @@ impl Default for VmSettings {
             initrd: None,
             cmdline: String::new(),
             debian: false,
+            no_net: false,
         }
     }
 }
@@ -78,6 +81,9 @@ impl VmSettings {
         }
         if self.debian {
             let _ = writeln!(out, "guest = debian");
+        }
+        if self.no_net {
+            let _ = writeln!(out, "net = none");
         }
         out
     }
@@ -126,6 +132,9 @@ impl VmSettings {
                 "cmdline" => settings.cmdline = value.to_string(),
                 "guest" if value == "debian" => settings.debian = true,
                 "guest" => return Err(err(format!("guest '{value}' is not 'debian'"))),
+                "net" if value == "none" => settings.no_net = true,
+                "net" if value == "user" => settings.no_net = false,
+                "net" => return Err(err(format!("net '{value}' is not 'user' or 'none'"))),
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
@@ -141,13 +150,7 @@ impl VmSettings {
 /// A stable, locally administered MAC from the VM's name (QEMU's 52:54:00
 /// prefix, then 24 bits of an FNV-1a hash of the name).
 pub fn derived_mac(name: &str) -> [u8; 6] {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in name.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    let [_, a, b, c] = hash.to_be_bytes();
-    [0x52, 0x54, 0x00, a, b, c]
+    crate::cli::MacAddress::for_vm(name).octets()
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
@@ -191,6 +194,7 @@ mod tests {
             initrd: Some(PathBuf::from("/k/initrd.cpio")),
             cmdline: "quiet loglevel=3 a=b".into(),
             debian: true,
+            no_net: true,
         }
     }
 

@@ -200,6 +200,12 @@ impl Nat {
         self.out.len()
     }
 
+    /// Whether [`Nat::tick`] has work: with no flow and nothing queued it
+    /// has none, so an owner may stop its timer until traffic starts.
+    pub fn needs_tick(&self) -> bool {
+        self.live > 0 || self.out.len() > 0
+    }
+
     /// The flow table, one row per flow.
     pub fn flows(&self) -> Vec<FlowInfo> {
         let now = Instant::now();

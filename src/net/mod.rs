@@ -37,7 +37,7 @@ mod ring;
 mod tap;
 mod tcp;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 mod udp;
 
 pub use backend::{run_until, TapNat};

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::cli::DiskSpec;
+use crate::devices::virtio::net::NetSettings;
 
 /// The command line vmlab always gives a Linux guest; device entries and
 /// the user's `--cmdline` are appended after it.
@@ -62,4 +63,6 @@ pub struct VmConfig {
     pub boot_timer: bool,
     /// When vmlab started: the origin of the boot timeline.
     pub started: Instant,
+    /// The guest's network card behind the NAT; `None` gives it no NIC.
+    pub net: Option<NetSettings>,
 }

@@ -40,13 +40,14 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, V
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
-use crate::control::NatView;
+use crate::control::{NatSnapshot, NatView};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
 use crate::devices::virtio::events::QueueEvents;
 use crate::devices::virtio::io_thread::IoThread;
 use crate::devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use crate::devices::virtio::net::{Net, NetEvents};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
@@ -88,7 +89,7 @@ pub struct Vm {
 
 impl Vm {
     /// Creates the VM, loads the guest and sets up devices and vCPUs.
-    pub fn build(config: VmConfig) -> Result<Vm, VmmError> {
+    pub fn build(mut config: VmConfig) -> Result<Vm, VmmError> {
         if let BootSource::Linux { kernel, initrd, .. } = &config.boot {
             check_images(kernel, initrd.as_deref()).map_err(BootError::from)?;
         }
@@ -123,7 +124,16 @@ impl Vm {
         memory::register(&vm, &mem)?;
         let ram = ram_regions(config.mem_size);
 
-        let virtio = virtio_devices(disks)?;
+        let mut virtio: Vec<Attached> = virtio_devices(disks)?
+            .into_iter()
+            .map(Attached::Queues)
+            .collect();
+        let mut nat_view: Option<Arc<dyn NatView>> = None;
+        if let Some(net) = config.net.take() {
+            let net = Arc::new(Mutex::new(Net::new(net)));
+            nat_view = Some(Arc::new(NetNatView(net.clone())));
+            virtio.push(Attached::Net(net));
+        }
         let slots = virtio_slots(virtio.len())?;
 
         let (entry, cr3) = match &config.boot {
@@ -214,7 +224,7 @@ impl Vm {
             timeline,
             exits,
             power_button,
-            nat_view: None,
+            nat_view,
         })
     }
 
@@ -443,8 +453,17 @@ fn virtio_slots(count: usize) -> Result<Vec<VirtioMmioSlot>, VmmError> {
         .collect())
 }
 
+/// A virtio device and what serves its queue notifications.
+enum Attached {
+    /// The device's own queue handler (`VirtioDevice::process_queue`), on
+    /// the main loop or on an I/O thread of its own.
+    Queues(Arc<Mutex<dyn VirtioDevice>>),
+    /// virtio-net, whose NAT registers host sockets on the main loop.
+    Net(Arc<Mutex<Net>>),
+}
+
 /// What attaching a device left to do.
-struct Attached {
+struct Attachment {
     /// Queue events for the device's own I/O thread, if it wants one.
     own_thread: Option<Subscriber>,
 }
@@ -459,8 +478,12 @@ fn attach_virtio(
     mmio: &mut Bus,
     events: &mut EventManager<Subscriber>,
     slot: VirtioMmioSlot,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-) -> Result<Attached, VmmError> {
+    attached: Attached,
+) -> Result<Attachment, VmmError> {
+    let device: Arc<Mutex<dyn VirtioDevice>> = match &attached {
+        Attached::Queues(device) => device.clone(),
+        Attached::Net(net) => net.clone(),
+    };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(VmmError::kvm("route a virtio interrupt"))?;
@@ -481,16 +504,22 @@ fn attach_virtio(
     let transport = MmioTransport::new(device.clone(), interrupt, mem.clone());
     mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
         .map_err(|e| VmmError::device("virtio-mmio")(e.to_string()))?;
-    let own = lock(&device).io_thread_handler();
-    Ok(match own {
-        Some(handler) => Attached {
-            own_thread: Some(Arc::new(Mutex::new(QueueEvents::new(handler, notifiers)))),
-        },
-        None => {
-            events.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(device, notifiers))));
-            Attached { own_thread: None }
+    let subscriber: Subscriber = match attached {
+        Attached::Queues(device) => {
+            let own = lock(&device).io_thread_handler();
+            if let Some(handler) = own {
+                return Ok(Attachment {
+                    own_thread: Some(Arc::new(Mutex::new(QueueEvents::new(handler, notifiers)))),
+                });
+            }
+            Arc::new(Mutex::new(QueueEvents::new(device, notifiers)))
         }
-    })
+        Attached::Net(net) => Arc::new(Mutex::new(
+            NetEvents::new(net, notifiers).map_err(VmmError::io("create the NAT timer"))?,
+        )),
+    };
+    events.add_subscriber(subscriber);
+    Ok(Attachment { own_thread: None })
 }
 
 /// Copies a flat binary to `load_addr` with the long-mode scaffolding it
@@ -549,4 +578,16 @@ fn create_vcpus(
             Ok(vcpu)
         })
         .collect()
+}
+
+/// The control socket's view of a running VM's NAT (`vmlab nat show`): a
+/// snapshot taken under the device's lock, between two event-loop turns.
+struct NetNatView(Arc<Mutex<Net>>);
+
+impl NatView for NetNatView {
+    fn snapshot(&self) -> NatSnapshot {
+        let net = lock(&self.0);
+        let nat = net.nat();
+        NatSnapshot::from_nat(&nat.config().forwards, &nat.flows(), &nat.counters())
+    }
 }

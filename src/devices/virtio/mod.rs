@@ -12,6 +12,7 @@ pub mod events;
 pub mod interrupt;
 pub mod io_thread;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 pub use device::{ActivateContext, ActivateError, VirtioDevice};
