@@ -73,6 +73,57 @@ fn l1() -> &'static rig::Run {
     })
 }
 
+/// A batch whose L1 "freezes" in its second scenario (it stops the
+/// timeout(1) that would end the scenario, as a frozen L1 kernel would fail
+/// to), to check that the host notices, boots a new L1 and runs only what
+/// the first one did not finish. A host directory counts the runs.
+fn freezing() -> &'static (rig::Run, tempfile::TempDir) {
+    static RUN: OnceLock<(rig::Run, tempfile::TempDir)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let marks = tempfile::tempdir().expect("temporary directory");
+        let dir = marks.path().display().to_string();
+        let run = rig::Batch::new("e2e_rig_freeze")
+            .writable(marks.path())
+            .env("MARKS", &dir)
+            .scenario("before", Duration::from_secs(30), r#"echo ran >>"$MARKS/before""#)
+            .scenario(
+                "freeze",
+                Duration::from_secs(5),
+                r#"
+                echo ran >>"$MARKS/freeze"
+                if [ "$(wc -l <"$MARKS/freeze")" -eq 1 ]; then
+                    kill -STOP "$PPID"   # timeout(1): nobody ends this scenario now
+                    sleep 600
+                fi
+                echo second_l1=yes
+                "#,
+            )
+            .scenario("after", Duration::from_secs(30), r#"echo ran >>"$MARKS/after""#)
+            .run();
+        (run, marks)
+    })
+}
+
+#[test]
+fn a_frozen_l1_is_replaced_and_only_unfinished_scenarios_run_again() {
+    let (run, marks) = freezing();
+    let report = run.assert_l1_ok();
+    assert_eq!(report.l1_boots, 2, "{}", report.console);
+    let runs = |name: &str| {
+        std::fs::read_to_string(marks.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(runs("before"), 1, "a finished scenario ran again");
+    assert_eq!(runs("freeze"), 2);
+    assert_eq!(runs("after"), 1);
+    let s = run.scenario("freeze").assert_success();
+    assert_eq!(s.value("second_l1"), "yes", "{}", s.diagnostics());
+    run.scenario("before").assert_success();
+    run.scenario("after").assert_success();
+}
+
 #[test]
 fn l1_boots_runs_its_batch_and_powers_off() {
     let report = l1().assert_l1_ok();

@@ -8,7 +8,8 @@
 #   RIG_TMP  an empty directory on L1's tmpfs (fifos, scratch)
 # and vmlab's state (XDG_DATA_HOME, XDG_RUNTIME_DIR) in RIG_TMP, while its
 # cache (XDG_CACHE_HOME: the built guests) stays the host's, read-only.
-# Each scenario gets `output` (stdout+stderr), `status` and `elapsed_ms`.
+# Each scenario gets `output` (stdout+stderr), `status` and `elapsed_ms`;
+# one that already has a `status` is skipped.
 # Progress goes to stdout, which is L1's console.
 set -u
 dir=$1
@@ -25,6 +26,13 @@ for s in "${scenarios[@]}"; do
     s=${s%/}
     name=${s##*/}
     i=$((i + 1))
+    # A scenario with a status finished in an earlier L1 boot of this batch
+    # (the host boots a new L1 when one freezes; see tests/rig/mod.rs).
+    if [ -f "$s/status" ]; then
+        echo "rig: [$i/${#scenarios[@]}] $name: finished in an earlier L1"
+        continue
+    fi
+    rm -rf "$s/out"
     mkdir -p "$s/out"
     tmp=$(mktemp -d "/tmp/rig-$name.XXXXXX")
     echo "rig: [$i/${#scenarios[@]}] $name: running"

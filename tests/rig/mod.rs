@@ -14,7 +14,7 @@
 //!
 //! ```ignore
 //! mod rig;
-//! use std::sync::OnceLock;
+//! use std::sync::{Arc, Mutex, OnceLock};
 //! use std::time::Duration;
 //!
 //! fn l1() -> &'static rig::Run {
@@ -60,7 +60,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,11 @@ use std::time::{Duration, Instant};
 const INIT_MARKER: &str = "rig-l1: init started";
 /// Time allowed for L1 to boot and power off, on top of its scenarios'.
 const L1_ALLOWANCE: Duration = Duration::from_secs(120);
+/// L1 kills a scenario at its time limit (timeout(1) in batch.sh); a scenario
+/// still running this long after it means L1 itself stopped responding.
+const L1_FROZEN_AFTER: Duration = Duration::from_secs(45);
+/// L1 boots per batch: the second runs what a frozen first one left.
+const L1_BOOTS: u32 = 2;
 /// Lines of a scenario's output, and of L1's console, quoted in failure
 /// messages.
 const TAIL_LINES: usize = 40;
@@ -210,60 +215,94 @@ impl Batch {
         let dir = RunDir::create(&self.name)?;
         self.write_inputs(&dir.path, artifacts)
             .map_err(|e| format!("cannot write the run directory {}: {e}", dir.path.display()))?;
-        let limit = L1_ALLOWANCE
-            + self
+        let scenario_path =
+            |i: usize, spec: &ScenarioSpec| dir.path.join("scenarios").join(scenario_dir(i, spec));
+        let mut consoles = Vec::new();
+        let mut stderrs = Vec::new();
+        let mut l1_init = None;
+        let mut total = Duration::ZERO;
+        let mut boots = 0;
+        let failure = loop {
+            boots += 1;
+            // batch.sh skips scenarios that already have a status, so a new
+            // L1 after a freeze runs only what the frozen one did not finish.
+            let _ = std::fs::remove_file(dir.path.join("status"));
+            let pending: BTreeMap<String, Duration> = self
                 .scenarios
                 .iter()
-                .map(|s| s.timeout + Duration::from_secs(10))
-                .sum::<Duration>();
-        let l1 = L1::boot(&dir.path, &self.mem, &self.writable)?;
-        let outcome = l1.wait(limit);
+                .enumerate()
+                .filter(|(i, spec)| !scenario_path(*i, spec).join("status").exists())
+                .map(|(i, spec)| (scenario_dir(i, spec), spec.timeout))
+                .collect();
+            let limit = L1_ALLOWANCE
+                + pending
+                    .values()
+                    .map(|t| *t + Duration::from_secs(10))
+                    .sum::<Duration>();
+            let l1 = L1::boot(&dir.path, &self.mem, &self.writable)?;
+            let outcome = l1.wait(limit, &pending);
+            l1_init = l1_init.or(outcome.init_at);
+            total += outcome.total;
+            consoles.push(outcome.console);
+            if !outcome.stderr.trim().is_empty() {
+                stderrs.push(outcome.stderr);
+            }
+            let status = std::fs::read_to_string(dir.path.join("status")).ok();
+            match (outcome.end, status.as_deref().map(str::trim)) {
+                (End::Froze(why), _) if boots < L1_BOOTS => {
+                    // An L1 kernel must stay responsive whatever its KVM
+                    // guests do; when it stops (nested SVM under TCG on a
+                    // loaded host does, rarely), the emulator failed, not
+                    // vmlab: say so and run the rest in a fresh L1.
+                    eprintln!(
+                        "rig: batch {}: L1 stopped responding ({why}); booting a new L1 for the unfinished scenarios",
+                        self.name
+                    );
+                    continue;
+                }
+                (End::Froze(why), _) => {
+                    break Some(format!("L1 stopped responding ({why}) and was killed"))
+                }
+                (End::TimedOut, _) => {
+                    break Some(format!(
+                        "L1 ran over its time limit of {limit:?} and was killed"
+                    ))
+                }
+                (End::Exited(_), Some("0")) => break None,
+                (End::Exited(_), Some(code)) => {
+                    break Some(format!("the batch script exited with status {code} in L1"))
+                }
+                (End::Exited(exit), None) => {
+                    break Some(format!("L1 stopped ({exit}) without finishing its batch"))
+                }
+            }
+        };
+        let console = consoles.join("\n--- rig: a new L1 boot, after the previous one froze ---\n");
+        let mut console_tail = tail(&console, CONSOLE_TAIL_LINES);
+        for stderr in &stderrs {
+            let _ = write!(
+                console_tail,
+                "\n--- stderr of tests/rig/l1 ---\n{}",
+                tail(stderr, TAIL_LINES)
+            );
+        }
         let scenarios = self
             .scenarios
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                Scenario::collect(
-                    &dir.path.join("scenarios").join(scenario_dir(i, spec)),
-                    spec,
-                )
-            })
-            .collect::<Vec<_>>();
-        let status = std::fs::read_to_string(dir.path.join("status")).ok();
-        let failure = match (&outcome.timed_out, status.as_deref().map(str::trim)) {
-            (true, _) => Some(format!(
-                "L1 ran over its time limit of {limit:?} and was killed"
-            )),
-            (false, Some("0")) => None,
-            (false, Some(code)) => {
-                Some(format!("the batch script exited with status {code} in L1"))
-            }
-            (false, None) => Some(format!(
-                "L1 stopped ({}) without finishing its batch",
-                outcome.exit
-            )),
-        };
-        let mut console_tail = tail(&outcome.console, CONSOLE_TAIL_LINES);
-        if !outcome.stderr.trim().is_empty() {
-            let _ = write!(
-                console_tail,
-                "\n--- stderr of tests/rig/l1 ---\n{}",
-                tail(&outcome.stderr, TAIL_LINES)
-            );
-        }
-        let scenarios = scenarios
-            .into_iter()
-            .map(|mut s| {
+                let mut s = Scenario::collect(&scenario_path(i, spec), spec);
                 s.l1_failure = failure.clone();
                 s.console_tail = console_tail.clone();
                 s
             })
             .collect();
         Ok(Report {
-            l1_init: outcome.init_at,
-            total: outcome.total,
+            l1_init,
+            total,
+            l1_boots: boots,
             failure,
-            console: outcome.console,
+            console,
             scenarios,
         })
     }
@@ -320,8 +359,11 @@ pub struct Run {
 pub struct Report {
     /// From starting QEMU to L1's init printing its first line.
     pub l1_init: Option<Duration>,
-    /// From starting QEMU to its exit.
+    /// From starting QEMU to its exit (summed over L1 boots).
     pub total: Duration,
+    /// How many times L1 was booted: 2 when the first one froze and a new
+    /// one ran the scenarios it had not finished.
+    pub l1_boots: u32,
     /// Why L1 itself failed, if it did (time limit, batch script status).
     pub failure: Option<String>,
     /// L1's whole serial console.
@@ -527,14 +569,28 @@ impl Drop for RunDir {
 struct L1 {
     child: Child,
     started: Instant,
-    console: JoinHandle<(String, Option<Duration>)>,
+    console: Arc<Mutex<Console>>,
+    reader: JoinHandle<()>,
     stderr: JoinHandle<String>,
 }
 
+/// L1's console as read so far.
+#[derive(Default)]
+struct Console {
+    bytes: Vec<u8>,
+    init_at: Option<Duration>,
+}
+
 /// How an L1 run ended.
+enum End {
+    Exited(String),
+    TimedOut,
+    /// L1 stopped making progress; why we think so.
+    Froze(String),
+}
+
 struct Outcome {
-    exit: String,
-    timed_out: bool,
+    end: End,
     init_at: Option<Duration>,
     total: Duration,
     console: String,
@@ -559,7 +615,11 @@ impl L1 {
             .map_err(|e| format!("cannot start bash {}: {e}", l1.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
-        let console = thread::spawn(move || read_console(stdout, started));
+        let console = Arc::new(Mutex::new(Console::default()));
+        let reader = {
+            let console = console.clone();
+            thread::spawn(move || read_console(stdout, started, &console))
+        };
         let stderr = thread::spawn(move || {
             let mut text = Vec::new();
             let _ = stderr.read_to_end(&mut text);
@@ -569,48 +629,109 @@ impl L1 {
             child,
             started,
             console,
+            reader,
             stderr,
         })
     }
 
-    /// Waits for QEMU to exit, killing it at `limit`.
-    fn wait(mut self, limit: Duration) -> Outcome {
-        let mut timed_out = false;
-        let exit = loop {
+    /// Waits for QEMU to exit, killing it at `limit`, or as soon as a
+    /// scenario of `pending` (directory name → time limit) runs well past its
+    /// own limit, which L1 enforces itself unless it has stopped responding.
+    fn wait(mut self, limit: Duration, pending: &BTreeMap<String, Duration>) -> Outcome {
+        let mut watch = Watchdog::default();
+        let end = loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => break status.to_string(),
-                Ok(None) if self.started.elapsed() >= limit => {
-                    timed_out = true;
-                    let _ = self.child.kill();
-                    break match self.child.wait() {
-                        Ok(status) => format!("killed, {status}"),
-                        Err(e) => format!("killed, wait failed: {e}"),
-                    };
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-                Err(e) => break format!("wait failed: {e}"),
+                Ok(Some(status)) => break End::Exited(status.to_string()),
+                Ok(None) => {}
+                Err(e) => break End::Exited(format!("wait failed: {e}")),
             }
+            let frozen = {
+                let console = self.console.lock().unwrap_or_else(|e| e.into_inner());
+                watch.check(&console.bytes, pending)
+            };
+            let end = if self.started.elapsed() >= limit {
+                End::TimedOut
+            } else if let Some(why) = frozen {
+                End::Froze(why)
+            } else {
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            break end;
         };
         let total = self.started.elapsed();
-        let (console, init_at) = self.console.join().unwrap_or_default();
+        let _ = self.reader.join();
         let stderr = self.stderr.join().unwrap_or_default();
+        let console = std::mem::take(&mut *self.console.lock().unwrap_or_else(|e| e.into_inner()));
         Outcome {
-            exit,
-            timed_out,
-            init_at,
+            end,
+            init_at: console.init_at,
             total,
-            console,
+            console: String::from_utf8_lossy(&console.bytes).into_owned(),
             stderr,
         }
     }
 }
 
-/// Reads L1's console to its end, noting when the init marker arrived and,
-/// with VMLAB_RIG_VERBOSE, copying it to stderr as it comes.
-fn read_console(mut stdout: impl Read, started: Instant) -> (String, Option<Duration>) {
+/// Follows batch.sh's progress lines on L1's console.
+#[derive(Default)]
+struct Watchdog {
+    /// How much of the console has been read, up to the last full line.
+    scanned: usize,
+    /// The scenario running now, and since when.
+    running: Option<(String, Instant)>,
+    /// The last L1 kernel complaint about itself (RCU stall, lockup), quoted
+    /// as evidence.
+    complaint: Option<String>,
+}
+
+impl Watchdog {
+    fn check(&mut self, console: &[u8], pending: &BTreeMap<String, Duration>) -> Option<String> {
+        while let Some(len) = console[self.scanned..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&console[self.scanned..self.scanned + len]);
+            self.scanned += len + 1;
+            if let Some(rest) = line.trim().strip_prefix("rig: [") {
+                let mut words = rest.split_whitespace().skip(1);
+                let name = words.next().unwrap_or("").trim_end_matches(':');
+                self.running = match words.next() {
+                    Some("running") => Some((name.to_string(), Instant::now())),
+                    _ => None,
+                };
+            } else if [
+                "rcu_sched detected stalls",
+                "self-detected stall",
+                "soft lockup",
+                "hard LOCKUP",
+            ]
+            .iter()
+            .any(|sign| line.contains(sign))
+            {
+                self.complaint = Some(line.trim().to_string());
+            }
+        }
+        let (name, since) = self.running.as_ref()?;
+        let own_limit = *pending.get(name)?;
+        if since.elapsed() < own_limit + L1_FROZEN_AFTER {
+            return None;
+        }
+        let mut why = format!(
+            "scenario {name} ran {:?} past its own time limit of {own_limit:?}",
+            L1_FROZEN_AFTER
+        );
+        if let Some(complaint) = &self.complaint {
+            let _ = write!(why, "; L1's kernel said: {complaint}");
+        }
+        Some(why)
+    }
+}
+
+/// Reads L1's console to its end into `console`, noting when the init
+/// marker arrived and, with VMLAB_RIG_VERBOSE, copying it to stderr as it
+/// comes.
+fn read_console(mut stdout: impl Read, started: Instant, console: &Mutex<Console>) {
     let verbose = std::env::var_os("VMLAB_RIG_VERBOSE").is_some();
-    let mut console = Vec::new();
-    let mut init_at = None;
     let mut buf = [0u8; 4096];
     loop {
         let n = match stdout.read(&mut buf) {
@@ -620,16 +741,17 @@ fn read_console(mut stdout: impl Read, started: Instant) -> (String, Option<Dura
         if verbose {
             let _ = std::io::stderr().lock().write_all(&buf[..n]);
         }
-        console.extend_from_slice(&buf[..n]);
-        if init_at.is_none()
+        let mut console = console.lock().unwrap_or_else(|e| e.into_inner());
+        console.bytes.extend_from_slice(&buf[..n]);
+        if console.init_at.is_none()
             && console
+                .bytes
                 .windows(INIT_MARKER.len())
                 .any(|w| w == INIT_MARKER.as_bytes())
         {
-            init_at = Some(started.elapsed());
+            console.init_at = Some(started.elapsed());
         }
     }
-    (String::from_utf8_lossy(&console).into_owned(), init_at)
 }
 
 /// The last `n` lines of `text`, without carriage returns.
