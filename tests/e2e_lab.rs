@@ -64,12 +64,16 @@ echo "nat_forward=$(grep -c '2222' "$RIG_OUT/nat.txt")"
 ssh -F "$RIG_OUT/ssh-config" -o BatchMode=yes vm1 'echo plain_ssh=$(hostname)'
 
 # A forward port another process holds: refused at once, nothing left.
-busybox nc -l -p 2224 -s 127.0.0.1 >/dev/null 2>&1 &
+python3 -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 2224)); s.listen()
+print("listening", flush=True); time.sleep(600)' >"$RIG_TMP/holder" &
 holder=$!
-sleep 0.5
+until grep -q listening "$RIG_TMP/holder"; do sleep 0.1; done
 status=0
 "$VMLAB" run --name vm3 --forward tcp:2224:22 --detach >"$RIG_OUT/taken.out" 2>&1 || status=$?
 kill "$holder" 2>/dev/null || true
+# Should it have started after all, it must not linger into the rest.
+[ "$status" -ne 0 ] || "$VMLAB" stop vm3 >/dev/null || true
 echo "taken_status=$status"
 echo "taken_lines=$(wc -l <"$RIG_OUT/taken.out")"
 [ -e "$XDG_DATA_HOME/vmlab/vms/vm3" ] && echo "taken_dir=left" || echo "taken_dir=none"
