@@ -523,12 +523,12 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
     {
         match result {
-            Ok(StopOutcome::PoweredOff) => eprintln!("{}: powered off", vm.name()),
-            Ok(StopOutcome::Killed) => eprintln!(
+            Ok(StopOutcome::PoweredOff) => println!("{}: powered off", vm.name()),
+            Ok(StopOutcome::Killed) => println!(
                 "{}: killed (the guest did not power off within {timeout} s)",
                 vm.name()
             ),
-            Ok(StopOutcome::NotRunning) => eprintln!("{}: was not running", vm.name()),
+            Ok(StopOutcome::NotRunning) => println!("{}: was not running", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
                 failed = true;

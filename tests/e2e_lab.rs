@@ -22,6 +22,8 @@ const SCENARIO: &str = r#"
 . "$RIG_REPO/tests/rig/debian.sh"
 . "$RIG_REPO/tests/rig/servers.sh"
 rig_servers_start
+# Detached VMs leave the scenario's process group: stop them on any exit.
+trap 'rig_servers_stop; rig_cleanup; "$VMLAB" stop --timeout 5 vm1 vm2 vm3 >/dev/null 2>&1 || true' EXIT
 
 facts='echo "hostname=$(hostname)"; echo "machine_id=$(cat /etc/machine-id)";
     echo "hostkey=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)";
@@ -203,9 +205,14 @@ fn two_vms_at_once_with_their_own_identity() {
 fn stop_powers_off_and_leaves_no_process_or_socket() {
     let s = lab();
     assert!(
-        s.file("stop1.out").contains("powered off"),
+        s.file("stop1.out").contains("vm1: powered off"),
         "{}",
-        s.file("stop1.out")
+        s.diagnostics()
+    );
+    assert!(
+        s.file("stop2.out").contains("vm2: powered off"),
+        "{}",
+        s.diagnostics()
     );
     assert_eq!(s.value("stop1_processes"), "0");
     assert_eq!(s.value("stop2_processes"), "0", "{}", s.file("stop2.out"));

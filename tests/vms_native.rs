@@ -166,7 +166,7 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
     let out = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("vm1: killed"),
+        String::from_utf8_lossy(&out.stdout).contains("vm1: killed"),
         "{}",
         text(&out)
     );
