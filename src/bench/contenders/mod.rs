@@ -1,6 +1,7 @@
 //! The real contenders of `vmlab bench boot`: vmlab itself, QEMU microvm,
 //! runc, and the ones planned but not yet possible (reported missing).
 
+mod oci;
 mod planned;
 mod qemu;
 mod runc;
