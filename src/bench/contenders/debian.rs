@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::ssh_probe::ScratchFile;
+use super::scratch::ScratchFile;
 use crate::bench::contender::{Missing, SampleError};
 use crate::disk::{clone_image, CloneOptions};
 use crate::image::{boot_params, GuestIdentity, UserKey};

@@ -9,6 +9,7 @@ mod qemu_ssh;
 mod rootfs;
 mod runc;
 mod runc_sshd;
+mod scratch;
 mod ssh_probe;
 mod ssh_run;
 mod vmlab;

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::scratch::ScratchFile;
 use crate::bench::contender::SampleError;
 use crate::bench::process::wait_with_limit;
 
@@ -139,23 +140,6 @@ impl SshProbe {
             }
             thread::sleep(RETRY_PAUSE);
         }
-    }
-}
-
-/// A file removed when dropped (a sample's known_hosts, disk or bundle
-/// config), whatever way the sample ends.
-#[derive(Debug)]
-pub struct ScratchFile(pub PathBuf);
-
-impl ScratchFile {
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -121,7 +121,7 @@ impl SshRun<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ssh_probe::ScratchFile;
+    use super::super::scratch::ScratchFile;
     use super::*;
     use std::process::Stdio;
 

@@ -15,7 +15,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::debian::{DebianGuest, DebianSpec};
-use super::ssh_probe::{ScratchFile, SshProbe};
+use super::scratch::ScratchFile;
+use super::ssh_probe::SshProbe;
 use super::ssh_run::{log_file, SshRun};
 use super::vmlab::{cost_metrics, duration_ms, ms, prepare_dir};
 use crate::bench::contender::{Contender, Description, Goal, Missing, Role, Sample, SampleError};
