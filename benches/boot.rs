@@ -1,8 +1,9 @@
 //! The boot benchmark as a cargo bench: `cargo bench --bench boot`.
 //!
 //! Runs the same measurements as `vmlab bench boot` (vmlab, QEMU microvm and
-//! runc to the guest's init, interleaved; vmlab's CPU and memory cost) and
-//! prints the table, the ratios and the targets. Results are written to
+//! runc to the guest's init, interleaved; vmlab's CPU and memory cost; the
+//! same three to ssh-ready when the Debian image is built) and prints the
+//! table, the ratios and the targets. Results are written to
 //! `target/tmp/boot.json` and `target/tmp/boot.svg`.
 //!
 //! Where /dev/kvm is hardware-style it runs here. On a PVM host (which cannot
@@ -12,7 +13,9 @@
 //! - runs `vmlab bench boot` inside the emulated-SVM rig (tests/rig), where
 //!   only the ratios mean anything.
 //!
-//! `VMLAB_BENCH_RUNS` sets the rounds (default 10).
+//! `VMLAB_BENCH_RUNS` sets the rounds (default 10). In the rig the ssh-ready
+//! contenders take minutes per round, so they run there only with
+//! `VMLAB_BENCH_SSH=1`.
 
 #[path = "../tests/rig/mod.rs"]
 mod rig;
@@ -20,7 +23,7 @@ mod rig;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmlab::bench::{table, BootBench, HostInfo, HostKind, Progress, RunOptions};
+use vmlab::bench::{table, BootBench, HostInfo, HostKind, Progress, RunOptions, SshPeers};
 
 fn runs() -> usize {
     std::env::var("VMLAB_BENCH_RUNS")
@@ -52,6 +55,7 @@ fn main() {
             runs: runs(),
             warmup: 1,
         },
+        ssh: SshPeers::Auto,
     };
 
     if host.kind != HostKind::Pvm {
@@ -72,10 +76,18 @@ fn main() {
     save(&out, "boot-first-entry.json", &native.to_json());
 
     println!("\nbench: the whole boot benchmark in the emulated-SVM rig (ratios only)");
-    // About 25 s per round in the rig (vmlab ~10 s, QEMU ~12 s, runc ~1 s).
-    let limit = Duration::from_secs(120 + 40 * (bench.options.runs as u64 + 1));
+    // About 25 s per round in the rig (vmlab ~10 s, QEMU ~12 s, runc ~1 s);
+    // the ssh-ready ones add minutes (two Debian boots, the container's
+    // root filesystem unpacked once).
+    let ssh = std::env::var_os("VMLAB_BENCH_SSH").is_some_and(|v| v == "1");
+    let (per_round, flag) = if ssh {
+        (400, "--ssh")
+    } else {
+        (40, "--no-ssh")
+    };
+    let limit = Duration::from_secs(300 + per_round * (bench.options.runs as u64 + 1));
     let script = format!(
-        r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {} --warmup 1 --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#,
+        r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {} --warmup 1 {flag} --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#,
         bench.options.runs
     );
     let run = rig::Batch::new("bench_boot")

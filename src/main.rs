@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use vmlab::bench::{BootBench, Progress, RunOptions};
+use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
@@ -94,8 +94,8 @@ enum ImageCommand {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
-    /// Boot time to the guest's init: vmlab, QEMU microvm and runc,
-    /// interleaved, with vmlab's own CPU and memory cost.
+    /// Boot time to the guest's init and to ssh-ready: vmlab, QEMU microvm
+    /// and runc, interleaved, with vmlab's own CPU and memory cost.
     Boot(BenchBootArgs),
 }
 
@@ -125,6 +125,14 @@ struct BenchBootArgs {
     /// Write the raw samples and statistics as JSON.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Run the ssh-ready contenders even when the Debian image is not
+    /// built yet: build it first (`vmlab image build`) [default: run them
+    /// when it is built, else list them as missing].
+    #[arg(long, conflicts_with = "no_ssh")]
+    ssh: bool,
+    /// Leave out the ssh-ready contenders (listed as missing).
+    #[arg(long)]
+    no_ssh: bool,
 }
 
 #[derive(Args, Debug)]
@@ -747,6 +755,11 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         options: RunOptions {
             runs: args.runs as usize,
             warmup: args.warmup as usize,
+        },
+        ssh: match (args.ssh, args.no_ssh) {
+            (true, _) => SshPeers::Build,
+            (_, true) => SshPeers::Off,
+            _ => SshPeers::Auto,
         },
     };
     let report = bench.run(&Progress::stderr())?;

@@ -1,14 +1,20 @@
 //! `vmlab bench boot`: vmlab, QEMU microvm and runc brought to the same
-//! "init started" signal, interleaved, with vmlab's own cost, and the
-//! ssh-ready contenders listed as missing until vmlab can run them.
+//! "init started" signal, interleaved, with vmlab's own cost; and, when the
+//! Debian image is there, the same three to ssh-ready.
 
 use std::path::{Path, PathBuf};
 
+use super::contender::Missing;
 use super::contender::{Contender, Goal, Role};
-use super::contenders::{GuestSpec, Planned, QemuMicrovm, Runc, Vmlab, BENCH_CMDLINE};
+use super::contenders::{
+    DebianGuest, DebianSpec, GuestSpec, QemuMicrovm, QemuSsh, Runc, RuncSshd, Vmlab, VmlabSsh,
+    BENCH_CMDLINE,
+};
 use super::host::{HostInfo, HostKind};
+use super::process::find_program;
 use super::report::{BenchReport, Target};
 use super::runner::{self, Progress, RunOptions};
+use crate::image::DebianImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -26,6 +32,19 @@ pub enum BenchError {
     },
     #[error("cannot write {0}: its directory does not exist")]
     NoOutputDir(PathBuf),
+    #[error("the ssh-ready contenders (--ssh): {0}")]
+    SshGuest(String),
+}
+
+/// Whether the ssh-ready contenders run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SshPeers {
+    /// When the Debian image is cached; else they are listed as missing.
+    Auto,
+    /// Always: build the image first if needed (`--ssh`).
+    Build,
+    /// Listed as missing, never run (`--no-ssh`).
+    Off,
 }
 
 /// This host, unless it is one where the benchmark guest cannot boot (PVM).
@@ -61,6 +80,7 @@ pub struct BootBench {
     pub initrd: PathBuf,
     pub mem_mib: u64,
     pub options: RunOptions,
+    pub ssh: SshPeers,
 }
 
 impl BootBench {
@@ -74,8 +94,9 @@ impl BootBench {
     }
 
     /// The contenders, in sampling order; `scratch` holds their files.
-    pub fn contenders(&self, scratch: &Path) -> Vec<Box<dyn Contender>> {
-        let mut list: Vec<Box<dyn Contender>> = vec![
+    /// `debian` is what the ssh-ready ones boot, or why they cannot.
+    pub fn contenders(&self, scratch: &Path, debian: &DebianGuest) -> Vec<Box<dyn Contender>> {
+        vec![
             Box::new(Vmlab::to_init(
                 self.vmlab.clone(),
                 self.guest(),
@@ -83,19 +104,68 @@ impl BootBench {
             )),
             Box::new(QemuMicrovm::new(self.guest(), scratch.join("qemu"))),
             Box::new(Runc::new(self.initrd.clone(), scratch.join("runc"))),
-        ];
-        for planned in Planned::ssh_ready() {
-            list.push(Box::new(planned));
+            Box::new(VmlabSsh::new(
+                self.vmlab.clone(),
+                debian.clone(),
+                scratch.join("vmlab-ssh"),
+            )),
+            Box::new(QemuSsh::new(debian.clone(), scratch.join("qemu-ssh"))),
+            Box::new(RuncSshd::new(debian.clone(), scratch.join("runc-sshd"))),
+        ]
+    }
+
+    /// The Debian guest of the ssh-ready contenders, as [`SshPeers`] asks:
+    /// the cached image (built first with `Build`), the user's key pair
+    /// (made on first use, as `vmlab run --name` would) and the system ssh.
+    /// Fails only with `Build`, when they cannot run; otherwise whatever is
+    /// lacking makes them missing.
+    pub fn debian_guest(&self) -> Result<DebianGuest, BenchError> {
+        self.debian_guest_from(crate::image::cached_image, || {
+            crate::image::debian_image().map_err(|e| e.to_string())
+        })
+    }
+
+    /// [`BootBench::debian_guest`] with the image looked up by `cached` and
+    /// built by `build`.
+    fn debian_guest_from(
+        &self,
+        cached: impl FnOnce() -> Option<DebianImage>,
+        build: impl FnOnce() -> Result<DebianImage, String>,
+    ) -> Result<DebianGuest, BenchError> {
+        let image = match self.ssh {
+            SshPeers::Off => return Ok(Err(Missing("left out (--no-ssh)".into()))),
+            SshPeers::Auto => cached().ok_or_else(|| {
+                "the Debian image is not built: run `vmlab image build` first (or pass --ssh)"
+                    .to_string()
+            }),
+            SshPeers::Build => build(),
+        };
+        let spec = image.and_then(|image| {
+            let key = crate::image::user_key().map_err(|e| format!("the SSH key: {e}"))?;
+            let ssh = find_program("ssh")
+                .ok_or("ssh not found on PATH (Debian: apt-get install openssh-client)")?;
+            Ok(DebianSpec {
+                kernel: self.kernel.clone(),
+                base: image.base,
+                mem_mib: self.mem_mib,
+                key,
+                ssh,
+            })
+        });
+        match (spec, self.ssh) {
+            (Ok(spec), _) => Ok(Ok(spec)),
+            (Err(e), SshPeers::Build) => Err(BenchError::SshGuest(e)),
+            (Err(e), _) => Ok(Err(Missing(e))),
         }
-        list
     }
 
     /// Runs the whole benchmark. Refuses on a PVM host (the guest cannot
     /// boot there).
     pub fn run(&self, progress: &Progress) -> Result<BenchReport, BenchError> {
         let host = check_host()?;
+        let debian = self.debian_guest()?;
         let scratch = scratch_dir()?;
-        let mut contenders = self.contenders(scratch.as_path());
+        let mut contenders = self.contenders(scratch.as_path(), &debian);
         let mut report = runner::run(&mut contenders, self.options, host, progress);
         report.targets = targets(&report);
         Ok(report)
@@ -181,17 +251,21 @@ pub fn targets(report: &BenchReport) -> Vec<Target> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_planned_peer_is_in_the_list() {
-        let bench = BootBench {
+    fn bench(ssh: SshPeers) -> BootBench {
+        BootBench {
             vmlab: PathBuf::from("/bin/vmlab"),
             kernel: PathBuf::from("/k"),
             initrd: PathBuf::from("/i"),
             mem_mib: 256,
             options: RunOptions { runs: 1, warmup: 0 },
-        };
-        let ids: Vec<String> = bench
-            .contenders(Path::new("/tmp/x"))
+            ssh,
+        }
+    }
+
+    #[test]
+    fn every_peer_is_in_the_list() {
+        let ids: Vec<String> = bench(SshPeers::Auto)
+            .contenders(Path::new("/tmp/x"), &Err(Missing("no image".into())))
             .iter()
             .map(|c| c.describe().id)
             .collect();
@@ -206,6 +280,64 @@ mod tests {
                 "runc-sshd"
             ]
         );
+    }
+
+    fn image(base: &str) -> DebianImage {
+        DebianImage {
+            base: PathBuf::from(base),
+            index: crate::image::ImageIndex {
+                recipe: "r".into(),
+                suite: "bookworm".into(),
+                base: "base.qcow2".into(),
+                virtual_size: 1 << 30,
+                file_size: 1 << 20,
+                build_ms: 1,
+                built_at: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn ssh_peers_left_out_or_without_an_image_are_missing_with_the_reason() {
+        let never = || -> Result<DebianImage, String> { panic!("nothing is built") };
+        let off = bench(SshPeers::Off)
+            .debian_guest_from(|| Some(image("/c/base.qcow2")), never)
+            .unwrap()
+            .unwrap_err();
+        assert!(off.0.contains("--no-ssh"), "{off}");
+        let auto = bench(SshPeers::Auto)
+            .debian_guest_from(|| None, never)
+            .unwrap()
+            .unwrap_err();
+        assert!(auto.0.contains("run `vmlab image build` first"), "{auto}");
+        let mut contenders =
+            bench(SshPeers::Auto).contenders(Path::new("/tmp/x"), &Err(auto.clone()));
+        for c in &mut contenders[3..] {
+            assert_eq!(c.prepare().unwrap_err(), auto, "{}", c.describe().id);
+        }
+        // --ssh: an image that cannot be built is an error, not a gap.
+        let err = bench(SshPeers::Build)
+            .debian_guest_from(|| None, || Err("needs root".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("needs root"), "{err}");
+    }
+
+    #[test]
+    fn a_cached_image_boots_with_the_users_key() {
+        // The key is made under a scratch XDG_DATA_HOME.
+        let _home = crate::control::state::tests::temp_home();
+        let spec = bench(SshPeers::Auto)
+            .debian_guest_from(
+                || Some(image("/c/base.qcow2")),
+                || panic!("a cached image is not rebuilt"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.base, PathBuf::from("/c/base.qcow2"));
+        assert_eq!(spec.kernel, PathBuf::from("/k"));
+        assert_eq!(spec.mem_mib, 256);
+        assert!(spec.key.public_key.starts_with("ssh-ed25519 "));
+        assert!(spec.key.private_key.starts_with(crate::dirs::data_dir()));
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod runner;
 pub mod stats;
 pub mod table;
 
-pub use boot::{check_host, check_output_path, BenchError, BootBench};
+pub use boot::{check_host, check_output_path, BenchError, BootBench, SshPeers};
 pub use contender::{Contender, Description, Goal, Missing, Role, Sample, SampleError};
 pub use host::{HostInfo, HostKind};
 pub use report::{BenchReport, Status};

@@ -1,17 +1,29 @@
-//! The real contenders of `vmlab bench boot`: vmlab itself, QEMU microvm,
-//! runc, and the ones planned but not yet possible (reported missing).
+//! The real contenders of `vmlab bench boot`: vmlab, QEMU microvm and runc,
+//! each to the guest's init (the default kernel and initramfs) and to
+//! ssh-ready (the default Debian image).
 
-mod planned;
+mod debian;
+mod oci;
 mod qemu;
+mod qemu_ssh;
+mod rootfs;
 mod runc;
+mod runc_sshd;
+mod scratch;
+mod ssh_probe;
+mod ssh_run;
 mod vmlab;
+mod vmlab_ssh;
 
 use std::path::PathBuf;
 
-pub use planned::Planned;
+pub use debian::{DebianGuest, DebianSpec};
 pub use qemu::QemuMicrovm;
+pub use qemu_ssh::QemuSsh;
 pub use runc::Runc;
+pub use runc_sshd::RuncSshd;
 pub use vmlab::Vmlab;
+pub use vmlab_ssh::VmlabSsh;
 
 /// The guest every VM contender boots, the same for all of them.
 #[derive(Clone, Debug)]

@@ -32,33 +32,8 @@ impl QemuMicrovm {
     /// port 0xe9 on stdout, vmlab's whole kernel command line.
     fn args(&self, console: &Path) -> Vec<String> {
         let g = &self.guest;
-        let mut args: Vec<String> = [
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = microvm_args(g.mem_mib, console);
         args.extend([
-            "-m".to_string(),
-            format!("{}M", g.mem_mib),
-            "-chardev".to_string(),
-            format!("file,id=con,path={}", console.display()),
-            "-serial".to_string(),
-            "chardev:con".to_string(),
-            "-chardev".to_string(),
-            "stdio,id=e9,signal=off".to_string(),
-            "-device".to_string(),
-            "isa-debugcon,iobase=0xe9,chardev=e9".to_string(),
             "-kernel".to_string(),
             g.kernel.display().to_string(),
             "-initrd".to_string(),
@@ -68,6 +43,55 @@ impl QemuMicrovm {
         ]);
         args
     }
+}
+
+/// The machine every QEMU contender boots: microvm on KVM with the host's
+/// CPU and one vCPU like vmlab's default, no default devices, `mem_mib` of
+/// memory, the serial console in the file `console`, and the boot-timer
+/// port 0xe9 (isa-debugcon) on QEMU's stdout.
+pub(super) fn microvm_args(mem_mib: u64, console: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "-m".to_string(),
+        format!("{mem_mib}M"),
+        "-chardev".to_string(),
+        format!("file,id=con,path={}", console.display()),
+        "-serial".to_string(),
+        "chardev:con".to_string(),
+        "-chardev".to_string(),
+        "stdio,id=e9,signal=off".to_string(),
+        "-device".to_string(),
+        "isa-debugcon,iobase=0xe9,chardev=e9".to_string(),
+    ]);
+    args
+}
+
+/// QEMU on PATH, and `dir` made for a QEMU contender's files; or why it
+/// cannot run.
+pub(super) fn prepare_qemu(dir: &Path) -> Result<PathBuf, Missing> {
+    let qemu = find_program(QEMU).ok_or_else(|| {
+        Missing(format!(
+            "{QEMU} not found on PATH (Debian: apt-get install qemu-system-x86)"
+        ))
+    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Missing(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(qemu)
 }
 
 impl Contender for QemuMicrovm {
@@ -81,14 +105,7 @@ impl Contender for QemuMicrovm {
         )
     }
     fn prepare(&mut self) -> Result<(), Missing> {
-        let qemu = find_program(QEMU).ok_or_else(|| {
-            Missing(format!(
-                "{QEMU} not found on PATH (Debian: apt-get install qemu-system-x86)"
-            ))
-        })?;
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| Missing(format!("cannot create {}: {e}", self.dir.display())))?;
-        self.qemu = Some(qemu);
+        self.qemu = Some(prepare_qemu(&self.dir)?);
         Ok(())
     }
     fn sample(&mut self) -> Result<Sample, SampleError> {

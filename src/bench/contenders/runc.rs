@@ -6,16 +6,14 @@
 //! where the harness timestamps it (see guest/README.md).
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
+use super::oci;
 use crate::bench::contender::{Contender, Description, Goal, Missing, Role, Sample, SampleError};
-use crate::bench::process::{find_program, MarkerRun};
-
-const RUNC: &str = "runc";
+use crate::bench::process::MarkerRun;
 
 pub struct Runc {
     initrd: PathBuf,
@@ -100,27 +98,21 @@ fn unpack(initrd: &Path, rootfs: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Turns `runc spec`'s default (what Docker-style runtimes give a
-/// container: namespaces, capabilities, masked paths) into the benchmark's:
-/// /init as the process, no terminal, a writable root, and the environment
-/// that tells the init where it is.
+/// Turns `runc spec`'s default into the benchmark's: /init as the
+/// process, no terminal, a writable root, and the environment that tells
+/// the init where it is.
 fn adapt_spec(spec: &mut Value) -> Result<(), String> {
-    let process = spec
-        .get_mut("process")
-        .and_then(Value::as_object_mut)
-        .ok_or("runc spec gave no process section")?;
+    let process = oci::process(spec)?;
     process.insert("terminal".into(), json!(false));
     process.insert("args".into(), json!(["/init"]));
-    let env = process
-        .entry("env")
-        .or_insert_with(|| json!([]))
-        .as_array_mut()
-        .ok_or("runc spec's process.env is not a list")?;
-    env.extend([
-        json!("container=runc"),
-        json!("VMLAB_BENCH=1"),
-        json!("VMLAB_BOOT_TIMER=/dev/stdout"),
-    ]);
+    oci::add_env(
+        spec,
+        &[
+            "container=runc".to_string(),
+            "VMLAB_BENCH=1".to_string(),
+            "VMLAB_BOOT_TIMER=/dev/stdout".to_string(),
+        ],
+    )?;
     spec["root"] = json!({ "path": "rootfs", "readonly": false });
     spec["hostname"] = json!("vmlab");
     Ok(())
@@ -137,41 +129,12 @@ impl Contender for Runc {
         )
     }
     fn prepare(&mut self) -> Result<(), Missing> {
-        let runc = find_program(RUNC).ok_or_else(|| {
-            Missing(format!(
-                "{RUNC} not found on PATH (Debian: apt-get install runc)"
-            ))
-        })?;
-        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-        if !root {
-            return Err(Missing(
-                "runc needs root here (rootless containers are not set up): run as root".into(),
-            ));
-        }
+        let runc = oci::find_runc()?;
         let bundle = self.bundle();
         unpack(&self.initrd, &bundle.join("rootfs")).map_err(Missing)?;
-        let out = Command::new(&runc)
-            .args(["spec", "--bundle"])
-            .arg(&bundle)
-            .output()
-            .map_err(|e| Missing(format!("cannot run runc spec: {e}")))?;
-        if !out.status.success() {
-            return Err(Missing(format!(
-                "runc spec failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let config = bundle.join("config.json");
-        let mut spec: Value = std::fs::read_to_string(&config)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| Missing(format!("runc spec wrote no readable {}", config.display())))?;
+        let mut spec = oci::default_spec(&runc, &bundle)?;
         adapt_spec(&mut spec).map_err(Missing)?;
-        std::fs::write(
-            &config,
-            serde_json::to_string_pretty(&spec).unwrap_or_default(),
-        )
-        .map_err(|e| Missing(format!("cannot write {}: {e}", config.display())))?;
+        oci::write_spec(&bundle, &spec).map_err(Missing)?;
         self.runc = Some(runc);
         Ok(())
     }
@@ -181,7 +144,7 @@ impl Contender for Runc {
             .clone()
             .ok_or_else(|| SampleError::new("runc was not prepared"))?;
         self.count += 1;
-        let id = format!("vmlab-bench-{}-{}", std::process::id(), self.count);
+        let id = oci::container_id("init", self.count);
         let mut command = Command::new(&runc);
         command
             .arg("run")
@@ -195,12 +158,7 @@ impl Contender for Runc {
             logs: Vec::new(),
         };
         // The container may outlive a runc killed at the time limit.
-        let cleanup = || {
-            let _ = Command::new(&runc)
-                .args(["delete", "--force", &id])
-                .stderr(Stdio::null())
-                .status();
-        };
+        let cleanup = || oci::delete(&runc, &id);
         Ok(Sample {
             phases: vec![marker.run(command, cleanup)?],
             metrics: Default::default(),

@@ -67,11 +67,11 @@ fn run_vmlab(vmlab: &Path, guest: &GuestSpec, dir: &Path) -> Result<VmlabRun, Sa
     })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn duration_ms(ms: f64) -> Duration {
+pub(super) fn duration_ms(ms: f64) -> Duration {
     Duration::from_secs_f64((ms / 1000.0).max(0.0))
 }
 
@@ -87,7 +87,7 @@ fn event(value: Option<f64>, what: &str, run: &VmlabRun) -> Result<f64, SampleEr
 }
 
 /// vmlab's own cost, from its report.
-fn cost_metrics(report: &RunReport) -> BTreeMap<String, f64> {
+pub(super) fn cost_metrics(report: &RunReport) -> BTreeMap<String, f64> {
     let mut metrics = BTreeMap::new();
     let mut put = |key: &str, value: Option<f64>| {
         if let Some(v) = value {
@@ -192,7 +192,7 @@ impl Contender for Vmlab {
     }
 }
 
-fn prepare_dir(vmlab: &Path, dir: &Path) -> Result<(), Missing> {
+pub(super) fn prepare_dir(vmlab: &Path, dir: &Path) -> Result<(), Missing> {
     if !vmlab.is_file() {
         return Err(Missing(format!("{} not found", vmlab.display())));
     }
