@@ -85,7 +85,11 @@ fn freezing() -> &'static (rig::Run, tempfile::TempDir) {
         let run = rig::Batch::new("e2e_rig_freeze")
             .writable(marks.path())
             .env("MARKS", &dir)
-            .scenario("before", Duration::from_secs(30), r#"echo ran >>"$MARKS/before""#)
+            .scenario(
+                "before",
+                Duration::from_secs(30),
+                r#"echo ran >>"$MARKS/before""#,
+            )
             .scenario(
                 "freeze",
                 Duration::from_secs(5),
@@ -98,7 +102,11 @@ fn freezing() -> &'static (rig::Run, tempfile::TempDir) {
                 echo second_l1=yes
                 "#,
             )
-            .scenario("after", Duration::from_secs(30), r#"echo ran >>"$MARKS/after""#)
+            .scenario(
+                "after",
+                Duration::from_secs(30),
+                r#"echo ran >>"$MARKS/after""#,
+            )
             .run();
         (run, marks)
     })

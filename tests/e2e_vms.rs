@@ -23,7 +23,7 @@ start() {
 # Waits until the VM's serial log shows a shell prompt.
 wait_prompt() {
     local deadline=$((SECONDS + $2))
-    until grep -Eq 'root@vmlab:.*# ' "$vms/$1/serial.log" 2>/dev/null; do
+    until grep -Eq "root@$1:.*# " "$vms/$1/serial.log" 2>/dev/null; do
         if ((SECONDS >= deadline)); then
             echo "rig: no prompt in $1's serial log within $2 s" >&2
             tail -n 20 "$vms/$1/serial.log" >&2 || true
