@@ -66,7 +66,7 @@ echo "nat_forward=$(grep -c '2222' "$RIG_OUT/nat.txt")"
 ssh -F "$RIG_OUT/ssh-config" -o BatchMode=yes vm1 'echo plain_ssh=$(hostname)'
 
 # A forward port another process holds: refused at once, nothing left.
-python3 -c 'import socket, sys, time
+python3 -c 'import socket, time
 s = socket.socket(); s.bind(("127.0.0.1", 2224)); s.listen()
 print("listening", flush=True); time.sleep(600)' >"$RIG_TMP/holder" &
 holder=$!

@@ -14,7 +14,7 @@
 //!
 //! ```ignore
 //! mod rig;
-//! use std::sync::{Arc, Mutex, OnceLock};
+//! use std::sync::OnceLock;
 //! use std::time::Duration;
 //!
 //! fn l1() -> &'static rig::Run {
