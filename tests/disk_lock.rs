@@ -171,3 +171,46 @@ fn clone_of_an_image_open_for_writing_is_refused() {
     drop(writer);
     clone_image(&img, &dst, &CloneOptions::default()).unwrap();
 }
+
+/// A process that forks shares every open file with the child until the
+/// child's exec, so an image closed meanwhile keeps its lock for that
+/// instant. A writer opening it then must not be refused for a lock that is
+/// about to vanish (CI once saw exactly this between two tests of one binary).
+#[test]
+fn a_lock_kept_only_by_a_fork_in_flight_does_not_refuse_a_writer() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let dir = tempdir();
+    let img = new_image(dir.path(), "a.qcow2");
+    let reader = open_image(&img, &OpenOptions::read_only()).unwrap();
+    let (mut forked, tell) = std::io::pipe().unwrap();
+    let spawner = std::thread::spawn(move || {
+        let fd = tell.as_raw_fd();
+        let mut cmd = Command::new("true");
+        // SAFETY: the hook runs in the forked child before exec and makes only
+        // async-signal-safe calls (write, nanosleep) on memory it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::write(fd, b"x".as_ptr().cast(), 1);
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                libc::nanosleep(&pause, std::ptr::null_mut());
+                Ok(())
+            })
+        };
+        let status = cmd.status();
+        drop(tell);
+        status
+    });
+    // Once this byte arrives the child exists and shares `reader`'s file.
+    forked.read_exact(&mut [0u8; 1]).unwrap();
+    drop(reader);
+    let writer = open_image(&img, &OpenOptions::read_write());
+    assert!(spawner.join().unwrap().unwrap().success());
+    let writer = writer.unwrap_or_else(|e| panic!("writer refused: {e}"));
+    writer.write_at(0, b"after").unwrap();
+}

@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg};
 
@@ -80,6 +81,29 @@ fn byte_is_held(file: &File, offset: i64) -> nix::Result<bool> {
     Ok(req.l_type != libc::F_UNLCK as i16)
 }
 
+/// How long a conflicting lock may take to go away before it counts.
+///
+/// OFD locks belong to the open file description, and a process that forks
+/// (to spawn anything) shares every description with the child until the
+/// child's exec closes them. So a file this process, or another, has just
+/// closed can stay locked for the instant between a fork and an exec. A
+/// real holder keeps its lock far longer than this; the wait is paid only
+/// when a conflict is about to be reported.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// Calls `conflict` until it finds none or `SETTLE` has passed, returning the
+/// last conflict found.
+fn settled<T>(mut conflict: impl FnMut() -> nix::Result<Option<T>>) -> nix::Result<Option<T>> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let found = conflict()?;
+        if found.is_none() || Instant::now() >= deadline {
+            return Ok(found);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Takes the lock bytes for `mode` on `file`, then refuses if another opener
 /// conflicts. The locks live as long as `file` stays open.
 pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
@@ -96,30 +120,31 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
             lock_byte(file, SHARED_BASE + i).map_err(io)?;
         }
     }
-    for i in 0..PERM_BITS {
-        let wanted_but_unshared =
-            perm & (1 << i) != 0 && byte_is_held(file, SHARED_BASE + i).map_err(io)?;
-        let refused_but_used =
-            shared & (1 << i) == 0 && byte_is_held(file, PERM_BASE + i).map_err(io)?;
-        if wanted_but_unshared || refused_but_used {
-            let offset = if wanted_but_unshared {
-                SHARED_BASE + i
-            } else {
-                PERM_BASE + i
-            };
-            return Err(DiskError::Locked {
-                path: path.to_path_buf(),
-                holder: describe_holder(file, offset, i),
-            });
+    let conflict = || -> nix::Result<Option<(i64, i64)>> {
+        for i in 0..PERM_BITS {
+            if perm & (1 << i) != 0 && byte_is_held(file, SHARED_BASE + i)? {
+                return Ok(Some((SHARED_BASE + i, i)));
+            }
+            if shared & (1 << i) == 0 && byte_is_held(file, PERM_BASE + i)? {
+                return Ok(Some((PERM_BASE + i, i)));
+            }
         }
+        Ok(None)
+    };
+    match settled(conflict).map_err(io)? {
+        None => Ok(()),
+        Some((offset, i)) => Err(DiskError::Locked {
+            path: path.to_path_buf(),
+            holder: describe_holder(file, offset, i),
+        }),
     }
-    Ok(())
 }
 
 /// True when some other process holds `path` open for writing (QEMU's or
 /// vmlab's write-permission byte is locked).
 pub fn held_for_writing(file: &File) -> bool {
-    byte_is_held(file, PERM_BASE + 1).unwrap_or(false)
+    let write_byte = || byte_is_held(file, PERM_BASE + 1).map(|held| held.then_some(()));
+    matches!(settled(write_byte), Ok(Some(())))
 }
 
 /// Names who holds lock byte `offset` (best effort).
