@@ -254,21 +254,25 @@ fn force_rebuild_is_refused_while_a_vm_uses_the_base() {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-io (qemu-utils) runs: run .ci/setup");
-    // Until qemu-io holds its locks, the refusal cannot be seen.
+    // Until qemu-io holds its locks, the refusal cannot be seen. The probe
+    // must take no lock itself: `qemu-img info` would, and an instant when
+    // both hold their bytes makes each refuse the other (qemu-io exits).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let held = loop {
-        // Without -U, `qemu-img info` fails on an image open for writing.
-        let probe = tool("qemu-img", &["info", overlay.to_str().unwrap()]);
-        if !probe.status.success() || std::time::Instant::now() > deadline {
-            break !probe.status.success();
+        let probe = vmlab(&["disk", "info", overlay.to_str().unwrap()], &[]);
+        let held = String::from_utf8_lossy(&probe.stdout).contains("in use: open for writing");
+        if held || std::time::Instant::now() > deadline {
+            break held;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let before = std::fs::metadata(base()).unwrap().ino();
     let out = vmlab(&["image", "build", "--force"], &[]);
+    let alive = vm.try_wait().unwrap().is_none();
     vm.kill().unwrap();
     vm.wait().unwrap();
     assert!(held, "qemu-io never locked the overlay");
+    assert!(alive, "qemu-io exited before the rebuild was tried");
     assert!(!out.status.success(), "rebuilt under a running VM: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
