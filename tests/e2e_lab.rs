@@ -23,7 +23,7 @@ const SCENARIO: &str = r#"
 . "$RIG_REPO/tests/rig/servers.sh"
 rig_servers_start
 # Detached VMs leave the scenario's process group: stop them on any exit.
-trap 'rig_servers_stop; rig_cleanup; "$VMLAB" stop --timeout 5 vm1 vm2 vm3 >/dev/null 2>&1 || true' EXIT
+rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 vm3 >/dev/null 2>&1'
 
 facts='echo "hostname=$(hostname)"; echo "machine_id=$(cat /etc/machine-id)";
     echo "hostkey=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)";

@@ -14,7 +14,7 @@ export HOME=$RIG_TMP/home XDG_DATA_HOME=$RIG_TMP/data XDG_RUNTIME_DIR=$RIG_TMP/r
 mkdir -p "$HOME"
 vms=$XDG_DATA_HOME/vmlab/vms
 # Detached VMs leave the scenario's process group: stop them on any exit.
-trap 'rig_cleanup; "$VMLAB" stop --timeout 5 vm1 vm2 >/dev/null 2>&1 || true' EXIT
+rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 >/dev/null 2>&1'
 
 start() {
     "$VMLAB" run --name "$1" --detach --kernel "$VMLAB_VMLINUX" \

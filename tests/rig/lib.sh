@@ -23,9 +23,19 @@ rig_ms() {
 trap 'echo "rig: ${BASH_SOURCE[0]##*/}:$LINENO: \`$BASH_COMMAND\` failed with status $?" >&2' ERR
 set -E
 
-# Whatever the scenario started must not outlive it.
+# Whatever the scenario started must not outlive it. A scenario (or a helper
+# it sources) adds its own clean-up with `rig_at_exit CMD`; such commands run
+# on any exit, newest first, before the consoles are killed.
+declare -ga RIG_AT_EXIT=()
+rig_at_exit() {
+    RIG_AT_EXIT+=("$1")
+}
+
 rig_cleanup() {
-    local name
+    local name i
+    for ((i = ${#RIG_AT_EXIT[@]} - 1; i >= 0; i--)); do
+        eval "${RIG_AT_EXIT[$i]}" || true
+    done
     for name in "${!RIG_CONSOLE_PID[@]}"; do
         kill -KILL "${RIG_CONSOLE_PID[$name]}" 2>/dev/null || true
     done

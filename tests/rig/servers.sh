@@ -41,7 +41,7 @@ PY
     [ -e "$RIG_TMP/dns.ready" ] || { echo "rig: the DNS responder did not start" >&2; return 1; }
     printf 'nameserver 127.0.0.1\n' >"$RIG_TMP/resolv.conf"
     mount --bind "$RIG_TMP/resolv.conf" /etc/resolv.conf
-    trap 'rig_servers_stop; rig_cleanup' EXIT
+    rig_at_exit rig_servers_stop
 }
 
 rig_servers_stop() {
