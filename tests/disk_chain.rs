@@ -14,29 +14,13 @@ use disk_support::*;
 use vmlab::disk::{
     backing_chain, commit_image, create_image, freeze_top, merge_into_backing, open_image,
     open_overlay_over, overlay_onto, unfreeze_top, BlockBackend, CreateOptions, DiskError,
-    ImageFormat, LockMode, OpenOptions,
+    ImageFormat, OpenOptions,
 };
 
 const MIB: u64 = 1 << 20;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn unlocked() -> OpenOptions {
-    OpenOptions {
-        read_only: true,
-        lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
-    }
-}
-
-fn read_all(path: &Path) -> Vec<u8> {
-    let img = open_image(path, &unlocked()).unwrap();
-    let mut buf = vec![0u8; img.size() as usize];
-    img.read_at(0, &mut buf).unwrap();
-    buf
 }
 
 fn qcow2(path: &Path, size: u64, cluster: u64, backing: Option<&Path>) {
@@ -125,7 +109,7 @@ fn commit_writes_what_qemu_img_commit_writes() {
             let img = open_image(&top, &OpenOptions::read_write()).unwrap();
             img.write_at(size + MIB, &pattern(3, 0, 70_000)).unwrap();
         }
-        let expected = read_all(&top);
+        let expected = read_image(&top);
 
         // The same pair, twice: one for vmlab, one for qemu-img.
         let (qbase, qtop) = (
@@ -155,11 +139,11 @@ fn commit_writes_what_qemu_img_commit_writes() {
         qemu_img_ok(&["commit", "-d", "-f", "qcow2", s(&qtop)]);
 
         assert_eq!(
-            read_all(&base),
+            read_image(&base),
             expected,
             "{tag}: the base reads as the top did"
         );
-        assert_eq!(read_all(&top), expected, "{tag}: the top is untouched");
+        assert_eq!(read_image(&top), expected, "{tag}: the top is untouched");
         if !raw_base {
             qemu_check(&base);
         }
@@ -189,7 +173,7 @@ fn merge_leaves_one_image_under_the_top_name() {
     qcow2(&top, 8 * MIB, 65536, Some(&mid));
     scribble(&top, 6);
     std::fs::set_permissions(&mid, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
-    let expected = read_all(&top);
+    let expected = read_image(&top);
 
     assert_eq!(merge_into_backing(&top).unwrap(), mid);
     assert!(!mid.exists(), "the middle layer is gone");
@@ -197,7 +181,7 @@ fn merge_leaves_one_image_under_the_top_name() {
         backing_chain(&top).unwrap(),
         vec![top.clone(), base.clone()]
     );
-    assert_eq!(read_all(&top), expected);
+    assert_eq!(read_image(&top), expected);
     qemu_check(&top);
     let mode = std::fs::metadata(&top).unwrap().permissions();
     assert!(
@@ -228,13 +212,13 @@ fn merge_refuses_a_backing_file_another_process_reads() {
     scribble(&top, 1);
     let sibling = d.join("sibling.qcow2");
     qcow2(&sibling, 4 * MIB, 65536, Some(&base));
-    let before = read_all(&base);
+    let before = read_image(&base);
     // A reader of the shared base (as a running clone would be).
     let reader = open_image(&sibling, &OpenOptions::read_only()).unwrap();
     let err = merge_into_backing(&top).unwrap_err();
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop(reader);
-    assert_eq!(read_all(&base), before, "nothing written");
+    assert_eq!(read_image(&base), before, "nothing written");
     assert!(base.exists());
 }
 
@@ -245,7 +229,7 @@ fn freeze_puts_an_empty_overlay_on_top_and_unfreeze_undoes_it() {
     let top = d.join("disk.qcow2");
     qcow2(&top, 6 * MIB, 65536, None);
     scribble(&top, 9);
-    let expected = read_all(&top);
+    let expected = read_image(&top);
     let layer = d.join("disk.frozen-1.qcow2");
 
     let frozen = freeze_top(&top, &layer).unwrap();
@@ -253,7 +237,7 @@ fn freeze_puts_an_empty_overlay_on_top_and_unfreeze_undoes_it() {
         backing_chain(&top).unwrap(),
         vec![top.clone(), layer.clone()]
     );
-    assert_eq!(read_all(&top), expected);
+    assert_eq!(read_image(&top), expected);
     assert!(std::fs::metadata(&layer).unwrap().permissions().readonly());
     qemu_check(&top);
     qemu_check(&layer);
@@ -265,7 +249,7 @@ fn freeze_puts_an_empty_overlay_on_top_and_unfreeze_undoes_it() {
     unfreeze_top(&frozen).unwrap();
     assert!(!layer.exists());
     assert_eq!(backing_chain(&top).unwrap(), vec![top.clone()]);
-    assert_eq!(read_all(&top), expected);
+    assert_eq!(read_image(&top), expected);
     assert!(!std::fs::metadata(&top).unwrap().permissions().readonly());
     // A layer must be a name beside the top.
     let err = freeze_top(&top, &d.join("sub/x.qcow2"))
@@ -283,12 +267,12 @@ fn an_overlay_onto_a_layer_restores_it_and_replaces_the_top() {
     scribble(&top, 1);
     let layer = d.join("disk.frozen-1.qcow2");
     freeze_top(&top, &layer).unwrap();
-    let at_snapshot = read_all(&top);
+    let at_snapshot = read_image(&top);
     scribble(&top, 2);
-    assert_ne!(read_all(&top), at_snapshot);
+    assert_ne!(read_image(&top), at_snapshot);
 
     overlay_onto(&top, &layer).unwrap();
-    assert_eq!(read_all(&top), at_snapshot);
+    assert_eq!(read_image(&top), at_snapshot);
     assert_eq!(
         backing_chain(&top).unwrap(),
         vec![top.clone(), layer.clone()]
@@ -324,9 +308,17 @@ fn a_live_image_is_stacked_under_a_new_overlay_without_closing_it() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("is not the open image"), "{err}");
+    assert!(err.contains("does not lead to the open image"), "{err}");
 
+    // A freeze the VM was never switched to (its command was killed), then
+    // another: the new overlay reaches the open image through the first.
+    let unswitched = d.join("disk.frozen-2.qcow2");
+    freeze_top(&top, &unswitched).unwrap();
     let new = open_overlay_over(&top, live.clone()).unwrap();
+    assert_eq!(
+        backing_chain(&top).unwrap(),
+        vec![top.clone(), unswitched.clone(), layer.clone()]
+    );
     let writing = qemu_once("qemu-img", &["info", s(&layer)]);
     assert!(!writing.status.success(), "QEMU sees the layer written to");
     live.freeze().unwrap();
@@ -364,7 +356,7 @@ fn a_live_image_is_stacked_under_a_new_overlay_without_closing_it() {
     qemu_check(&top);
     let mut expected_top = expected_layer;
     expected_top[MIB as usize..MIB as usize + 4096].copy_from_slice(&pattern(3, MIB, 4096));
-    assert_eq!(read_all(&top), expected_top);
+    assert_eq!(read_image(&top), expected_top);
 }
 
 // --- kill -9 in the middle of a commit and of a merge ------------------------
@@ -419,7 +411,7 @@ fn kill_during_commit_or_merge_loses_nothing() {
     for round in 0..16u64 {
         let merge = round % 2 == 1;
         let (base, top) = crash_pair(d, round);
-        let expected = read_all(&top);
+        let expected = read_image(&top);
         let flag = d.join(format!("started-{round}"));
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -443,12 +435,12 @@ fn kill_during_commit_or_merge_loses_nothing() {
         child.kill().unwrap();
         child.wait().unwrap();
         // The top path always reads as before; whatever is left is clean.
-        assert_eq!(read_all(&top), expected, "round {round}: content changed");
+        assert_eq!(read_image(&top), expected, "round {round}: content changed");
         qemu_check(&top);
         let done = if merge {
             !base.exists()
         } else {
-            read_all(&base) == expected
+            read_image(&base) == expected
         };
         if base.exists() {
             qemu_check(&base);
@@ -461,7 +453,7 @@ fn kill_during_commit_or_merge_loses_nothing() {
         if !merge && !done {
             // An interrupted commit can be run again to the end.
             commit_image(&top).unwrap();
-            assert_eq!(read_all(&base), expected, "round {round}");
+            assert_eq!(read_image(&base), expected, "round {round}");
         }
     }
     eprintln!("commit takes {span} ms here; {partial} kills landed mid-way, {whole} after the end");

@@ -61,7 +61,7 @@ pub fn freeze_top(top: &Path, layer: &Path) -> Result<FrozenTop> {
             DiskError::io(layer, e)
         }
     })?;
-    if let Err(e) = replace_with_overlay(top, size, &layer_name, format) {
+    if let Err(e) = stage_overlay(top, size, &layer_name, format).and_then(StagedFile::publish) {
         let _ = std::fs::remove_file(layer);
         return Err(e);
     }
@@ -89,15 +89,32 @@ pub fn unfreeze_top(frozen: &FrozenTop) -> Result<()> {
 /// content. The old `top` is gone once the new one is in place (one rename);
 /// refused while a process has `top` open for writing.
 pub fn overlay_onto(top: &Path, layer: &Path) -> Result<()> {
+    prepare_overlay_onto(top, layer)?.publish()
+}
+
+/// An overlay written under a temporary name, not yet renamed into place:
+/// several disks can be prepared (where a full host disk would fail) before
+/// any of them changes. Dropped unpublished, it leaves nothing.
+pub struct PreparedOverlay(StagedFile);
+
+/// The first half of [`overlay_onto`].
+pub fn prepare_overlay_onto(top: &Path, layer: &Path) -> Result<PreparedOverlay> {
     let layer_name = side_by_side(top, layer)?;
     let (size, format) = image_size(layer)?;
     super::create::check_replaceable(top)?;
-    replace_with_overlay(top, size, &layer_name, format)
+    stage_overlay(top, size, &layer_name, format).map(PreparedOverlay)
+}
+
+impl PreparedOverlay {
+    /// Renames the overlay over its top image (atomically, durably).
+    pub fn publish(self) -> Result<()> {
+        self.0.publish()
+    }
 }
 
 /// Writes an empty qcow2 overlay of `size` bytes naming `backing` (of
-/// `format`) under a temporary name, then renames it over `top`.
-fn replace_with_overlay(top: &Path, size: u64, backing: &str, format: ImageFormat) -> Result<()> {
+/// `format`) under a temporary name, to be renamed over `top`.
+fn stage_overlay(top: &Path, size: u64, backing: &str, format: ImageFormat) -> Result<StagedFile> {
     let staged = StagedFile::create(top, true)?;
     qcow2::format_new(
         staged.file(),
@@ -106,60 +123,82 @@ fn replace_with_overlay(top: &Path, size: u64, backing: &str, format: ImageForma
         DEFAULT_CLUSTER_SIZE.trailing_zeros(),
         Some((backing, format.name())),
     )?;
-    staged.publish()
+    Ok(staged)
 }
 
 /// Opens the qcow2 image at `path` for writing over `backing`, an image
-/// already open (and in use): `path`'s header must name that very file as
-/// its backing file. For a live snapshot, after [`freeze_top`]; `backing`
-/// is frozen (see [`BlockBackend::freeze`]) before the overlay is written.
+/// already open (and in use): `path`'s chain must lead to that very file,
+/// directly or through qcow2 layers opened here read-only (overlays a
+/// killed snapshot command froze but never switched the VM to: they hold
+/// nothing the open image does not). For a live snapshot, after
+/// [`freeze_top`]; `backing` is frozen (see [`BlockBackend::freeze`])
+/// before the new overlay is written.
 pub fn open_overlay_over(
     path: &Path,
     backing: Arc<dyn BlockBackend>,
 ) -> Result<Box<dyn BlockBackend>> {
-    let file = open_file(path, false)?;
-    lock_image(&file, path, LockMode::Write)?;
-    if probe(&file, path)? != ImageFormat::Qcow2 {
-        return Err(DiskError::InvalidArgument(format!(
-            "{}: not a qcow2 overlay",
-            path.display()
-        )));
-    }
-    let hdr = read_qcow2_header(&file, path)?;
-    let named = hdr
-        .backing_file
-        .as_deref()
-        .map(|name| resolve_backing(path, name));
-    let named_id = named
-        .as_deref()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| (m.dev(), m.ino()));
-    if named_id.is_none() || named_id != backing.file_identity() {
-        return Err(DiskError::BackingChain {
-            path: path.to_path_buf(),
-            reason: format!(
-                "its backing file is not the open image {} it was made over",
-                backing.path().display()
-            ),
-        });
-    }
-    if hdr.size != backing.size() {
+    let target = backing.file_identity().ok_or_else(|| {
+        DiskError::unsupported(backing.path(), "stacking an overlay over this image")
+    })?;
+    let (top, size) = open_down_to(path, false, &backing, target, 0)?;
+    if size != backing.size() {
         return Err(DiskError::BackingChain {
             path: path.to_path_buf(),
             reason: "its size differs from the image it was made over".into(),
         });
     }
-    let opts = OpenOptions {
-        format: Some(ImageFormat::Qcow2),
-        ..OpenOptions::read_write()
+    Ok(Box::new(top))
+}
+
+/// Opens the qcow2 image at `path` over the chain down to the open image
+/// `backing` (whose file is `target`); returns it and its virtual size.
+fn open_down_to(
+    path: &Path,
+    read_only: bool,
+    backing: &Arc<dyn BlockBackend>,
+    target: (u64, u64),
+    depth: usize,
+) -> Result<(Qcow2Image, u64)> {
+    let not_over = || DiskError::BackingChain {
+        path: path.to_path_buf(),
+        reason: format!(
+            "its backing chain does not lead to the open image {} it was made over",
+            backing.path().display()
+        ),
     };
-    Ok(Box::new(Qcow2Image::open(
-        file,
-        path,
-        hdr,
-        &opts,
-        Some(backing),
-    )?))
+    if depth >= MAX_CHAIN_DEPTH {
+        return Err(not_over());
+    }
+    let file = open_file(path, read_only)?;
+    let lock = if read_only {
+        LockMode::SharedRead
+    } else {
+        LockMode::Write
+    };
+    lock_image(&file, path, lock)?;
+    if probe(&file, path)? != ImageFormat::Qcow2 {
+        return Err(not_over());
+    }
+    let hdr = read_qcow2_header(&file, path)?;
+    let named = hdr.backing_file.as_deref().ok_or_else(not_over)?;
+    let named = resolve_backing(path, named);
+    let named_id = std::fs::metadata(&named)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|_| not_over())?;
+    let below: Arc<dyn BlockBackend> = if named_id == target {
+        backing.clone()
+    } else {
+        let (layer, _) = open_down_to(&named, true, backing, target, depth + 1)?;
+        Arc::new(layer)
+    };
+    let opts = OpenOptions {
+        read_only,
+        lock,
+        format: Some(ImageFormat::Qcow2),
+        cache_bytes: None,
+    };
+    let size = hdr.size;
+    Ok((Qcow2Image::open(file, path, hdr, &opts, Some(below))?, size))
 }
 
 /// The files of the chain behind the image at `path`, `path` first, as the

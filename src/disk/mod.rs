@@ -29,9 +29,10 @@ pub use commit::{commit_image, merge_into_backing, CommitOutcome};
 pub(crate) use create::check_replaceable;
 pub use create::{create_image, resize_image, CreateOptions, DEFAULT_CLUSTER_SIZE};
 pub use error::{DiskError, Result};
-pub use info::{image_info, ImageInfo};
+pub use info::{human_size, image_info, ImageInfo};
 pub use layers::{
-    backing_chain, freeze_top, open_overlay_over, overlay_onto, unfreeze_top, FrozenTop,
+    backing_chain, freeze_top, open_overlay_over, overlay_onto, prepare_overlay_onto, unfreeze_top,
+    FrozenTop, PreparedOverlay,
 };
 pub use lock::LockMode;
 pub use open::{open_image, probe_format, OpenOptions};
