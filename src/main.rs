@@ -410,7 +410,11 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
         control::launch::boot_images(&settings).map(drop)
     };
     let prepared = prepared.and_then(|()| match args.disk_size {
-        Some(size) => control::launch::grow_first_disk(name, &settings, size.bytes()),
+        Some(size) => {
+            // The disk that grows is the one a cut-short restore leaves.
+            control::snapshot::finish_restore(&vm)?;
+            control::launch::grow_first_disk(name, &settings, size.bytes())
+        }
         None => Ok(()),
     });
     if let Err(e) = prepared {

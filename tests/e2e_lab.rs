@@ -75,9 +75,8 @@ ssh -F "$RIG_OUT/ssh-config" -o BatchMode=yes vm1 'echo plain_ssh=$(hostname)'
 # frozen layers check clean while the guest goes on writing.
 vmdir="$XDG_DATA_HOME/vmlab/vms/vm1"
 snap_start=$(rig_ms)
-"$VMLAB" ssh vm1 -- 'echo snapped >/root/snapfile; sync'
-"$VMLAB" ssh vm1 -- 'nohup sh -c "while :; do dd if=/dev/urandom of=/root/churn bs=64k count=32 conv=fsync 2>/dev/null; date +%s%N >/root/loop; done" </dev/null >/dev/null 2>&1 &'
-sleep 1
+"$VMLAB" ssh vm1 -- 'echo snapped >/root/snapfile; sync;
+    nohup sh -c "while :; do dd if=/dev/urandom of=/root/churn bs=64k count=32 conv=fsync 2>/dev/null; date +%s%N >/root/loop; done" </dev/null >/dev/null 2>&1 &'
 for snap in before p2 p3; do
     "$VMLAB" snapshot create vm1 "$snap" | tee -a "$RIG_OUT/snap-create.out"
 done
@@ -88,12 +87,10 @@ for layer in "$vmdir"/*.frozen-*.qcow2; do
     qemu-img check -U "$layer" >>"$RIG_OUT/snap-check.txt" 2>&1 || layers_clean=no
 done
 echo "snap_live_layers_clean=$layers_clean"
-loop1=$("$VMLAB" ssh vm1 -- 'cat /root/loop')
-sleep 1
-loop2=$("$VMLAB" ssh vm1 -- 'cat /root/loop')
-[ "$loop1" != "$loop2" ] && echo "snap_guest_wrote_on=yes" || echo "snap_guest_wrote_on=no"
 "$VMLAB" snapshot rm vm1 p2 | tee "$RIG_OUT/snap-rm-live.out"
-"$VMLAB" ssh vm1 -- 'rm /root/snapfile; sync'
+# The loop goes on after the snapshots; the file goes.
+"$VMLAB" ssh vm1 -- 'a=$(cat /root/loop); sleep 3; b=$(cat /root/loop);
+    [ "$a" != "$b" ] && echo snap_guest_wrote_on=yes || echo snap_guest_wrote_on=no; rm /root/snapfile; sync'
 snap_ms=$(($(rig_ms) - snap_start))
 
 # A forward port another process holds: refused at once, nothing left.

@@ -370,6 +370,7 @@ fn kill_during_live_snapshots_leaves_the_vm_running_and_the_chains_whole() {
     let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
     use_home(home);
     make_vms(home, &kernel);
+    let _stop = StopOnDrop(home.to_path_buf());
     let out = vmlab(&["run", "--name", "vm1", "--detach"]);
     assert!(
         out.status.success(),
@@ -426,3 +427,13 @@ fn kill_during_live_snapshots_leaves_the_vm_running_and_the_chains_whole() {
 
 /// The two tests set this process's environment in turn.
 static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Stops the test's VM however the test ends (a spinning guest would
+/// otherwise burn a CPU for good).
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = support::vmlab_in(&self.0, &["stop", "--timeout", "1", "vm1"]);
+    }
+}

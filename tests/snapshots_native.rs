@@ -27,6 +27,19 @@ struct Lab {
     halting: PathBuf,
     /// A guest that spins in guest mode (no exits to kick it out but a signal).
     spinning: PathBuf,
+    /// VMs started, stopped on drop should the test fail first.
+    started: std::cell::RefCell<Vec<String>>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let names = self.started.borrow().clone();
+        if !names.is_empty() {
+            let mut args = vec!["stop", "--timeout", "1"];
+            args.extend(names.iter().map(String::as_str));
+            let _ = self.vmlab(&args);
+        }
+    }
 }
 
 impl Lab {
@@ -52,6 +65,7 @@ impl Lab {
             dir,
             halting,
             spinning,
+            started: Default::default(),
         }
     }
 
@@ -118,6 +132,7 @@ impl Lab {
     }
 
     fn start(&self, name: &str) {
+        self.started.borrow_mut().push(name.to_string());
         let out = self.ok(&["run", "--name", name, "--detach"]);
         assert!(out.contains("running in the background"), "{out}");
     }
@@ -575,6 +590,7 @@ fn disk_size_grows_the_first_disk_and_refuses_to_shrink() {
     let lab = Lab::new();
     lab.make_vm("vm1", &lab.halting);
     let size = |lab: &Lab| open_image(&lab.disk("vm1", 0), &unlocked()).unwrap().size();
+    lab.started.borrow_mut().push("vm1".into());
     lab.ok(&["run", "--name", "vm1", "--detach", "--disk-size", "8M"]);
     lab.stop(&["vm1"]);
     assert_eq!(size(&lab), 8 << 20);
