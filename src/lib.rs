@@ -16,4 +16,5 @@ pub mod disk;
 pub mod fsutil;
 pub mod image;
 pub mod net;
+pub mod rate_limit;
 pub mod vmm;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::guest_io;
@@ -12,9 +12,10 @@ use super::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
     SECTOR_SIZE,
 };
-use crate::devices::virtio::device::serve_queue;
 use crate::devices::virtio::events::QueueHandler;
+use crate::devices::virtio::fault::DriverFault;
 use crate::devices::virtio::interrupt::VirtioInterrupt;
+use crate::devices::virtio::queue::QueueService;
 use crate::disk::BlockBackend;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -38,9 +39,8 @@ const SEGMENT_LEN: u64 = 16;
 const FLAG_UNMAP: u32 = 1;
 
 struct Active {
-    mem: GuestMemoryMmap,
+    service: QueueService,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
     /// The driver did not take VIRTIO_BLK_F_FLUSH: every write must be
     /// durable before it completes (a write-through cache).
     write_through: bool,
@@ -75,10 +75,10 @@ impl BlockWorker {
         interrupt: Arc<VirtioInterrupt>,
         write_through: bool,
     ) {
+        let name = format!("virtio-blk {}", self.backend.path().display());
         self.active = Some(Active {
-            mem,
+            service: QueueService::new(name, mem, interrupt),
             queue,
-            interrupt,
             write_through,
         });
     }
@@ -100,30 +100,17 @@ impl BlockWorker {
             serial: &self.serial,
             write_through: active.write_through,
         };
-        let mem = &active.mem;
-        let served = serve_queue(&mut active.queue, mem, |chain| {
-            let req = request::parse(chain, mem).map_err(|e| e.to_string())?;
+        let service = &active.service;
+        let mem = service.mem();
+        let served = service.serve(&mut active.queue, |chain| {
+            let req = request::parse(chain, mem).map_err(DriverFault::from)?;
             let (status, written) = disk.execute(mem, &req);
             mem.write_obj(status, req.status)
-                .map_err(|e| format!("status byte: {e}"))?;
+                .map_err(|_| DriverFault::outside_memory(req.status, 1))?;
             Ok(written.saturating_add(1))
         });
-        match served {
-            Ok(true) => {
-                if active.queue.needs_notification(mem).unwrap_or(true) {
-                    active.interrupt.signal_used_queue();
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!(
-                    "virtio-blk {}: {e}; the device needs a reset",
-                    self.backend.path().display()
-                );
-                if let Some(active) = self.active.take() {
-                    active.interrupt.mark_needs_reset();
-                }
-            }
+        if served.is_err() {
+            self.active = None;
         }
     }
 }
