@@ -61,12 +61,16 @@ impl ConsoleHub {
     }
 
     fn publish(&self, bytes: &[u8]) {
-        if let Some(log) = lock(&self.log).as_mut() {
-            if let Err(e) = log.write_all(bytes) {
+        // One guard for the write and the drop: locking again while the
+        // first guard lives would deadlock the vCPU that holds the UART.
+        let mut log = lock(&self.log);
+        if let Some(file) = log.as_mut() {
+            if let Err(e) = file.write_all(bytes) {
                 log::warn!("serial log: {e}; no longer writing it");
-                *lock(&self.log) = None;
+                *log = None;
             }
         }
+        drop(log);
         if self.tee_stdout {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(bytes).and_then(|()| out.flush());
@@ -121,6 +125,32 @@ mod tests {
         assert_eq!(hub.clients(), 0);
         hub.writer().write_all(b" world").unwrap();
         assert_eq!(std::fs::read(&log_path).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn a_failing_serial_log_is_dropped_and_output_goes_on() {
+        // ENOSPC on every write, no root needed.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let hub = ConsoleHub::new(Some(full), false);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        hub.attach(ours);
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer_hub = hub.clone();
+        std::thread::spawn(move || {
+            writer_hub.writer().write_all(b"a").unwrap();
+            writer_hub.writer().write_all(b"b").unwrap();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the UART's writer deadlocked on the failed log write");
+        assert!(lock(&hub.log).is_none(), "the failed log is dropped");
+        let mut buf = [0u8; 2];
+        theirs.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ab", "clients still get the output");
     }
 
     #[test]
