@@ -15,6 +15,15 @@ use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
+/// `print!` and `println!` that return [`vmlab::cli::stdout::StdoutError`]
+/// instead of panicking when stdout is a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { vmlab::cli::stdout::print(format_args!($($arg)*))? };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { out!("{}\n", format_args!($($arg)*)) };
+}
+
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
 #[command(name = "vmlab", version, about)]
@@ -310,9 +319,13 @@ fn main() {
     init_logging(cli.verbose);
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
+        // The reader of our output left (`| head -1`): stop quietly.
+        Err(err) if vmlab::cli::stdout::is_closed(&*err) => 0,
         Err(err) => {
-            // One line: the error and its causes, joined.
-            eprintln!("vmlab: error: {err:#}");
+            // One line: the error and its causes, joined. Not eprintln!,
+            // which panics when stderr is a closed pipe too.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "vmlab: error: {err:#}");
             1
         }
     };
@@ -389,16 +402,16 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     let result = if args.detach {
         let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
         control::daemon::spawn_detached(&exe, &vm, verbose)
-            .map(|pid| {
-                println!("{name} is running in the background (pid {pid})");
-                println!("  console: vmlab console {name}   (Ctrl-A x detaches)");
-                if control::ssh::ssh_address(name, &settings).is_ok() {
-                    println!("  ssh:     vmlab ssh {name}");
-                }
-                println!("  stop:    vmlab stop {name}");
-                0
-            })
             .map_err(anyhow::Error::from)
+            .and_then(|pid| {
+                outln!("{name} is running in the background (pid {pid})");
+                outln!("  console: vmlab console {name}   (Ctrl-A x detaches)");
+                if control::ssh::ssh_address(name, &settings).is_ok() {
+                    outln!("  ssh:     vmlab ssh {name}");
+                }
+                outln!("  stop:    vmlab stop {name}");
+                Ok(0)
+            })
     } else {
         run_vm(args, settings, name, Some(&vm), verbose, started)
     };
@@ -516,7 +529,7 @@ fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
 }
 
 fn ps() -> Result<i32> {
-    print!("{}", control::ps::render(&control::ps::rows()?));
+    out!("{}", control::ps::render(&control::ps::rows()?));
     Ok(0)
 }
 
@@ -531,12 +544,12 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
     {
         match result {
-            Ok(StopOutcome::PoweredOff) => println!("{}: powered off", vm.name()),
-            Ok(StopOutcome::Killed) => println!(
+            Ok(StopOutcome::PoweredOff) => outln!("{}: powered off", vm.name()),
+            Ok(StopOutcome::Killed) => outln!(
                 "{}: killed (the guest did not power off within {timeout} s)",
                 vm.name()
             ),
-            Ok(StopOutcome::NotRunning) => println!("{}: was not running", vm.name()),
+            Ok(StopOutcome::NotRunning) => outln!("{}: was not running", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
                 failed = true;
@@ -563,7 +576,7 @@ fn rm(names: &[String]) -> Result<i32> {
 fn nat_show(name: &str) -> Result<i32> {
     let vm = VmDir::existing(name)?;
     match control::client::request(&vm, &control::Request::Nat)? {
-        control::Response::Nat(snapshot) => print!("{}", snapshot.render()),
+        control::Response::Nat(snapshot) => out!("{}", snapshot.render()),
         other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
     }
     Ok(0)
@@ -593,7 +606,7 @@ fn ssh(name: &str, command: &[String]) -> Result<i32> {
 
 fn ssh_config(name: &str) -> Result<i32> {
     let (addr, key, known_hosts) = ssh_target(name)?;
-    print!(
+    out!(
         "{}",
         control::ssh::ssh_config(name, addr, &key, &known_hosts)
     );
@@ -653,9 +666,9 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             let chain = disk::image_info(&path)?;
             for (depth, info) in chain.iter().enumerate() {
                 if depth > 0 {
-                    println!("\nbacking image {depth}:");
+                    outln!("\nbacking image {depth}:");
                 }
-                print!("{info}");
+                out!("{info}");
             }
         }
         DiskCommand::Resize { path, size } => disk::resize_image(&path, size.bytes())?,
@@ -708,7 +721,7 @@ fn image_build(force: bool) -> Result<i32> {
     } else {
         log::info!("the Debian image of recipe {} is cached", index.recipe);
     }
-    println!("{}", outcome.image.base.display());
+    outln!("{}", outcome.image.base.display());
     Ok(0)
 }
 
@@ -763,7 +776,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         },
     };
     let report = bench.run(&Progress::stderr())?;
-    print!("{}", vmlab::bench::table::render(&report));
+    out!("{}", vmlab::bench::table::render(&report));
     if let Some(path) = &args.json {
         report
             .write_json(path)

@@ -37,16 +37,27 @@ impl Lab {
         Lab { dir, kernel }
     }
 
-    fn vmlab(&self, args: &[&str]) -> Output {
+    fn command(&self, args: &[&str]) -> Command {
         let home = self.dir.path();
-        Command::new(env!("CARGO_BIN_EXE_vmlab"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmlab"));
+        command
             .args(args)
             .env("HOME", home)
             .env("XDG_DATA_HOME", home.join("data"))
             .env("XDG_RUNTIME_DIR", home.join("run"))
-            .env("XDG_CACHE_HOME", home.join("cache"))
-            .output()
-            .unwrap()
+            .env("XDG_CACHE_HOME", home.join("cache"));
+        command
+    }
+
+    fn vmlab(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs with stdout a pipe nobody reads (`vmlab ... | head -0`).
+    fn vmlab_closed_stdout(&self, args: &[&str]) -> Output {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        self.command(args).stdout(writer).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -182,6 +193,27 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
     assert_eq!(lab.ok(&["ps"]).lines().count(), 1, "only the header");
     let err = lab.fails(&["stop", "vm1"]);
     assert!(err.contains("no VM named vm1"), "{err}");
+}
+
+#[test]
+fn run_detach_ps_and_stop_end_quietly_when_nobody_reads_their_output() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let quiet = |args: &[&str]| {
+        let out = lab.vmlab_closed_stdout(args);
+        assert_eq!(out.status.code(), Some(0), "vmlab {args:?}: {}", text(&out));
+        assert!(out.stderr.is_empty(), "vmlab {args:?}: {}", text(&out));
+    };
+    quiet(&[
+        "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ]);
+    let pid = lab
+        .pid("vm1")
+        .expect("the VM runs although its banner was lost");
+    assert!(alive(pid));
+    quiet(&["ps"]);
+    quiet(&["stop", "--timeout", "1", "vm1"]);
+    assert!(!alive(pid));
 }
 
 #[test]

@@ -64,8 +64,9 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
     let mut escape = terminal.is_some().then(EscapeParser::default);
     let mut out = std::io::stdout();
     // Output that arrived with the answer line.
-    out.write_all(reader.buffer()).map_err(io)?;
-    out.flush().map_err(io)?;
+    if !show(&mut out, reader.buffer()).map_err(io)? {
+        return Ok(false);
+    }
     let mut buf = [0u8; 4096];
     let mut stdin_open = true;
     loop {
@@ -89,9 +90,9 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
                 eprintln!("\r\nvmlab: {} stopped", vm.name());
                 return Ok(true);
             }
-            out.write_all(&buf[..n])
-                .and_then(|()| out.flush())
-                .map_err(io)?;
+            if !show(&mut out, &buf[..n]).map_err(io)? {
+                return Ok(false);
+            }
         }
         if stdin_ready {
             let n = stdin.read(&mut buf).map_err(io)?;
@@ -116,5 +117,16 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
             }
             stream.write_all(&send).map_err(io)?;
         }
+    }
+}
+
+/// Copies console output to `out`; false when nobody reads it any more
+/// (`vmlab console NAME | head`): then the client detaches quietly and the
+/// VM keeps running.
+fn show(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<bool> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
     }
 }
