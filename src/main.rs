@@ -288,18 +288,19 @@ struct CloneArgs {
     force: bool,
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr, or for a VM in the background to its capped vmm.log.
+fn init_logging(verbose: u8, command: &Command) {
     let level = match verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp_millis()
-        .parse_env("VMLAB_LOG")
-        .init();
+    let file = match command {
+        Command::VmDaemon { name } => control::daemon::vmm_log(name),
+        _ => None,
+    };
+    vmlab::logging::init(level, file);
 }
 
 fn main() {
@@ -316,7 +317,7 @@ fn main() {
         }
         Err(err) => err.exit(),
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, &cli.command);
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
         // The reader of our output left (`| head -1`): stop quietly.

@@ -161,4 +161,26 @@ mod tests {
             .count();
         assert_eq!(admitted, 100);
     }
+
+    #[test]
+    fn a_call_site_logs_its_burst_then_is_quiet() {
+        let lines = crate::logging::capture::lines(|| {
+            for i in 0..25 {
+                crate::warn_limited!("hostile driver line {i}");
+            }
+        });
+        assert_eq!(lines.len(), LOG_BURST as usize, "{lines:#?}");
+        assert_eq!(lines[0], "WARN hostile driver line 0");
+    }
+
+    #[test]
+    fn call_sites_have_budgets_of_their_own() {
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..25 {
+                crate::debug_limited!("one");
+                crate::info_limited!("two");
+            }
+        });
+        assert_eq!(lines.len(), 2 * LOG_BURST as usize, "{lines:#?}");
+    }
 }

@@ -217,6 +217,34 @@ fn run_detach_ps_and_stop_end_quietly_when_nobody_reads_their_output() {
 }
 
 #[test]
+fn a_detached_vms_log_is_capped_and_keeps_one_previous_file() {
+    let lab = Lab::new();
+    // Port I/O in a loop: at -vvv every exit is a trace line in vmm.log.
+    let p = Program::new().out(0xe9, b'U');
+    let top = p.here();
+    p.print(b"x\n").jmp_back(top).write_elf(&lab.kernel);
+    let kernel = lab.kernel.to_str().unwrap();
+    lab.ok(&[
+        "-vvv", "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ]);
+    let dir = lab.vm_dir("vm1");
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    wait_for("vmm.log to rotate", || size("vmm.log.1") > 0);
+    let limit = 4 << 20;
+    assert!(size("vmm.log.1") <= limit, "{}", size("vmm.log.1"));
+    assert!(size("vmm.log") <= limit, "{}", size("vmm.log"));
+    let out = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(size("vmm.log") <= limit && size("vmm.log.1") <= limit);
+    let logs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".log"))
+        .collect();
+    assert_eq!(logs.len(), 3, "serial.log, vmm.log, vmm.log.1: {logs:?}");
+}
+
+#[test]
 fn a_name_in_use_is_refused_and_two_vms_run_at_once() {
     let lab = Lab::new();
     let pid1 = lab.start("vm1");

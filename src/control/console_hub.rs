@@ -5,7 +5,6 @@
 //! client that cannot take the bytes at once misses them (its terminal
 //! lags), and the guest never waits for it.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -20,8 +19,11 @@ struct Client {
     stream: UnixStream,
 }
 
+/// Where the serial log goes: a capped file in a real VM.
+pub type SerialLog = Box<dyn Write + Send>;
+
 pub struct ConsoleHub {
-    log: Mutex<Option<File>>,
+    log: Mutex<Option<SerialLog>>,
     tee_stdout: bool,
     clients: Mutex<Vec<Client>>,
     next_id: Mutex<u64>,
@@ -30,7 +32,7 @@ pub struct ConsoleHub {
 impl ConsoleHub {
     /// `log`: the serial log (None: keep nothing); `tee_stdout`: also
     /// print to this process's stdout (a named VM run in the foreground).
-    pub fn new(log: Option<File>, tee_stdout: bool) -> Arc<ConsoleHub> {
+    pub fn new(log: Option<SerialLog>, tee_stdout: bool) -> Arc<ConsoleHub> {
         Arc::new(ConsoleHub {
             log: Mutex::new(log),
             tee_stdout,
@@ -104,13 +106,15 @@ impl Write for HubWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logging::RotatingFile;
     use std::io::Read;
 
     #[test]
     fn output_reaches_log_and_clients_and_gone_clients_are_dropped() {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vmlab-hub").unwrap();
         let log_path = dir.as_path().join("serial.log");
-        let hub = ConsoleHub::new(Some(File::create(&log_path).unwrap()), false);
+        let log = RotatingFile::create(&log_path, 1 << 20).unwrap();
+        let hub = ConsoleHub::new(Some(Box::new(log)), false);
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let id = hub.attach(ours);
         let (gone, closed) = UnixStream::pair().unwrap();
@@ -134,7 +138,7 @@ mod tests {
             .write(true)
             .open("/dev/full")
             .unwrap();
-        let hub = ConsoleHub::new(Some(full), false);
+        let hub = ConsoleHub::new(Some(Box::new(full)), false);
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         hub.attach(ours);
         let (done, finished) = std::sync::mpsc::channel();
@@ -151,6 +155,22 @@ mod tests {
         let mut buf = [0u8; 2];
         theirs.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ab", "clients still get the output");
+    }
+
+    #[test]
+    fn a_guest_printing_forever_fills_its_log_and_one_previous_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("serial.log");
+        let log = RotatingFile::create(&log_path, 1024).unwrap();
+        let hub = ConsoleHub::new(Some(Box::new(log)), false);
+        // A UART writes a byte at a time.
+        for i in 0..5000u32 {
+            hub.writer().write_all(&[b'a' + (i % 26) as u8]).unwrap();
+        }
+        let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+        assert!(size(&log_path) <= 1024);
+        assert_eq!(size(&dir.path().join("serial.log.1")), 1024);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub trait VirtioDevice: Send {
 
     /// Writes the configuration space; most devices ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::debug_limited!(
             "virtio: ignored {}-byte config write at {offset:#x}",
             data.len()
         );

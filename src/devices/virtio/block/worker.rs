@@ -144,7 +144,7 @@ impl Disk<'_> {
             },
             T_DISCARD | T_WRITE_ZEROES => (self.zero_ranges(mem, req), 0),
             other => {
-                log::debug!("virtio-blk: unsupported request type {other}");
+                crate::debug_limited!("virtio-blk: unsupported request type {other}");
                 (S_UNSUPP, 0)
             }
         }
@@ -161,13 +161,13 @@ impl Disk<'_> {
     fn data_range(&self, req: &Request, bufs: &[GuestBuf]) -> Option<(u64, u64)> {
         let len = total_len(bufs);
         if len % SECTOR_SIZE != 0 {
-            log::debug!("virtio-blk: {len}-byte transfer is not whole sectors");
+            crate::debug_limited!("virtio-blk: {len}-byte transfer is not whole sectors");
             return None;
         }
         match self.range(req.sector, len) {
             Some(offset) => Some((offset, len)),
             None => {
-                log::debug!(
+                crate::debug_limited!(
                     "virtio-blk: {len} bytes at sector {} lie beyond the disk's end",
                     req.sector
                 );
@@ -189,7 +189,7 @@ impl Disk<'_> {
         match self.backend.read_vectored_at(offset, &mut bufs) {
             Ok(()) => (S_OK, len),
             Err(e) => {
-                log::warn!("virtio-blk: read failed: {e}");
+                crate::warn_limited!("virtio-blk: read failed: {e}");
                 (S_IOERR, 0)
             }
         }
@@ -206,7 +206,7 @@ impl Disk<'_> {
             return S_IOERR;
         };
         if let Err(e) = self.backend.write_vectored_at(offset, &bufs) {
-            log::warn!("virtio-blk: write failed: {e}");
+            crate::warn_limited!("virtio-blk: write failed: {e}");
             return S_IOERR;
         }
         if self.write_through {
@@ -223,7 +223,7 @@ impl Disk<'_> {
         match self.backend.flush() {
             Ok(()) => S_OK,
             Err(e) => {
-                log::warn!("virtio-blk: flush failed: {e}");
+                crate::warn_limited!("virtio-blk: flush failed: {e}");
                 S_IOERR
             }
         }
@@ -276,7 +276,7 @@ impl Disk<'_> {
                 self.backend.write_zeroes(offset, bytes)
             };
             if let Err(e) = done {
-                log::warn!("virtio-blk: zeroing failed: {e}");
+                crate::warn_limited!("virtio-blk: zeroing failed: {e}");
                 return S_IOERR;
             }
         }

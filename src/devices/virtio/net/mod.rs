@@ -168,7 +168,7 @@ impl Net {
                 }
                 TxChain::Malformed(why) => {
                     counters.tx_malformed += 1;
-                    log::debug!("virtio-net: TX chain dropped: {why}");
+                    crate::debug_limited!("virtio-net: TX chain dropped: {why}");
                 }
             }
             // TX buffers are read-only for the device: nothing written.
@@ -247,7 +247,7 @@ impl VirtioDevice for Net {
             },
             mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
         });
-        log::info!(
+        crate::info_limited!(
             "virtio-net: up, MAC {}, features {:#x}",
             self.mac,
             ctx.features
@@ -262,7 +262,7 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize) {
         // The machine wires this device's queues to `NetEvents`, which has
         // the event loop the NAT needs; this path only exists for the trait.
-        log::debug!("virtio-net: queue {index} notified outside the event loop; ignored");
+        crate::debug_limited!("virtio-net: queue {index} notified outside the event loop; ignored");
     }
 }
 
