@@ -36,7 +36,7 @@ fn send(vm: &VmDir, request: &Request) -> Result<(UnixStream, BufReader<UnixStre
         .write_all(&encode(request))
         .map_err(|e| protocol(format!("cannot send the request: {e}")))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| protocol(e.to_string()))?);
-    let answer = read_message(&mut reader).map_err(protocol)?;
+    let answer = read_message(&mut reader).map_err(|e| protocol(e.to_string()))?;
     if let Response::Error { message } = answer {
         return Err(protocol(message));
     }

@@ -10,6 +10,8 @@ pub mod block;
 pub mod device;
 pub mod events;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod io_thread;
 pub mod mmio;
