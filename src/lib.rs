@@ -15,5 +15,7 @@ pub mod dirs;
 pub mod disk;
 pub mod fsutil;
 pub mod image;
+pub mod logging;
 pub mod net;
+pub mod rate_limit;
 pub mod vmm;

@@ -15,6 +15,15 @@ use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
+/// `print!` and `println!` that return [`vmlab::cli::stdout::StdoutError`]
+/// instead of panicking when stdout is a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { vmlab::cli::stdout::print(format_args!($($arg)*))? };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { out!("{}\n", format_args!($($arg)*)) };
+}
+
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
 #[command(name = "vmlab", version, about)]
@@ -289,18 +298,19 @@ struct CloneArgs {
     force: bool,
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr, or for a VM in the background to its capped vmm.log.
+fn init_logging(verbose: u8, command: &Command) {
     let level = match verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp_millis()
-        .parse_env("VMLAB_LOG")
-        .init();
+    let file = match command {
+        Command::VmDaemon { name } => control::daemon::vmm_log(name),
+        _ => None,
+    };
+    vmlab::logging::init(level, file);
 }
 
 fn main() {
@@ -317,11 +327,16 @@ fn main() {
         }
         Err(err) => err.exit(),
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, &cli.command);
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
+        // The reader of our output left (`| head -1`): stop quietly.
+        Err(err) if vmlab::cli::stdout::is_closed(&*err) => 0,
         Err(err) => {
-            eprintln!("vmlab: error: {}", one_line(&err));
+            // One line: the error and its causes, joined. Not eprintln!,
+            // which panics when stderr is a closed pipe too.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "vmlab: error: {}", one_line(&err));
             1
         }
     };
@@ -429,16 +444,16 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     let result = if args.detach {
         let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
         control::daemon::spawn_detached(&exe, &vm, verbose)
-            .map(|pid| {
-                println!("{name} is running in the background (pid {pid})");
-                println!("  console: vmlab console {name}   (Ctrl-A x detaches)");
-                if control::ssh::ssh_address(name, &settings).is_ok() {
-                    println!("  ssh:     vmlab ssh {name}");
-                }
-                println!("  stop:    vmlab stop {name}");
-                0
-            })
             .map_err(anyhow::Error::from)
+            .and_then(|pid| {
+                outln!("{name} is running in the background (pid {pid})");
+                outln!("  console: vmlab console {name}   (Ctrl-A x detaches)");
+                if control::ssh::ssh_address(name, &settings).is_ok() {
+                    outln!("  ssh:     vmlab ssh {name}");
+                }
+                outln!("  stop:    vmlab stop {name}");
+                Ok(0)
+            })
     } else {
         run_vm(args, settings, name, Some(&vm), verbose, started)
     };
@@ -556,7 +571,7 @@ fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
 }
 
 fn ps() -> Result<i32> {
-    print!("{}", control::ps::render(&control::ps::rows()?));
+    out!("{}", control::ps::render(&control::ps::rows()?));
     Ok(0)
 }
 
@@ -571,12 +586,12 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
     {
         match result {
-            Ok(StopOutcome::PoweredOff) => println!("{}: powered off", vm.name()),
-            Ok(StopOutcome::Killed) => println!(
+            Ok(StopOutcome::PoweredOff) => outln!("{}: powered off", vm.name()),
+            Ok(StopOutcome::Killed) => outln!(
                 "{}: killed (the guest did not power off within {timeout} s)",
                 vm.name()
             ),
-            Ok(StopOutcome::NotRunning) => println!("{}: was not running", vm.name()),
+            Ok(StopOutcome::NotRunning) => outln!("{}: was not running", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
                 failed = true;
@@ -603,7 +618,7 @@ fn rm(names: &[String]) -> Result<i32> {
 fn nat_show(name: &str) -> Result<i32> {
     let vm = VmDir::existing(name)?;
     match control::client::request(&vm, &control::Request::Nat)? {
-        control::Response::Nat(snapshot) => print!("{}", snapshot.render()),
+        control::Response::Nat(snapshot) => out!("{}", snapshot.render()),
         other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
     }
     Ok(0)
@@ -633,7 +648,7 @@ fn ssh(name: &str, command: &[String]) -> Result<i32> {
 
 fn ssh_config(name: &str) -> Result<i32> {
     let (addr, key, known_hosts) = ssh_target(name)?;
-    print!(
+    out!(
         "{}",
         control::ssh::ssh_config(name, addr, &key, &known_hosts)
     );
@@ -693,9 +708,9 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             let chain = disk::image_info(&path)?;
             for (depth, info) in chain.iter().enumerate() {
                 if depth > 0 {
-                    println!("\nbacking image {depth}:");
+                    outln!("\nbacking image {depth}:");
                 }
-                print!("{info}");
+                out!("{info}");
             }
         }
         DiskCommand::Resize { path, size } => disk::resize_image(&path, size.bytes())?,
@@ -748,7 +763,7 @@ fn image_build(force: bool) -> Result<i32> {
     } else {
         log::info!("the Debian image of recipe {} is cached", index.recipe);
     }
-    println!("{}", outcome.image.base.display());
+    outln!("{}", outcome.image.base.display());
     Ok(0)
 }
 
@@ -803,7 +818,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         },
     };
     let report = bench.run(&Progress::stderr())?;
-    print!("{}", vmlab::bench::table::render(&report));
+    out!("{}", vmlab::bench::table::render(&report));
     if let Some(path) = &args.json {
         report
             .write_json(path)

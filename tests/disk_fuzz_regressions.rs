@@ -30,7 +30,8 @@ fn exercise(name: &str, data: Vec<u8>, dir: &Path) {
 #[test]
 fn fuzzer_findings_stay_fixed() {
     let dir = tempdir();
-    let regressions = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/regressions");
+    let regressions =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/regressions/qcow2_open");
     let mut count = 0;
     for entry in std::fs::read_dir(&regressions).unwrap() {
         let path = entry.unwrap().path();

@@ -37,16 +37,27 @@ impl Lab {
         Lab { dir, kernel }
     }
 
-    fn vmlab(&self, args: &[&str]) -> Output {
+    fn command(&self, args: &[&str]) -> Command {
         let home = self.dir.path();
-        Command::new(env!("CARGO_BIN_EXE_vmlab"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmlab"));
+        command
             .args(args)
             .env("HOME", home)
             .env("XDG_DATA_HOME", home.join("data"))
             .env("XDG_RUNTIME_DIR", home.join("run"))
-            .env("XDG_CACHE_HOME", home.join("cache"))
-            .output()
-            .unwrap()
+            .env("XDG_CACHE_HOME", home.join("cache"));
+        command
+    }
+
+    fn vmlab(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs with stdout a pipe nobody reads (`vmlab ... | head -0`).
+    fn vmlab_closed_stdout(&self, args: &[&str]) -> Output {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        self.command(args).stdout(writer).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -182,6 +193,55 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
     assert_eq!(lab.ok(&["ps"]).lines().count(), 1, "only the header");
     let err = lab.fails(&["stop", "vm1"]);
     assert!(err.contains("no VM named vm1"), "{err}");
+}
+
+#[test]
+fn run_detach_ps_and_stop_end_quietly_when_nobody_reads_their_output() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let quiet = |args: &[&str]| {
+        let out = lab.vmlab_closed_stdout(args);
+        assert_eq!(out.status.code(), Some(0), "vmlab {args:?}: {}", text(&out));
+        assert!(out.stderr.is_empty(), "vmlab {args:?}: {}", text(&out));
+    };
+    quiet(&[
+        "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ]);
+    let pid = lab
+        .pid("vm1")
+        .expect("the VM runs although its banner was lost");
+    assert!(alive(pid));
+    quiet(&["ps"]);
+    quiet(&["stop", "--timeout", "1", "vm1"]);
+    assert!(!alive(pid));
+}
+
+#[test]
+fn a_detached_vms_log_is_capped_and_keeps_one_previous_file() {
+    let lab = Lab::new();
+    // Port I/O in a loop: at -vvv every exit is a trace line in vmm.log.
+    let p = Program::new().out(0xe9, b'U');
+    let top = p.here();
+    p.print(b"x\n").jmp_back(top).write_elf(&lab.kernel);
+    let kernel = lab.kernel.to_str().unwrap();
+    lab.ok(&[
+        "-vvv", "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ]);
+    let dir = lab.vm_dir("vm1");
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    wait_for("vmm.log to rotate", || size("vmm.log.1") > 0);
+    let limit = 4 << 20;
+    assert!(size("vmm.log.1") <= limit, "{}", size("vmm.log.1"));
+    assert!(size("vmm.log") <= limit, "{}", size("vmm.log"));
+    let out = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(size("vmm.log") <= limit && size("vmm.log.1") <= limit);
+    let logs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".log"))
+        .collect();
+    assert_eq!(logs.len(), 3, "serial.log, vmm.log, vmm.log.1: {logs:?}");
 }
 
 #[test]

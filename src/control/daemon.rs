@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::error::{ControlError, Result};
-use super::state::VmDir;
+use super::state::{VmDir, VMM_LOG_LIMIT};
+use crate::logging::RotatingFile;
 
 /// The hidden subcommand the daemon runs as.
 pub const DAEMON_COMMAND: &str = "vm-daemon";
@@ -60,6 +61,18 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
         name: vm.name().to_string(),
         message,
     })
+}
+
+/// The daemon's log: its `vmm.log`, capped and rotated, and its stderr
+/// too (so that a failure to start is still the file's last line). None
+/// when `name` is no VM name or the file cannot be made (logs go to the
+/// stderr the parent gave, uncapped).
+pub fn vmm_log(name: &str) -> Option<RotatingFile> {
+    let path = VmDir::named(name).ok()?.vmm_log();
+    RotatingFile::create(&path, VMM_LOG_LIMIT)
+        .and_then(RotatingFile::as_stderr)
+        .inspect_err(|e| eprintln!("vmlab: cannot cap {}: {e}", path.display()))
+        .ok()
 }
 
 /// The daemon's first step: leave the parent's session and terminal, so

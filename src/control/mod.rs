@@ -10,6 +10,8 @@ pub mod client;
 pub mod console_hub;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 pub mod name;
 pub mod protocol;

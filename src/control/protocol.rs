@@ -181,23 +181,40 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     line
 }
 
+/// Why a control message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("cannot read from the control socket: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the control socket closed without an answer")]
+    Closed,
+    #[error("the control socket closed in the middle of a message")]
+    Truncated,
+    #[error("control message longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("malformed control message: {0}")]
+    Malformed(#[source] serde_json::Error),
+}
+
 /// Reads one line and parses it; errors are worded for the user.
-pub fn read_message<T: for<'de> Deserialize<'de>>(reader: &mut impl BufRead) -> Result<T, String> {
+pub fn read_message<T: for<'de> Deserialize<'de>>(
+    reader: &mut impl BufRead,
+) -> Result<T, MessageError> {
     let mut line = Vec::new();
     let read = std::io::Read::take(&mut *reader, MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
-        .map_err(|e| format!("cannot read from the control socket: {e}"))?;
+        .map_err(MessageError::Read)?;
     if read == 0 {
-        return Err("the control socket closed without an answer".into());
+        return Err(MessageError::Closed);
     }
     if line.last() != Some(&b'\n') {
         return Err(if line.len() > MAX_LINE {
-            format!("control message longer than {MAX_LINE} bytes")
+            MessageError::TooLong
         } else {
-            "the control socket closed in the middle of a message".into()
+            MessageError::Truncated
         });
     }
-    serde_json::from_slice(&line).map_err(|e| format!("malformed control message: {e}"))
+    serde_json::from_slice(&line).map_err(MessageError::Malformed)
 }
 
 #[cfg(test)]
@@ -307,6 +324,6 @@ mod tests {
         let mut long = vec![b' '; MAX_LINE + 10];
         long.push(b'\n');
         let err = read_message::<Request>(&mut Cursor::new(long)).unwrap_err();
-        assert!(err.contains("longer"), "{err}");
+        assert!(matches!(err, MessageError::TooLong), "{err}");
     }
 }

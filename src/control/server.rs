@@ -158,7 +158,7 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
 
 /// One connection: a request, its answer, and for `console` the byte
 /// stream until the client leaves.
-fn serve(stream: UnixStream, ctx: &ControlContext) {
+pub(crate) fn serve(stream: UnixStream, ctx: &ControlContext) {
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -169,7 +169,9 @@ fn serve(stream: UnixStream, ctx: &ControlContext) {
             log::debug!("control: {request:?}");
             ctx.answer(&request)
         }
-        Err(message) => Response::Error { message },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     };
     let mut writer = &stream;
     if writer.write_all(&encode(&answer)).is_err() || answer != Response::Console {

@@ -10,7 +10,8 @@ use super::console_hub::ConsoleHub;
 use super::error::{ControlError, Result};
 use super::server::{self, ControlContext};
 use super::settings::VmSettings;
-use super::state::{RunLock, VmDir};
+use super::state::{RunLock, VmDir, SERIAL_LOG_LIMIT};
+use crate::logging::RotatingFile;
 use crate::vmm::{ConsoleConfig, ConsoleInput, Vm, VmConfig};
 
 /// Where a named VM's console is.
@@ -43,8 +44,9 @@ pub fn start_named(
     // Never boot disks a killed `snapshot restore` left half-restored.
     super::snapshot::finish_restore(dir)?;
     let log_path = dir.serial_log();
-    let log = File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
-    let hub = ConsoleHub::new(Some(log), attach == Attach::Terminal);
+    let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
+        .map_err(ControlError::io("cannot create", &log_path))?;
+    let hub = ConsoleHub::new(Some(Box::new(log)), attach == Attach::Terminal);
     let (input, keystrokes) = match attach {
         Attach::Terminal => (ConsoleInput::Stdin, None),
         Attach::Detached => {

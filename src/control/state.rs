@@ -23,6 +23,10 @@ const LOCK_FILE: &str = "lock";
 const PID_FILE: &str = "vmlab.pid";
 const SERIAL_LOG: &str = "serial.log";
 const VMM_LOG: &str = "vmm.log";
+/// Where each log rotates; one previous file (`NAME.1`) is kept, so a VM's
+/// logs take at most 2 × (8 + 4) MiB whatever its guest does.
+pub const SERIAL_LOG_LIMIT: u64 = 8 << 20;
+pub const VMM_LOG_LIMIT: u64 = 4 << 20;
 
 /// How long an exclusive lock is retried: probes (`vmlab ps`) hold the
 /// shared lock for milliseconds, a running VM forever.

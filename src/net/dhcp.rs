@@ -56,11 +56,11 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         }
         DhcpMessageType::Inform => (DhcpMessageType::Ack, DhcpOutcome::Acked),
         DhcpMessageType::Release => {
-            log::info!("nat: dhcp: {mac} released {}", request.client_ip);
+            crate::info_limited!("nat: dhcp: {mac} released {}", request.client_ip);
             return DhcpOutcome::Released;
         }
         DhcpMessageType::Decline => {
-            log::warn!(
+            crate::warn_limited!(
                 "nat: dhcp: {mac} declined {}: address in use on its link?",
                 cfg.guest
             );
@@ -148,7 +148,7 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         SocketAddrV4::new(dst, DHCP_CLIENT_PORT),
         &buf[..len],
     );
-    log::debug!(
+    crate::debug_limited!(
         "nat: dhcp: {:?} from {mac} -> {outcome:?}",
         request.message_type
     );
@@ -293,6 +293,22 @@ mod tests {
             )
         )
         .is_empty());
+    }
+
+    #[test]
+    fn a_guest_repeating_itself_gets_a_few_log_lines() {
+        let mut h = Harness::new(NatConfig::default());
+        let decline = request(DhcpMessageType::Decline, None, None);
+        let discover = request(DhcpMessageType::Discover, None, None);
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..200 {
+                exchange(&mut h, &decline);
+                exchange(&mut h, &discover);
+            }
+        });
+        let dhcp: Vec<_> = lines.iter().filter(|l| l.contains("dhcp:")).collect();
+        let burst = crate::rate_limit::LOG_BURST as usize;
+        assert_eq!(dhcp.len(), 2 * burst, "{dhcp:#?}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ mod error;
 mod flow;
 mod forward;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod icmp;
 mod output;
 mod port;

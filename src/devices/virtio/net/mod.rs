@@ -18,8 +18,6 @@ mod events;
 mod rx;
 mod tx;
 
-use std::sync::Arc;
-
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
@@ -27,12 +25,11 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::device::{read_config_bytes, serve_queue, ActivateContext, ActivateError};
-use super::interrupt::VirtioInterrupt;
+use super::device::{read_config_bytes, ActivateContext, ActivateError};
+use super::queue::QueueService;
 use super::{VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, TYPE_NET};
 use crate::cli::MacAddress;
 use crate::net::{ForwardListeners, Nat, NatConfig, Offloads, SocketRegistry};
-use crate::vmm::memory::GuestMemoryMmap;
 
 pub use events::NetEvents;
 use rx::{RxPort, Unplugged};
@@ -83,10 +80,9 @@ pub struct NetCounters {
 
 /// The queues while the driver has the device running.
 struct Active {
-    mem: GuestMemoryMmap,
+    service: QueueService,
     rx: Queue,
     tx: Queue,
-    interrupt: Arc<VirtioInterrupt>,
     offloads: Offloads,
     mergeable: bool,
 }
@@ -163,25 +159,24 @@ impl Net {
             return;
         };
         let (nat, buf, counters) = (&mut self.nat, &mut self.tx_buf, &mut self.counters);
-        let mem = &active.mem;
-        let served = serve_queue(&mut active.tx, mem, |chain| {
-            match TxChain::read(chain, mem, buf)? {
+        let service = &active.service;
+        let served = service.serve(&mut active.tx, |chain| {
+            match TxChain::read(chain, service.mem(), buf)? {
                 TxChain::Frame { hdr, frame } => {
                     counters.tx_frames += 1;
                     nat.handle_frame(&hdr, frame, reg);
                 }
                 TxChain::Malformed(why) => {
                     counters.tx_malformed += 1;
-                    log::debug!("virtio-net: TX chain dropped: {why}");
+                    crate::debug_limited!("virtio-net: TX chain dropped: {why}");
                 }
             }
             // TX buffers are read-only for the device: nothing written.
             Ok(0)
         });
-        match served {
-            Ok(true) => notify(&mut active.tx, mem, &active.interrupt),
-            Ok(false) => {}
-            Err(e) => self.broken(&e),
+        if served.is_err() {
+            // The NAT and its flows live on; a new driver gets them back.
+            self.active = None;
         }
     }
 
@@ -193,26 +188,15 @@ impl Net {
         };
         let mut port = RxPort::new(
             &mut active.rx,
-            &active.mem,
+            &active.service,
             active.mergeable,
             active.offloads,
             &mut self.counters,
         );
         self.nat.flush(&mut port, reg);
-        let (used, fault) = port.finish();
-        if let Some(fault) = fault {
-            self.broken(&fault);
-        } else if used {
-            notify(&mut active.rx, &active.mem, &active.interrupt);
-        }
-    }
-
-    /// The driver broke a queue: stop and ask for a reset (the NAT and its
-    /// flows live on; a new driver gets them back).
-    fn broken(&mut self, why: &str) {
-        log::warn!("virtio-net: {why}; the device needs a reset");
-        if let Some(active) = self.active.take() {
-            active.interrupt.mark_needs_reset();
+        let outcome = port.finish();
+        if active.service.finish(&mut active.rx, outcome).is_err() {
+            self.active = None;
         }
     }
 
@@ -224,13 +208,6 @@ impl Net {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         config
-    }
-}
-
-/// Signals used buffers in `queue` when the driver wants to hear of them.
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) {
-    if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
     }
 }
 
@@ -252,6 +229,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let service = ctx.service("virtio-net");
         let mut queues = ctx.queues.into_iter();
         let rx = queues.next().filter(|q| q.ready());
         let rx = rx.ok_or(ActivateError::QueueNotReady(RX_QUEUE))?;
@@ -260,17 +238,16 @@ impl VirtioDevice for Net {
         let has = |b: u32| ctx.features & bit(b) != 0;
         let csum = has(VIRTIO_NET_F_GUEST_CSUM);
         self.active = Some(Active {
-            mem: ctx.mem,
+            service,
             rx,
             tx,
-            interrupt: ctx.interrupt,
             offloads: Offloads {
                 csum,
                 tso4: csum && has(VIRTIO_NET_F_GUEST_TSO4),
             },
             mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
         });
-        log::info!(
+        crate::info_limited!(
             "virtio-net: up, MAC {}, features {:#x}",
             self.mac,
             ctx.features
@@ -285,7 +262,7 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize) {
         // The machine wires this device's queues to `NetEvents`, which has
         // the event loop the NAT needs; this path only exists for the trait.
-        log::debug!("virtio-net: queue {index} notified outside the event loop; ignored");
+        crate::debug_limited!("virtio-net: queue {index} notified outside the event loop; ignored");
     }
 }
 

@@ -3,6 +3,7 @@
 //! backpressure.
 
 use std::net::{SocketAddrV4, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{ArpOperation, ArpRepr};
@@ -13,13 +14,15 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::devices::virtio::interrupt::INT_USED_RING;
+use crate::devices::virtio::interrupt::{VirtioInterrupt, INT_USED_RING};
+use crate::devices::virtio::test_support::returns_in_time;
 use crate::devices::virtio::F_VERSION_1;
 use crate::net::testkit::{self, GuestSide, GATEWAY_IP, GUEST_IP};
 use crate::net::{
     EpollRegistry, GuestFrame, GuestPort, NetHdr, NullRegistry, Outbound, F_NEEDS_CSUM, GSO_TCPV4,
     NET_HDR_LEN,
 };
+use crate::vmm::memory::GuestMemoryMmap;
 
 const RX_RING: u64 = 0x0;
 const TX_RING: u64 = 0x1_0000;
@@ -35,6 +38,18 @@ fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+/// A device on a NAT that reaches nothing beyond the host.
+fn host_only_net() -> Net {
+    Net::new(NetSettings {
+        mac: MacAddress::for_vm("test"),
+        nat: NatConfig {
+            outbound: Outbound::HostOnly,
+            ..NatConfig::default()
+        },
+        listeners: ForwardListeners::default(),
+    })
 }
 
 struct Rig<'m> {
@@ -55,14 +70,7 @@ impl<'m> Rig<'m> {
     fn new(mem: &'m GuestMemoryMmap, features: u64) -> Self {
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), RING_SIZE);
         let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), RING_SIZE);
-        let mut net = Net::new(NetSettings {
-            mac: MacAddress::for_vm("test"),
-            nat: NatConfig {
-                outbound: Outbound::HostOnly,
-                ..NatConfig::default()
-            },
-            listeners: ForwardListeners::default(),
-        });
+        let mut net = host_only_net();
         let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         net.activate(ActivateContext {
             mem: mem.clone(),
@@ -137,6 +145,12 @@ impl<'m> Rig<'m> {
 
     fn kick(&mut self, queue: usize, reg: &mut dyn SocketRegistry) {
         self.net.queue_notified(queue, reg);
+    }
+
+    /// Kicks `queue` from another thread; fails if the device never returns.
+    fn kick_in_time(&mut self, queue: usize) {
+        let net = std::mem::replace(&mut self.net, host_only_net());
+        self.net = returns_in_time(net, move |net| net.queue_notified(queue, &mut NullRegistry));
     }
 
     /// Used RX entries so far, each as the bytes the device wrote (the
@@ -483,7 +497,7 @@ fn tso_segments_from_the_nat_keep_their_offload_header() {
     let mut counters = NetCounters::default();
     let mut port = RxPort::new(
         &mut active.rx,
-        &active.mem,
+        &active.service,
         true,
         active.offloads,
         &mut counters,
@@ -496,7 +510,7 @@ fn tso_segments_from_the_nat_keep_their_offload_header() {
             tso4: true
         }
     );
-    assert_eq!(port.finish(), (true, None));
+    assert!(matches!(port.finish(), Ok(true)));
     let frames = rig.frames();
     assert_eq!(frames[0].0, frame.hdr);
     assert_eq!(frames[0].2, frame.data);
@@ -643,6 +657,33 @@ fn rx_chain_without_writable_buffers_needs_reset_with_mergeable_buffers() {
     rig.send_frame(&arp_request());
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert!(rig.interrupt.needs_reset());
+}
+
+#[test]
+fn tx_avail_index_beyond_the_queue_size_needs_reset_instead_of_spinning() {
+    let m = mem();
+    let mut rig = Rig::new(&m, FEATURES);
+    rig.send_frame(&arp_request());
+    rig.tx.avail().idx().store(RING_SIZE + 1);
+    rig.kick_in_time(TX_QUEUE);
+    assert!(rig.interrupt.needs_reset());
+    assert!(rig.net.active.is_none());
+    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+}
+
+#[test]
+fn rx_avail_index_beyond_the_queue_size_needs_reset_instead_of_stalling() {
+    let m = mem();
+    let mut rig = Rig::new(&m, FEATURES);
+    rig.post_rx(&[2048]);
+    rig.rx.avail().idx().store(RING_SIZE + 1);
+    // The gateway's ARP reply has nowhere legal to go.
+    rig.send_frame(&arp_request());
+    rig.kick_in_time(TX_QUEUE);
+    assert_eq!(rig.tx_used(), 1, "TX itself is fine");
+    assert!(rig.interrupt.needs_reset());
+    assert!(rig.net.active.is_none());
+    assert_eq!(rig.rx.used().idx().load(), 0);
 }
 
 #[test]
