@@ -291,3 +291,71 @@ fn raw_images_are_never_reinterpreted() {
     assert!(img.write_at(0, b"QFI\xfb\0\0\0\x03").is_err());
     img.write_at(0, b"ordinary").unwrap();
 }
+
+#[test]
+fn a_backing_file_outside_the_image_directory_needs_allow_backing() {
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("lab")).unwrap();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/id_ed25519"), vec![b'k'; 1 << 20]).unwrap();
+    let secret = d.join("secrets/id_ed25519").canonicalize().unwrap();
+    qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "../secrets/id_ed25519",
+        "-F",
+        "raw",
+        s(&d.join("lab/evil.qcow2")),
+        "1M",
+    ]);
+    let before = listing(d);
+    let refused = format!("backing file {}", secret.display());
+    let allow = format!("--allow-backing {}", secret.display());
+    for args in [
+        &["disk", "info", "lab/evil.qcow2"][..],
+        &["disk", "resize", "lab/evil.qcow2", "2M"],
+        &["clone", "lab/evil.qcow2", "copy.qcow2"],
+        &["clone", "--full", "lab/evil.qcow2", "copy.qcow2"],
+        &[
+            "disk",
+            "create",
+            "over.qcow2",
+            "--backing",
+            "lab/evil.qcow2",
+        ],
+    ] {
+        fails(d, args, &refused);
+        fails(d, args, &allow);
+    }
+    assert_eq!(listing(d), before, "a refused command left files behind");
+    fails(
+        d,
+        &["disk", "info", "lab/evil.qcow2", "--allow-backing", "nope"],
+        "--allow-backing nope: no such file",
+    );
+
+    let allowing = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--allow-backing", "secrets"]);
+        ok(d, &all)
+    };
+    let info = allowing(&["disk", "info", "lab/evil.qcow2"]);
+    assert!(
+        info.contains("backing file: ../secrets/id_ed25519"),
+        "{info}"
+    );
+    allowing(&["disk", "resize", "lab/evil.qcow2", "2M"]);
+    allowing(&["clone", "--full", "lab/evil.qcow2", "copy.qcow2"]);
+    allowing(&[
+        "disk",
+        "create",
+        "over.qcow2",
+        "--backing",
+        "lab/evil.qcow2",
+    ]);
+    assert!(d.join("copy.qcow2").is_file() && d.join("over.qcow2").is_file());
+}

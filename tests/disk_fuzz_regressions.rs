@@ -9,7 +9,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use disk_support::*;
-use vmlab::disk::{create_image, fuzzing, open_image, CreateOptions, DiskError, OpenOptions};
+use vmlab::disk::{
+    create_image, fuzzing, open_image, BackingPolicy, BackingRefusal, CreateOptions, DiskError,
+    OpenOptions,
+};
 
 /// Runs the fuzz target's exercise on `data`, failing if it takes minutes
 /// (a hang) or panics.
@@ -263,6 +266,12 @@ fn hostile_tables_give_errors_on_io() {
 }
 
 fn overlay_naming(dir: &Path, name: &str, backing: &str) -> PathBuf {
+    overlay_of(dir, name, backing, "qcow2")
+}
+
+/// A qcow2 image in `dir` naming `backing` (of `format`) unchecked, as a
+/// downloaded image may.
+fn overlay_of(dir: &Path, name: &str, backing: &str, format: &str) -> PathBuf {
     let p = dir.join(name);
     let out = qemu(
         "qemu-img",
@@ -274,7 +283,7 @@ fn overlay_naming(dir: &Path, name: &str, backing: &str) -> PathBuf {
             "-b",
             backing,
             "-F",
-            "qcow2",
+            format,
             p.to_str().unwrap(),
             "1M",
         ],
@@ -298,9 +307,14 @@ fn backing_chain_loops_and_odd_files_are_refused() {
     overlay_naming(d, "b.qcow2", "a.qcow2");
     let err = open_image(&a, &OpenOptions::read_only()).err().unwrap();
     assert!(err.to_string().contains("loops"), "{err}");
-    // Devices and FIFOs that would block or never end are not images.
+    // Devices and FIFOs that would block or never end are not images, even
+    // where the backing policy allows them.
     let z = overlay_naming(d, "zero.qcow2", "/dev/zero");
     let err = open_image(&z, &OpenOptions::read_only()).err().unwrap();
+    assert!(matches!(err, DiskError::BackingNotAllowed { .. }), "{err}");
+    let allow_zero = OpenOptions::read_only()
+        .with_backing_policy(BackingPolicy::vmlab().allowing(["/dev/zero"]));
+    let err = open_image(&z, &allow_zero).err().unwrap();
     assert!(err.to_string().contains("not a regular file"), "{err}");
     // A very deep chain stops at the limit.
     let mut prev = "leaf.qcow2".to_string();
@@ -314,4 +328,86 @@ fn backing_chain_loops_and_odd_files_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("deep"), "{err}");
+}
+
+/// The refusal `open_image` gives `image`, with the file it names.
+fn refusal(image: &Path, opts: &OpenOptions) -> (BackingRefusal, PathBuf) {
+    match open_image(image, opts) {
+        Ok(_) => panic!("{}: a planted backing file was opened", image.display()),
+        Err(DiskError::BackingNotAllowed {
+            reason, backing, ..
+        }) => (reason, backing),
+        Err(e) => panic!("{}: expected a backing refusal, got: {e}", image.display()),
+    }
+}
+
+#[test]
+fn planted_backing_files_outside_the_image_directory_are_refused() {
+    let dir = tempdir();
+    let d = dir.path().canonicalize().unwrap();
+    let lab = d.join("lab");
+    std::fs::create_dir_all(lab.join(".ssh")).unwrap();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    let secret = d.join("secrets/id_ed25519");
+    let mut key = b"-----BEGIN OPENSSH PRIVATE KEY-----".to_vec();
+    key.resize(1 << 20, b'k');
+    std::fs::write(&secret, &key).unwrap();
+    std::fs::write(lab.join(".ssh/id_ed25519"), &key).unwrap();
+    std::fs::write(lab.join("base.raw"), vec![7u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(&secret, lab.join("innocent.raw")).unwrap();
+    let ro = OpenOptions::read_only();
+
+    // A sibling directory, by `..` or absolute name, or through a symlink
+    // planted beside the image: all lead outside.
+    for (name, backing) in [
+        ("dotdot.qcow2", "../secrets/id_ed25519"),
+        ("absolute.qcow2", secret.to_str().unwrap()),
+        ("symlink.qcow2", "innocent.raw"),
+    ] {
+        let top = overlay_of(&lab, name, backing, "raw");
+        assert_eq!(
+            refusal(&top, &ro),
+            (BackingRefusal::Outside, secret.clone()),
+            "{name}"
+        );
+        let rw = OpenOptions::read_write();
+        assert_eq!(refusal(&top, &rw).0, BackingRefusal::Outside, "{name}");
+    }
+    // Below the image's directory, but hidden: ~/disk.qcow2 naming .ssh/...
+    let hidden = overlay_of(&lab, "hidden.qcow2", ".ssh/id_ed25519", "raw");
+    assert_eq!(refusal(&hidden, &ro).0, BackingRefusal::Hidden);
+    // Deeper in a chain, the top image's directory still decides.
+    let mid = overlay_of(&lab, "mid.qcow2", "dotdot.qcow2", "qcow2");
+    let err = open_image(&mid, &ro).err().unwrap();
+    assert!(
+        matches!(err, DiskError::BackingNotAllowed { ref image, .. } if image.ends_with("dotdot.qcow2")),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(secret.to_str().unwrap()) && msg.contains("--allow-backing"),
+        "{msg}"
+    );
+
+    // The same images with the secret allowed open, and read it.
+    let allowed =
+        OpenOptions::read_only().with_backing_policy(BackingPolicy::vmlab().allowing([&secret]));
+    for name in [
+        "dotdot.qcow2",
+        "absolute.qcow2",
+        "symlink.qcow2",
+        "mid.qcow2",
+    ] {
+        let img = open_image(&lab.join(name), &allowed).unwrap();
+        let mut head = vec![0u8; 35];
+        img.read_at(0, &mut head).unwrap();
+        assert_eq!(head, key[..35], "{name}");
+    }
+    // A directory allows what lies below it.
+    let by_dir = OpenOptions::read_only()
+        .with_backing_policy(BackingPolicy::vmlab().allowing([d.join("secrets")]));
+    open_image(&lab.join("dotdot.qcow2"), &by_dir).unwrap();
+    // An ordinary backing file beside the image needs nothing.
+    let plain = overlay_of(&lab, "plain.qcow2", "base.raw", "raw");
+    open_image(&plain, &ro).unwrap();
 }

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::error::{ControlError, Result};
 use super::state::VmDir;
 use crate::cli::DiskSpec;
-use crate::disk::{clone_image, CloneOptions};
+use crate::disk::{clone_image, BackingPolicy, CloneOptions};
 
 /// Creates VM `dst` from the stopped VM `src`: same settings, its own disk
 /// overlays, and no MAC of its own (derived from the new name).
@@ -45,7 +45,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
-                path: branch_disk(&src, &disk.path, dst.path())?,
+                path: branch_disk(&src, &disk.path, dst.path(), &settings.backing_policy())?,
                 read_only: disk.read_only,
             });
         }
@@ -59,7 +59,12 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
 
 /// Freezes `disk` and puts a new overlay over it for the source (at the
 /// same path) and for the clone (in `dst_dir`, same file name).
-fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path) -> Result<PathBuf> {
+fn branch_disk(
+    src: &VmDir,
+    disk: &Path,
+    dst_dir: &Path,
+    policy: &BackingPolicy,
+) -> Result<PathBuf> {
     let disk_err = |source| ControlError::Disk {
         vm: src.name().to_string(),
         source,
@@ -80,12 +85,16 @@ fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path) -> Result<PathBuf> {
         let _ = std::fs::remove_file(disk);
         let _ = std::fs::rename(&frozen, disk);
     };
-    if let Err(e) = clone_image(&frozen, disk, &CloneOptions::default()) {
+    let opts = CloneOptions {
+        backing_policy: policy.clone(),
+        ..CloneOptions::default()
+    };
+    if let Err(e) = clone_image(&frozen, disk, &opts) {
         undo();
         return Err(disk_err(e));
     }
     let target = dst_dir.join(file_name);
-    if let Err(e) = clone_image(&frozen, &target, &CloneOptions::default()) {
+    if let Err(e) = clone_image(&frozen, &target, &opts) {
         undo();
         return Err(disk_err(e));
     }
@@ -104,8 +113,9 @@ pub fn dependents(vm: &VmDir) -> Result<Vec<String>> {
         let Ok(settings) = other.load_settings() else {
             continue;
         };
+        let policy = settings.backing_policy();
         let uses = settings.disks.iter().any(|disk| {
-            crate::disk::image_info(&disk.path)
+            crate::disk::image_info(&disk.path, &policy)
                 .map(|chain| {
                     chain.iter().any(|layer| {
                         layer
@@ -159,8 +169,9 @@ mod tests {
         assert_eq!(s2.disks[0].path, vm2.path().join("disk.qcow2"));
         assert_eq!(s2.disks.len(), 1);
         // Both overlays read through the same frozen layer in vm1's dir.
-        let chain1 = crate::disk::image_info(&disk1).unwrap();
-        let chain2 = crate::disk::image_info(&s2.disks[0].path).unwrap();
+        let policy = BackingPolicy::vmlab();
+        let chain1 = crate::disk::image_info(&disk1, &policy).unwrap();
+        let chain2 = crate::disk::image_info(&s2.disks[0].path, &policy).unwrap();
         assert_eq!(chain1.len(), 2);
         assert_eq!(chain2.len(), 2);
         assert_eq!(

@@ -4,6 +4,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::backing_policy::BackingRefusal;
+
 /// Everything that can go wrong opening, creating or doing I/O on an image.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -48,6 +50,25 @@ pub enum DiskError {
 
     #[error("{}: backing chain: {reason}", path.display())]
     BackingChain { path: PathBuf, reason: String },
+
+    /// A backing file the policy refuses (see `BackingPolicy`); `backing`
+    /// is where the name really leads.
+    #[error("{}: backing file {} {reason}{}", image.display(), backing.display(), allow_hint(*reason, backing))]
+    BackingNotAllowed {
+        image: PathBuf,
+        backing: PathBuf,
+        reason: BackingRefusal,
+    },
+}
+
+fn allow_hint(reason: BackingRefusal, backing: &Path) -> String {
+    match reason {
+        BackingRefusal::Secret => String::new(),
+        _ => format!(
+            "; if you trust it, pass --allow-backing {}",
+            backing.display()
+        ),
+    }
 }
 
 /// Shorthand for results of the block layer.

@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::backend::{BlockBackend, ImageFormat};
+use super::backing_policy::BackingPolicy;
 use super::error::{DiskError, Result};
 use super::lock::LockMode;
 use super::open::{open_image, read_qcow2_header, OpenOptions};
@@ -27,14 +28,13 @@ pub struct ImageInfo {
     pub in_use: bool,
 }
 
-/// Describes the image at `path` and each image behind it, top first. Takes
-/// no lock, so it works on images in use.
-pub fn image_info(path: &Path) -> Result<Vec<ImageInfo>> {
+/// Describes the image at `path` and each image behind it, top first,
+/// following the chain under `policy`. Takes no lock, so it works on images
+/// in use.
+pub fn image_info(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInfo>> {
     let opts = OpenOptions {
-        read_only: true,
         lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..OpenOptions::read_only().with_backing_policy(policy.clone())
     };
     let top = open_image(path, &opts)?;
     let mut chain = Vec::new();

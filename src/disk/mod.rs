@@ -6,6 +6,7 @@
 //! a backing file whose format the overlay records is opened as exactly that.
 
 mod backend;
+mod backing_policy;
 mod clone;
 mod create;
 mod error;
@@ -20,6 +21,7 @@ mod raw;
 mod staging;
 
 pub use backend::{BlockBackend, BlockStatus, ImageFormat};
+pub use backing_policy::{BackingPolicy, BackingRefusal};
 pub use clone::{clone_image, CloneMode, CloneOptions, CloneOutcome};
 pub(crate) use create::check_replaceable;
 pub use create::{create_image, resize_image, CreateOptions, DEFAULT_CLUSTER_SIZE};

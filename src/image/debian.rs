@@ -96,13 +96,9 @@ pub fn recipe_hash() -> String {
     format!("{hash:016x}")
 }
 
-fn images_dir() -> PathBuf {
-    crate::dirs::cache_dir().join("images")
-}
-
 /// The cache entry of this recipe's image.
 pub fn image_dir() -> PathBuf {
-    images_dir().join(format!("debian-{}", recipe_hash()))
+    crate::dirs::images_dir().join(format!("debian-{}", recipe_hash()))
 }
 
 /// The cached image of this recipe, if it was built.
@@ -171,7 +167,7 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
         return Err(ImageError::NeedsRoot);
     }
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-    let parent = images_dir();
+    let parent = crate::dirs::images_dir();
     let _lock = BuildLock::acquire(&parent.join(format!(".{name}.lock")), "the Debian image")?;
     // Built by the vmlab we waited for?
     if let Some(outcome) = cache_hit().filter(|_| !force) {
@@ -209,7 +205,7 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
         &CloneOptions {
             mode: CloneMode::Full,
             format: Some(ImageFormat::Qcow2),
-            force: false,
+            ..CloneOptions::default()
         },
     );
     super::step::finish(spinner);
