@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use disk_support::*;
 use vmlab::disk::{
-    create_image, fuzzing, open_image, BackingPolicy, BackingRefusal, CreateOptions, DiskError,
-    OpenOptions,
+    create_image, fuzzing, open_image, BackingPolicy, BackingRefusal, BlockBackend, CreateOptions,
+    DiskError, OpenOptions,
 };
 
 /// Runs the fuzz target's exercise on `data`, failing if it takes minutes
@@ -410,4 +410,123 @@ fn planted_backing_files_outside_the_image_directory_are_refused() {
     // An ordinary backing file beside the image needs nothing.
     let plain = overlay_of(&lab, "plain.qcow2", "base.raw", "raw");
     open_image(&plain, &ro).unwrap();
+}
+
+/// Where the sample's metadata lies: L1 table, its first L2 table, the
+/// refcount table and its first refcount block.
+struct Layout {
+    l1: usize,
+    l2: usize,
+    reftable: usize,
+    refblock: usize,
+}
+
+fn be64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn layout(b: &[u8]) -> Layout {
+    let l1 = be64_at(b, 40) as usize;
+    let reftable = be64_at(b, 48) as usize;
+    Layout {
+        l1,
+        l2: (be64_at(b, l1) & 0x00ff_ffff_ffff_fe00) as usize,
+        reftable,
+        refblock: (be64_at(b, reftable) & !511) as usize,
+    }
+}
+
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const CORRUPT_BIT: u64 = 1 << 1;
+
+/// Opens the patched sample for writing and runs `attack`, then flushes and
+/// closes it: it must fail with a corruption error, and the file must be
+/// exactly as it was but for the corrupt bit in the header.
+fn attack(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    attack: &dyn Fn(&dyn BlockBackend) -> Result<(), DiskError>,
+) {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    let result = open_image(&p, &OpenOptions::read_write()).and_then(|img| {
+        attack(img.as_ref())?;
+        img.flush()
+    });
+    match result {
+        Err(DiskError::Corrupt { .. }) => {}
+        Err(e) => panic!("{name}: expected a corruption error, got: {e}"),
+        Ok(()) => panic!("{name}: the attack went through"),
+    }
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after.len(), bytes.len(), "{name}: the file grew");
+    let incompat = be64_at(&after, 72);
+    assert_eq!(
+        incompat,
+        be64_at(bytes, 72) | CORRUPT_BIT,
+        "{name}: not marked corrupt"
+    );
+    let mut expect = bytes.to_vec();
+    expect[72..80].copy_from_slice(&incompat.to_be_bytes());
+    if let Some(at) = (0..after.len()).find(|&i| after[i] != expect[i]) {
+        panic!("{name}: the file changed at {at:#x}");
+    }
+    let err = open_image(&p, &OpenOptions::read_write()).err().unwrap();
+    assert!(err.to_string().contains("marked corrupt"), "{name}: {err}");
+    open_image(&p, &OpenOptions::read_only()).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+#[test]
+fn guest_writes_and_frees_never_reach_metadata() {
+    let dir = tempdir();
+    let d = dir.path();
+    let good = sample(d);
+    let at = layout(&good);
+    let cs = 512u64;
+    let patched = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = good.clone();
+        f(&mut b);
+        b
+    };
+    // Guest cluster 2 (bytes 1024..1536) is allocated in the sample.
+    let entry2 = at.l2 + 2 * 8;
+    let write = |img: &dyn BlockBackend| img.write_at(1024, &[0xee; 512]);
+    for (name, target) in [
+        ("data-at-l1", at.l1),
+        ("data-at-l2", at.l2),
+        ("data-at-reftable", at.reftable),
+        ("data-at-refblock", at.refblock),
+    ] {
+        let copied = patched(&|b| put64(b, entry2, target as u64 | COPIED));
+        attack(d, name, &copied, &write);
+        // Without the flag the refcount (1) makes it look owned.
+        let plain = patched(&|b| put64(b, entry2, target as u64));
+        attack(d, &format!("{name}-not-copied"), &plain, &write);
+    }
+    // A compressed cluster whose offset rounds into the header: freeing it
+    // (by a write over it, or a discard) would count the header down to 0
+    // and punch it out of the file.
+    let in_header = patched(&|b| put64(b, entry2, COMPRESSED | 100));
+    attack(d, "compressed-in-header-write", &in_header, &write);
+    attack(d, "compressed-in-header-discard", &in_header, &|img| {
+        img.discard(1024, cs)
+    });
+    // Refcounts calling the header free: the next allocation would put guest
+    // data over it.
+    let header_free = patched(&|b| b[at.refblock..at.refblock + 2].fill(0));
+    attack(d, "header-free", &header_free, &|img| {
+        img.write_at(20 * cs, &[0xee; 512])
+    });
+    // Tables that overlap each other are found when the image is opened.
+    let l2_on_reftable = patched(&|b| put64(b, at.l1, at.reftable as u64 | COPIED));
+    attack(d, "l2-on-reftable", &l2_on_reftable, &write);
+    let refblock_on_l1 = patched(&|b| put64(b, at.reftable, at.l1 as u64));
+    attack(d, "refblock-on-l1", &refblock_on_l1, &write);
+
+    // QEMU sees the mark too.
+    let p = d.join("data-at-l1");
+    let info = qemu_img_ok(&["info", "--output=json", p.to_str().unwrap()]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
 }
