@@ -65,6 +65,12 @@ fn create_info_resize() {
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);
     assert_eq!(json_number(&q, "virtual-size"), Some(10 << 30));
     assert_eq!(qemu_check(&d.join("a.qcow2")), 0);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("a.qcow2"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a disk is its owner's only");
 
     ok(d, &["disk", "resize", "a.qcow2", "20G"]);
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);

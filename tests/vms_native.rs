@@ -138,6 +138,11 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
 fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -162,6 +167,11 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
 
     let settings = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
     assert!(settings.contains("mem = 32M"), "{settings}");
+    // Other local users can read nothing of a VM.
+    assert_eq!(mode(&lab.vm_dir("vm1")), 0o700);
+    for file in ["vm.conf", "serial.log", "vmm.log", "vmlab.pid", "lock"] {
+        assert_eq!(mode(&lab.vm_dir("vm1").join(file)), 0o600, "{file}");
+    }
     assert!(settings.contains("tiny.elf"), "{settings}");
 
     let err = lab.fails(&["rm", "vm1"]);

@@ -23,8 +23,8 @@ const READY: &str = "ready";
 /// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
 pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log_path = vm.vmm_log();
-    let log =
-        std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let log = crate::fsutil::create_private(&log_path)
+        .map_err(ControlError::io("cannot create", &log_path))?;
     let mut command = Command::new(exe);
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));

@@ -97,7 +97,7 @@ fn debian_config(
 pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
     let image = crate::image::debian_image()?;
     let overlay = dir.join("disk.qcow2");
-    std::fs::create_dir_all(dir).map_err(super::error::ControlError::io(
+    crate::fsutil::create_private_dir(dir).map_err(super::error::ControlError::io(
         "cannot create the VM directory",
         dir,
     ))?;

@@ -41,7 +41,8 @@ pub fn start_named(
 ) -> Result<NamedVm> {
     let lock = dir.lock_exclusive()?;
     let log_path = dir.serial_log();
-    let log = File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let log = crate::fsutil::create_private(&log_path)
+        .map_err(ControlError::io("cannot create", &log_path))?;
     let hub = ConsoleHub::new(Some(log), attach == Attach::Terminal);
     let (input, keystrokes) = match attach {
         Attach::Terminal => (ConsoleInput::Stdin, None),

@@ -99,7 +99,8 @@ fn branch_disk(
         return Err(disk_err(e));
     }
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
+    // Read-only, and like every disk of a VM, its owner's only.
+    let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o400));
     Ok(target)
 }
 
@@ -179,6 +180,15 @@ mod tests {
             chain2[1].path.canonicalize().unwrap()
         );
         assert!(chain1[1].path.to_string_lossy().contains(".frozen-"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&chain1[1].path),
+            0o400,
+            "frozen: read-only, owner only"
+        );
+        assert_eq!((mode(&disk1), mode(&s2.disks[0].path)), (0o600, 0o600));
+        assert_eq!(mode(vm2.path()), 0o700);
         assert_eq!(dependents(&vm1).unwrap(), ["vm2"]);
         assert!(dependents(&vm2).unwrap().is_empty());
     }

@@ -8,7 +8,7 @@
 //! renamed into place only when complete, under a lock file, so a killed or
 //! concurrent build never leaves a half-built image where a run would use it.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,10 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
     );
     super::step::finish(spinner);
     let outcome = converted?;
+    // New images are owner-only; the base holds no secret (a VM's identity
+    // is made at its first boot, in its own overlay) and stays readable.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644))
+        .map_err(io(format!("cannot set the mode of {}", base.display())))?;
     std::fs::remove_file(&ext4).map_err(io(format!("cannot remove {}", ext4.display())))?;
 
     let file_size = std::fs::metadata(&base)
