@@ -306,18 +306,7 @@ fn a_backing_file_outside_the_image_directory_needs_allow_backing() {
     std::fs::create_dir_all(d.join("secrets")).unwrap();
     std::fs::write(d.join("secrets/id_ed25519"), vec![b'k'; 1 << 20]).unwrap();
     let secret = d.join("secrets/id_ed25519").canonicalize().unwrap();
-    qemu_img_ok(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "../secrets/id_ed25519",
-        "-F",
-        "raw",
-        s(&d.join("lab/evil.qcow2")),
-        "1M",
-    ]);
+    unchecked_overlay(&d.join("lab/evil.qcow2"), "../secrets/id_ed25519", "raw");
     let before = listing(d);
     let refused = format!("backing file {}", secret.display());
     let allow = format!("--allow-backing {}", secret.display());
@@ -364,4 +353,37 @@ fn a_backing_file_outside_the_image_directory_needs_allow_backing() {
         "lab/evil.qcow2",
     ]);
     assert!(d.join("copy.qcow2").is_file() && d.join("over.qcow2").is_file());
+}
+
+#[test]
+fn names_an_image_chose_are_shown_escaped() {
+    let dir = tempdir();
+    let d = dir.path();
+    // A backing file whose name would retitle the terminal and clear it.
+    let name = "base\u{1b}]0;pwned\u{7}\u{1b}[2J.raw";
+    std::fs::write(d.join(name), vec![0u8; 1 << 20]).unwrap();
+    for (top, backing) in [("top.qcow2", name), ("gone.qcow2", "gone\u{1b}[2J\u{9b}1A")] {
+        unchecked_overlay(&d.join(top), backing, "raw");
+    }
+    let raw = |text: &str| text.chars().any(|c| c.is_control() && c != '\n');
+    let info = ok(d, &["disk", "info", "top.qcow2"]);
+    assert!(
+        !raw(&info),
+        "control characters reached the terminal: {info:?}"
+    );
+    assert!(
+        info.contains("backing file: base\\x1b]0;pwned\\x07\\x1b[2J.raw\n"),
+        "{info}"
+    );
+    assert!(info.contains("image: base\\x1b]0;pwned"), "{info}");
+    // An error quoting a name the image chose.
+    let out = run(d, &["disk", "info", "gone.qcow2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !raw(&err),
+        "control characters reached the terminal: {err:?}"
+    );
+    assert!(err.contains("gone\\x1b[2J\\x9b1A"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }

@@ -273,26 +273,7 @@ fn overlay_naming(dir: &Path, name: &str, backing: &str) -> PathBuf {
 /// downloaded image may.
 fn overlay_of(dir: &Path, name: &str, backing: &str, format: &str) -> PathBuf {
     let p = dir.join(name);
-    let out = qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            backing,
-            "-F",
-            format,
-            p.to_str().unwrap(),
-            "1M",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    unchecked_overlay(&p, backing, format);
     p
 }
 

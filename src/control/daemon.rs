@@ -50,10 +50,12 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().rev().find(|l| !l.trim().is_empty());
     let message = match last {
-        Some(line) => line
-            .trim_start_matches("vmlab: error: ")
-            .trim_start_matches("vmlab: ")
-            .to_string(),
+        // The log may quote what the guest or an image chose.
+        Some(line) => crate::escape::Escaped(
+            line.trim_start_matches("vmlab: error: ")
+                .trim_start_matches("vmlab: "),
+        )
+        .to_string(),
         None => format!("it exited ({status}) without a message"),
     };
     Err(ControlError::StartFailed {

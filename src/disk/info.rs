@@ -10,6 +10,7 @@ use super::error::{DiskError, Result};
 use super::lock::LockMode;
 use super::open::{open_image, read_qcow2_header, OpenOptions};
 use crate::cli::ByteSize;
+use crate::escape::{self, Escaped};
 
 /// One image of a chain.
 #[derive(Clone, Debug)]
@@ -83,7 +84,7 @@ fn human(bytes: u64) -> String {
 
 impl fmt::Display for ImageInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "image: {}", self.path.display())?;
+        writeln!(f, "image: {}", escape::path(&self.path))?;
         match (self.qcow2_version, self.cluster_size) {
             (Some(v), Some(cs)) => writeln!(
                 f,
@@ -106,7 +107,7 @@ impl fmt::Display for ImageInfo {
             self.allocated
         )?;
         if let Some(b) = &self.backing_name {
-            writeln!(f, "backing file: {b}")?;
+            writeln!(f, "backing file: {}", Escaped(b))?;
         }
         if self.in_use {
             writeln!(f, "in use: open for writing by another process")?;

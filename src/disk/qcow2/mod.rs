@@ -32,6 +32,7 @@ use super::backend::{check_range, BlockBackend, BlockStatus, ImageFormat};
 use super::error::{DiskError, Result};
 use super::iovec;
 use super::open::OpenOptions;
+use crate::escape;
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -357,7 +358,7 @@ impl Drop for Qcow2Image {
         }
         let mut st = self.lock();
         if let Err(e) = st.close() {
-            log::error!("{}: closing image: {e}", self.path.display());
+            log::error!("{}: closing image: {e}", escape::path(&self.path));
         }
     }
 }

@@ -17,6 +17,7 @@ use std::fmt;
 use super::header::{INCOMPAT_CORRUPT, OFF_INCOMPATIBLE};
 use super::{State, L1E_OFFSET_MASK, REFT_OFFSET_MASK};
 use crate::disk::error::{DiskError, Result};
+use crate::escape;
 
 /// What a metadata cluster holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +183,10 @@ impl State {
     fn corruption(&mut self, why: String) -> DiskError {
         if !self.marked_corrupt {
             self.marked_corrupt = true;
-            log::error!("{}: {why}; marking the image corrupt", self.path.display());
+            log::error!(
+                "{}: {why}; marking the image corrupt",
+                escape::path(&self.path)
+            );
             // Version 2 has no feature bits: the image is refused writes
             // for as long as it stays open.
             if self.hdr.version >= 3 {
@@ -192,7 +196,7 @@ impl State {
                     .write_at(&bits, OFF_INCOMPATIBLE)
                     .and_then(|()| self.sync())
                 {
-                    log::error!("{}: cannot mark it corrupt: {e}", self.path.display());
+                    log::error!("{}: cannot mark it corrupt: {e}", escape::path(&self.path));
                 }
             }
         }
