@@ -94,6 +94,11 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache
 find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
 find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
 find "$root/var/log" -type f -delete
+# vmlab-init grows the root filesystem to its disk (vmlab run --disk-size)
+# when the disk's size differs from the one it last grew to: the base's own
+# size, so that a VM whose disk never grew skips resize2fs.
+[ -x "$root/usr/sbin/resize2fs" ] || [ -x "$root/sbin/resize2fs" ] || die "resize2fs is missing from the tree (e2fsprogs)"
+echo $(($(numfmt --from=iec "$size") / 512)) >"$root/etc/vmlab/disk-sectors"
 # No host keys may have slipped in from a package's postinst.
 if ls "$root"/etc/ssh/ssh_host_* >/dev/null 2>&1; then die "SSH host keys left in the base image"; fi
 

@@ -40,6 +40,8 @@ pub fn start_named(
     build: impl FnOnce(ConsoleConfig) -> Result<VmConfig>,
 ) -> Result<NamedVm> {
     let lock = dir.lock_exclusive()?;
+    // Never boot disks a killed `snapshot restore` left half-restored.
+    super::snapshot::finish_restore(dir)?;
     let log_path = dir.serial_log();
     let log = crate::fsutil::create_private(&log_path)
         .map_err(ControlError::io("cannot create", &log_path))?;
@@ -78,6 +80,7 @@ pub fn start_named(
     );
     ctx.started = Instant::now();
     ctx.nat = vm.nat_view();
+    ctx.disks = Some(vm.live_disks());
     ctx.console_input = keystrokes;
     server::spawn(listener, Arc::new(ctx)).map_err(ControlError::io("cannot serve", &socket))?;
     Ok(NamedVm { vm, _lock: lock })

@@ -2,18 +2,20 @@
 //! from deleting a disk layer another VM still reads.
 //!
 //! A linked clone must not sit on top of a disk that keeps changing, so the
-//! source's overlay is frozen first: renamed (in its own directory, so its
-//! own backing reference stays valid) and made read-only; then the source
-//! and the clone each get a fresh overlay over it. Both steps are constant
-//! time whatever the disk's size.
+//! source's overlay is frozen first (`disk::freeze_top`: renamed in its own
+//! directory, so its own backing reference stays valid, made read-only, a
+//! fresh overlay at its path); then the clone gets an overlay over it too.
+//! Both steps are constant time whatever the disk's size, and a kill at any
+//! point leaves the source's disk whole.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::{ControlError, Result};
+use super::snapshot::frozen_layer;
 use super::state::VmDir;
 use crate::cli::DiskSpec;
-use crate::disk::{clone_image, BackingPolicy, CloneOptions};
+use crate::disk::{clone_image, freeze_top, unfreeze_top, BackingPolicy, CloneOptions};
 
 /// Creates VM `dst` from the stopped VM `src`: same settings, its own disk
 /// overlays, and no MAC of its own (derived from the new name).
@@ -38,14 +40,20 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
             disk.path.display()
         )));
     }
+    // Never branch disks a killed `snapshot restore` left half-restored.
+    super::snapshot::finish_restore(&src)?;
     let dst_lock = dst.lock_exclusive()?;
+    let policy = settings.backing_policy();
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let result = (|| {
         let mut new = settings.clone();
         new.mac = None;
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
-                path: branch_disk(&src, &disk.path, dst.path(), &settings.backing_policy())?,
+                path: branch_disk(&src, &disk.path, dst.path(), stamp, &policy)?,
                 read_only: disk.read_only,
             });
         }
@@ -63,6 +71,7 @@ fn branch_disk(
     src: &VmDir,
     disk: &Path,
     dst_dir: &Path,
+    stamp: u128,
     policy: &BackingPolicy,
 ) -> Result<PathBuf> {
     let disk_err = |source| ControlError::Disk {
@@ -72,35 +81,18 @@ fn branch_disk(
     let file_name = disk
         .file_name()
         .expect("owned disks are files in the VM directory");
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let stem = Path::new(file_name)
-        .file_stem()
-        .unwrap_or(file_name)
-        .to_string_lossy();
-    let frozen = disk.with_file_name(format!("{stem}.frozen-{stamp}.qcow2"));
-    std::fs::rename(disk, &frozen).map_err(ControlError::io("cannot freeze the disk", disk))?;
-    let undo = || {
-        let _ = std::fs::remove_file(disk);
-        let _ = std::fs::rename(&frozen, disk);
-    };
+    let frozen = freeze_top(disk, &frozen_layer(disk, stamp)).map_err(disk_err)?;
+    let target = dst_dir.join(file_name);
     let opts = CloneOptions {
         backing_policy: policy.clone(),
         ..CloneOptions::default()
     };
-    if let Err(e) = clone_image(&frozen, disk, &opts) {
-        undo();
+    if let Err(e) = clone_image(&frozen.layer, &target, &opts) {
+        if let Err(undo) = unfreeze_top(&frozen) {
+            log::error!("cannot undo the freeze of {}: {undo}", disk.display());
+        }
         return Err(disk_err(e));
     }
-    let target = dst_dir.join(file_name);
-    if let Err(e) = clone_image(&frozen, &target, &opts) {
-        undo();
-        return Err(disk_err(e));
-    }
-    use std::os::unix::fs::PermissionsExt;
-    // Read-only, and like every disk of a VM, its owner's only.
-    let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o400));
     Ok(target)
 }
 

@@ -92,7 +92,7 @@ pub(crate) enum Opened {
     Qcow2(Box<Qcow2Image>),
 }
 
-fn open_file(path: &Path, read_only: bool) -> Result<File> {
+pub(crate) fn open_file(path: &Path, read_only: bool) -> Result<File> {
     let meta = std::fs::metadata(path).map_err(|e| DiskError::io(path, e))?;
     let ft = meta.file_type();
     // FIFOs and character devices could block or never end.
@@ -109,7 +109,7 @@ fn open_file(path: &Path, read_only: bool) -> Result<File> {
         .map_err(|e| DiskError::io(path, e))
 }
 
-fn probe(file: &File, path: &Path) -> Result<ImageFormat> {
+pub(crate) fn probe(file: &File, path: &Path) -> Result<ImageFormat> {
     let mut magic = [0u8; 4];
     let mut reader = file;
     let mut got = 0;
@@ -156,6 +156,27 @@ pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     } else {
         overlay.parent().unwrap_or(Path::new("")).join(p)
     }
+}
+
+/// Opens the backing file `name` that the image `overlay` (the file
+/// `overlay_id`, the top of its chain) records, with `opts`, checked against
+/// the backing policy as [`open_image`] would check it: for a caller that
+/// opens the overlay's backing file itself (a commit writes it).
+pub(crate) fn open_backing_of(
+    overlay: &Path,
+    overlay_id: (u64, u64),
+    name: &str,
+    opts: &OpenOptions,
+) -> Result<Opened> {
+    let mut walk = ChainWalk {
+        top_dirs: top_dirs(overlay),
+        // The overlay itself counts as seen: a chain looping back to it is
+        // refused.
+        seen: vec![overlay_id],
+    };
+    let bpath = resolve_backing(overlay, name);
+    let allowed = opts.backing_policy.check(overlay, &bpath, &walk.top_dirs)?;
+    open_chain(&bpath, opts, &mut walk, 1, Some(&allowed))
 }
 
 /// What a walk down one chain has learnt so far.

@@ -128,3 +128,44 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn vmlab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmlab"))
 }
+
+/// A backing policy for the tests' own images, which are trusted: their
+/// chains may lead anywhere (but vmlab's ssh directory).
+pub fn anywhere() -> vmlab::disk::BackingPolicy {
+    vmlab::disk::BackingPolicy::vmlab().allowing(["/"])
+}
+
+/// Options that open an image to read it whatever else holds it, and
+/// wherever its chain leads.
+pub fn unlocked() -> vmlab::disk::OpenOptions {
+    vmlab::disk::OpenOptions {
+        lock: vmlab::disk::LockMode::None,
+        ..vmlab::disk::OpenOptions::read_only().with_backing_policy(anywhere())
+    }
+}
+
+/// Everything the image at `path` (and its chain) reads, taking no lock.
+pub fn read_image(path: &Path) -> Vec<u8> {
+    let img = vmlab::disk::open_image(path, &unlocked())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// Every image of the chains behind the qcow2 files in `dir` passes
+/// `qemu-img check`.
+pub fn check_chains_in(dir: &Path) {
+    let mut images = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            images.extend(vmlab::disk::backing_chain(&path).unwrap());
+        }
+    }
+    images.sort();
+    images.dedup();
+    for image in &images {
+        qemu_check(image);
+    }
+}

@@ -2,3 +2,19 @@
 #![allow(dead_code)]
 
 pub mod tiny_guest;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the vmlab binary with `home` as its HOME and XDG directories, so
+/// each test keeps its VMs, sockets and caches to itself.
+pub fn vmlab_in(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmlab"))
+        .args(args)
+        .env("HOME", home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .output()
+        .unwrap()
+}

@@ -8,6 +8,7 @@
 //! durable. A crash may leak clusters, never corrupt the image. A hostile
 //! image cannot make guest data overwrite its metadata (see `overlap.rs`).
 
+mod allocation;
 mod cache;
 mod create;
 mod header;
@@ -20,8 +21,10 @@ use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use allocation::Allocation;
 pub use create::format_new;
 pub use header::{Header, QCOW2_MAGIC};
 
@@ -65,6 +68,9 @@ pub struct Qcow2Image {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Written to no more: the image became a backing file while open (see
+    /// [`BlockBackend::freeze`]).
+    frozen: AtomicBool,
     backing: Option<Arc<dyn BlockBackend>>,
 }
 
@@ -178,6 +184,7 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             size: state.hdr.size,
             read_only,
+            frozen: AtomicBool::new(false),
             backing,
             state: Mutex::new(state),
         })
@@ -189,8 +196,13 @@ impl Qcow2Image {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Opened read-only, or frozen since.
+    fn writes_refused(&self) -> bool {
+        self.read_only || self.frozen.load(Ordering::SeqCst)
+    }
+
     fn check_write(&self) -> Result<()> {
-        if self.read_only {
+        if self.writes_refused() {
             return Err(DiskError::ReadOnly {
                 path: self.path.clone(),
             });
@@ -299,7 +311,7 @@ impl BlockBackend for Qcow2Image {
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.writes_refused()
     }
 
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
@@ -316,7 +328,7 @@ impl BlockBackend for Qcow2Image {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.writes_refused() {
             return Ok(());
         }
         self.lock().flush()
@@ -349,11 +361,27 @@ impl BlockBackend for Qcow2Image {
     fn backing(&self) -> Option<&dyn BlockBackend> {
         self.backing.as_deref()
     }
+
+    fn freeze(&self) -> Result<()> {
+        self.check_write()?;
+        let mut st = self.lock();
+        // Everything durable, the last refcount decrements included, before
+        // anything may read this image as a backing file.
+        st.close()?;
+        self.frozen.store(true, Ordering::SeqCst);
+        super::lock::downgrade_to_shared_read(&st.file, &self.path)
+    }
+
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.lock().file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
 }
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.read_only {
+        if self.writes_refused() {
             return;
         }
         let mut st = self.lock();
