@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Owner-only modes for vmlab's private state (VM directories, settings,
 /// logs, disks): other local users must not read a VM's disk or host keys.
@@ -25,11 +25,25 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (tmp, mut file) = create_temporary_beside(path, mode)?;
+    let result = file
+        .write_all(bytes)
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates a fresh temporary file `.NAME.tmpPID-N` beside `path` (to be
+/// renamed over it) with `mode`: O_EXCL, so never a file or a symlink
+/// planted at its name, which is skipped for the next N.
+pub fn create_temporary_beside(path: &Path, mode: u32) -> io::Result<(PathBuf, File)> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
     let mut attempt = 0u32;
-    let (tmp, mut file) = loop {
+    loop {
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(format!(".tmp{}-{attempt}", std::process::id()));
@@ -40,19 +54,12 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)
         {
-            Ok(file) => break (tmp, file),
+            Ok(file) => return Ok((tmp, file)),
             // Someone else's name (a crashed run's, or planted): another.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
             Err(e) => return Err(e),
         }
-    };
-    let result = file
-        .write_all(bytes)
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
 }
 
 /// Creates or truncates `path` for writing, readable by its owner only

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use disk_support::*;
 use vmlab::disk::{
-    create_image, fuzzing, open_image, BackingPolicy, BackingRefusal, BlockBackend, CreateOptions,
-    DiskError, OpenOptions,
+    checked_backing_chain, commit_image, create_image, fuzzing, open_image, open_overlay_over,
+    overlay_onto, BackingPolicy, BackingRefusal, BlockBackend, CreateOptions, DiskError,
+    OpenOptions,
 };
 
 /// Runs the fuzz target's exercise on `data`, failing if it takes minutes
@@ -510,4 +511,112 @@ fn guest_writes_and_frees_never_reach_metadata() {
     let p = d.join("data-at-l1");
     let info = qemu_img_ok(&["info", "--output=json", p.to_str().unwrap()]);
     assert!(info.contains("\"corrupt\": true"), "{info}");
+}
+
+/// The snapshot operations that open chains themselves (commit and merge,
+/// an overlay onto a layer for a restore, an overlay over a live image)
+/// follow the same backing rule as opening an image does.
+#[test]
+fn chain_operations_refuse_planted_backing_files() {
+    let dir = tempdir();
+    let d = dir.path().canonicalize().unwrap();
+    let lab = d.join("lab");
+    std::fs::create_dir_all(&lab).unwrap();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::create_dir_all(d.join("other")).unwrap();
+    let secret = d.join("secrets/id_ed25519");
+    let key = vec![b'k'; 1 << 20];
+    std::fs::write(&secret, &key).unwrap();
+    let vmlab_rule = BackingPolicy::vmlab();
+    let refused_by = |err: DiskError, what: &str| {
+        assert_eq!(err.to_string().lines().count(), 1, "{what}: {err}");
+        match err {
+            DiskError::BackingNotAllowed {
+                backing,
+                reason: BackingRefusal::Outside,
+                ..
+            } => assert!(backing.starts_with(&d), "{what}: {}", backing.display()),
+            other => panic!("{what}: expected a backing refusal, got: {other}"),
+        }
+    };
+
+    // A commit would write the overlay's data into the secret.
+    let evil = overlay_of(&lab, "evil.qcow2", "../secrets/id_ed25519", "raw");
+    let trusting = OpenOptions::read_write().with_backing_policy(anywhere());
+    let img = open_image(&evil, &trusting).unwrap();
+    img.write_at(0, &[0xee; 4096]).unwrap();
+    drop(img);
+    refused_by(commit_image(&evil, &vmlab_rule).unwrap_err(), "commit");
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        key,
+        "the secret was written"
+    );
+
+    // A restore onto a layer whose chain leads to the secret.
+    let top = lab.join("disk.qcow2");
+    create_image(&top, &CreateOptions::qcow2(1 << 20)).unwrap();
+    let before = std::fs::read(&top).unwrap();
+    refused_by(
+        overlay_onto(&top, &evil, &vmlab_rule).err().unwrap(),
+        "overlay onto",
+    );
+    assert_eq!(std::fs::read(&top).unwrap(), before, "the disk changed");
+    assert!(checked_backing_chain(&evil, &vmlab_rule).is_err());
+
+    // A live overlay whose way down to the open image leaves the directory.
+    let live_path = lab.join("live.qcow2");
+    create_image(&live_path, &CreateOptions::qcow2(1 << 20)).unwrap();
+    let live: std::sync::Arc<dyn BlockBackend> =
+        std::sync::Arc::from(open_image(&live_path, &OpenOptions::read_write()).unwrap());
+    overlay_of(
+        &d.join("other"),
+        "mid.qcow2",
+        live_path.to_str().unwrap(),
+        "qcow2",
+    );
+    let new = overlay_of(&lab, "new.qcow2", "../other/mid.qcow2", "qcow2");
+    refused_by(
+        open_overlay_over(&new, live.clone(), &vmlab_rule)
+            .err()
+            .unwrap(),
+        "live overlay",
+    );
+    let allowing = vmlab_rule.clone().allowing([d.join("other")]);
+    open_overlay_over(&new, live, &allowing).expect("allowed with --allow-backing");
+}
+
+/// A commit writes into its backing file through the same overlap checks
+/// as a guest's writes: a backing file whose L2 table points a data
+/// cluster at its L1 table is marked corrupt, its tables untouched.
+#[test]
+fn a_commit_never_writes_over_the_backing_files_metadata() {
+    let dir = tempdir();
+    let d = dir.path();
+    let good = sample(d);
+    let at = layout(&good);
+    let mut base = good.clone();
+    // Guest cluster 2 (bytes 1024..1536), allocated in the sample.
+    put64(&mut base, at.l2 + 2 * 8, at.l1 as u64 | COPIED);
+    std::fs::write(d.join("base.qcow2"), &base).unwrap();
+    let top = d.join("top.qcow2");
+    let mut opts = CreateOptions::qcow2(1 << 20);
+    opts.cluster_size = 512;
+    opts.backing = Some(d.join("base.qcow2"));
+    create_image(&top, &opts).unwrap();
+    let img = open_image(&top, &OpenOptions::read_write()).unwrap();
+    img.write_at(1024, &[0xee; 512]).unwrap();
+    drop(img);
+    match commit_image(&top, &BackingPolicy::vmlab()) {
+        Err(DiskError::Corrupt { .. }) => {}
+        Err(e) => panic!("expected a corruption error, got: {e}"),
+        Ok(done) => panic!("the commit went through: {done:?}"),
+    }
+    let after = std::fs::read(d.join("base.qcow2")).unwrap();
+    let mut expect = base.clone();
+    expect[72..80].copy_from_slice(&(be64_at(&base, 72) | CORRUPT_BIT).to_be_bytes());
+    assert!(
+        after == expect,
+        "the backing file changed beyond its corrupt bit"
+    );
 }

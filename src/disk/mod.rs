@@ -33,8 +33,8 @@ pub use create::{create_image, resize_image, CreateOptions, DEFAULT_CLUSTER_SIZE
 pub use error::{DiskError, Result};
 pub use info::{human_size, image_info, ImageInfo};
 pub use layers::{
-    backing_chain, freeze_top, open_overlay_over, overlay_onto, prepare_overlay_onto, unfreeze_top,
-    FrozenTop, PreparedOverlay,
+    backing_chain, checked_backing_chain, freeze_top, open_overlay_over, overlay_onto,
+    prepare_overlay_onto, unfreeze_top, FrozenTop, PreparedOverlay,
 };
 pub use lock::LockMode;
 pub use open::{open_image, probe_format, OpenOptions};

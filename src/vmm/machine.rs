@@ -114,6 +114,7 @@ impl Vm {
                     worker: block.worker(),
                 })
                 .collect(),
+            config.backing_policy.clone(),
         ));
         let kvm = kvm::open()?;
         let max = kvm::max_vcpus(&kvm);
