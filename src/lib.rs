@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod dirs;
 pub mod disk;
+pub mod escape;
 pub mod fsutil;
 pub mod image;
 pub mod logging;

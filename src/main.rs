@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
-use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
+use vmlab::disk::{self, BackingPolicy, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
@@ -204,6 +204,39 @@ struct RunArgs {
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
+    #[command(flatten)]
+    backing: BackingArgs,
+}
+
+/// Backing files an image may name beyond vmlab's rule (its own directory,
+/// vmlab's image and VM directories).
+#[derive(Args, Debug)]
+struct BackingArgs {
+    /// Let disk images name PATH as a backing file: a file, or a directory
+    /// and everything below it (repeatable; a named VM keeps the list).
+    #[arg(long = "allow-backing", value_name = "PATH")]
+    allow_backing: Vec<PathBuf>,
+}
+
+impl BackingArgs {
+    /// The paths given, made absolute; each must exist.
+    fn paths(&self) -> Result<Vec<PathBuf>> {
+        self.allow_backing
+            .iter()
+            .map(|p| {
+                anyhow::ensure!(
+                    p.exists(),
+                    "--allow-backing {}: no such file or directory",
+                    p.display()
+                );
+                std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+            })
+            .collect()
+    }
+
+    fn policy(&self) -> Result<BackingPolicy> {
+        Ok(BackingPolicy::vmlab().allowing(self.paths()?))
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,11 +306,22 @@ enum DiskCommand {
         /// Replace PATH if it exists (never an image in use).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        allow: BackingArgs,
     },
     /// Show format, virtual size, allocated bytes and backing chain.
-    Info { path: PathBuf },
+    Info {
+        path: PathBuf,
+        #[command(flatten)]
+        allow: BackingArgs,
+    },
     /// Grow an image to SIZE (e.g. 20G).
-    Resize { path: PathBuf, size: ByteSize },
+    Resize {
+        path: PathBuf,
+        size: ByteSize,
+        #[command(flatten)]
+        allow: BackingArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -296,6 +340,8 @@ struct CloneArgs {
     /// Replace DST if it exists (never an image in use).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    allow: BackingArgs,
 }
 
 /// Logs to stderr, or for a VM in the background to its capped vmm.log.
@@ -493,6 +539,9 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     }
     if let Some(net) = args.net {
         settings.no_net = net == NetMode::None;
+    }
+    if !args.backing.allow_backing.is_empty() {
+        settings.allow_backing = args.backing.paths()?;
     }
     if !args.disks.is_empty() {
         settings.disks = args
@@ -694,6 +743,7 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             format,
             cluster_size,
             force,
+            allow,
         } => {
             let opts = CreateOptions {
                 size: size.map(ByteSize::bytes),
@@ -701,11 +751,12 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
                 cluster_size: cluster_size.bytes(),
                 backing,
                 force,
+                backing_policy: allow.policy()?,
             };
             disk::create_image(&path, &opts)?;
         }
-        DiskCommand::Info { path } => {
-            let chain = disk::image_info(&path)?;
+        DiskCommand::Info { path, allow } => {
+            let chain = disk::image_info(&path, &allow.policy()?)?;
             for (depth, info) in chain.iter().enumerate() {
                 if depth > 0 {
                     outln!("\nbacking image {depth}:");
@@ -713,7 +764,9 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
                 out!("{info}");
             }
         }
-        DiskCommand::Resize { path, size } => disk::resize_image(&path, size.bytes())?,
+        DiskCommand::Resize { path, size, allow } => {
+            disk::resize_image(&path, size.bytes(), &allow.policy()?)?
+        }
     }
     Ok(0)
 }
@@ -721,8 +774,8 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
 fn clone_cmd(args: CloneArgs) -> Result<i32> {
     if let Some(src) = vm_name_of(&args.src) {
         anyhow::ensure!(
-            !args.full && args.format.is_none() && !args.force,
-            "--full, --format and --force are for disk images; {src} is a VM (give a path like ./{src} for a file)"
+            !args.full && args.format.is_none() && !args.force && args.allow.allow_backing.is_empty(),
+            "--full, --format, --force and --allow-backing are for disk images; {src} is a VM (give a path like ./{src} for a file)"
         );
         let dst = args.dst.to_str().unwrap_or_default();
         control::clone_vm(&src, dst)?;
@@ -737,6 +790,7 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
         },
         format: args.format,
         force: args.force,
+        backing_policy: args.allow.policy()?,
     };
     let outcome = disk::clone_image(&args.src, &args.dst, &opts)?;
     log::info!(

@@ -149,6 +149,15 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn serial_log(lab: &Lab, name: &str) -> String {
     std::fs::read_to_string(lab.vm_dir(name).join("serial.log")).unwrap_or_default()
 }
@@ -169,6 +178,11 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
 
     let settings = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
     assert!(settings.contains("mem = 32M"), "{settings}");
+    // Other local users can read nothing of a VM.
+    assert_eq!(mode(&lab.vm_dir("vm1")), 0o700);
+    for file in ["vm.conf", "serial.log", "vmm.log", "vmlab.pid", "lock"] {
+        assert_eq!(mode(&lab.vm_dir("vm1").join(file)), 0o600, "{file}");
+    }
     assert!(settings.contains("tiny.elf"), "{settings}");
 
     let err = lab.fails(&["rm", "vm1"]);
@@ -373,4 +387,79 @@ fn ssh_config_uses_the_forward_to_22_and_clone_by_name_needs_a_stopped_vm() {
     let copy = lab.dir.path().join("vm1");
     lab.ok(&["clone", image.to_str().unwrap(), copy.to_str().unwrap()]);
     assert!(Path::new(&copy).is_file());
+}
+
+#[test]
+fn a_disk_naming_a_host_file_is_refused_before_the_guest_starts_unless_allowed() {
+    let lab = Lab::new();
+    let home = lab.dir.path().canonicalize().unwrap();
+    std::fs::create_dir_all(home.join("downloads")).unwrap();
+    std::fs::create_dir_all(home.join("secrets")).unwrap();
+    let secret = home.join("secrets/key");
+    std::fs::write(&secret, vec![b'k'; 1 << 20]).unwrap();
+    let evil = home.join("downloads/lab.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+        .args(["../secrets/key", evil.to_str().unwrap(), "1M"])
+        .output()
+        .expect("qemu-img (qemu-utils) is installed");
+    assert!(made.status.success(), "{}", text(&made));
+    let kernel = lab.kernel.to_str().unwrap();
+    let disk = evil.to_str().unwrap();
+    // A throwaway VM's guest powers off, so that a broken check fails the
+    // test instead of hanging it.
+    let off = home.join("off.elf");
+    Program::new().poweroff().write_elf(&off);
+    let throwaway = [
+        "run",
+        "--kernel",
+        off.to_str().unwrap(),
+        "--mem",
+        "32M",
+        "--disk",
+        disk,
+    ];
+    let err = lab.fails(&throwaway);
+    assert!(
+        err.contains(&format!("--allow-backing {}", secret.display())),
+        "{err}"
+    );
+    let mut allowed = throwaway.to_vec();
+    allowed.extend(["--allow-backing", secret.to_str().unwrap()]);
+    lab.ok(&allowed);
+    let run = |extra: &[&str]| -> Vec<String> {
+        ["run", "--kernel", kernel, "--mem", "32M", "--disk", disk]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let flag = format!("--allow-backing {}", secret.display());
+    let err = lab.fails(&as_strs(&run(&["--name", "vm1", "--detach"])));
+    assert!(
+        err.contains(&format!("backing file {}", secret.display())),
+        "{err}"
+    );
+    assert!(err.contains(&flag), "{err}");
+    assert!(!lab.vm_dir("vm1").exists(), "no half-made VM");
+
+    // Allowed on the command line: it runs, and the VM keeps the allowance.
+    let secret_arg = secret.to_str().unwrap();
+    let named = run(&["--name", "vm1", "--detach", "--allow-backing", secret_arg]);
+    let out = lab.ok(&as_strs(&named));
+    assert!(out.contains("vmlab console vm1"), "{out}");
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(
+        conf.contains(&format!("allow-backing = {secret_arg}")),
+        "{conf}"
+    );
+    assert!(lab
+        .vmlab(&["stop", "--timeout", "1", "vm1"])
+        .status
+        .success());
+    lab.ok(&["run", "--name", "vm1", "--detach"]);
+    assert!(lab
+        .vmlab(&["stop", "--timeout", "1", "vm1"])
+        .status
+        .success());
 }

@@ -24,8 +24,8 @@ const READY: &str = "ready";
 /// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
 pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log_path = vm.vmm_log();
-    let log =
-        std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let log = crate::fsutil::create_private(&log_path)
+        .map_err(ControlError::io("cannot create", &log_path))?;
     let mut command = Command::new(exe);
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));
@@ -51,10 +51,12 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().rev().find(|l| !l.trim().is_empty());
     let message = match last {
-        Some(line) => line
-            .trim_start_matches("vmlab: error: ")
-            .trim_start_matches("vmlab: ")
-            .to_string(),
+        // The log may quote what the guest or an image chose.
+        Some(line) => crate::escape::Escaped(
+            line.trim_start_matches("vmlab: error: ")
+                .trim_start_matches("vmlab: "),
+        )
+        .to_string(),
         None => format!("it exited ({status}) without a message"),
     };
     Err(ControlError::StartFailed {

@@ -50,6 +50,7 @@ pub fn vm_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        backing_policy: settings.backing_policy(),
     })
 }
 
@@ -86,6 +87,7 @@ fn debian_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        backing_policy: settings.backing_policy(),
     })
 }
 
@@ -95,7 +97,7 @@ fn debian_config(
 pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
     let image = crate::image::debian_image()?;
     let overlay = dir.join("disk.qcow2");
-    std::fs::create_dir_all(dir).map_err(super::error::ControlError::io(
+    crate::fsutil::create_private_dir(dir).map_err(super::error::ControlError::io(
         "cannot create the VM directory",
         dir,
     ))?;
@@ -136,7 +138,8 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
         vm: name.to_string(),
         source,
     };
-    let current = crate::disk::image_info(path).map_err(disk_err)?[0].virtual_size;
+    let current = crate::disk::image_info(path, &settings.backing_policy()).map_err(disk_err)?[0]
+        .virtual_size;
     if size < current {
         return Err(ControlError::Refused(format!(
             "VM {name}'s first disk is {} ({current} bytes): --disk-size {} would shrink it, and disks only grow",
@@ -145,7 +148,7 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
         )));
     }
     if size > current {
-        crate::disk::resize_image(path, size).map_err(disk_err)?;
+        crate::disk::resize_image(path, size, &settings.backing_policy()).map_err(disk_err)?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! mem = 1G
 //! forward = tcp:127.0.0.1:2222:22
 //! disk = /home/me/.local/share/vmlab/vms/vm1/disk.qcow2
+//! allow-backing = /srv/images/base.qcow2
 //! ```
 
 use std::fmt::Write as _;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::disk::BackingPolicy;
 
 /// Guest memory when neither the user nor the file says.
 pub const DEFAULT_MEM: u64 = 512 << 20;
@@ -36,6 +38,8 @@ pub struct VmSettings {
     pub debian: bool,
     /// No network card (`--net none`).
     pub no_net: bool,
+    /// Backing files the disks may name beyond vmlab's rule (`--allow-backing`).
+    pub allow_backing: Vec<PathBuf>,
 }
 
 impl Default for VmSettings {
@@ -51,6 +55,7 @@ impl Default for VmSettings {
             cmdline: String::new(),
             debian: false,
             no_net: false,
+            allow_backing: Vec::new(),
         }
     }
 }
@@ -84,6 +89,9 @@ impl VmSettings {
         }
         if self.no_net {
             let _ = writeln!(out, "net = none");
+        }
+        for path in &self.allow_backing {
+            let _ = writeln!(out, "allow-backing = {}", path.display());
         }
         out
     }
@@ -135,10 +143,16 @@ impl VmSettings {
                 "net" if value == "none" => settings.no_net = true,
                 "net" if value == "user" => settings.no_net = false,
                 "net" => return Err(err(format!("net '{value}' is not 'user' or 'none'"))),
+                "allow-backing" => settings.allow_backing.push(PathBuf::from(value)),
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
         Ok(settings)
+    }
+
+    /// Where the VM's disks may find their backing files.
+    pub fn backing_policy(&self) -> BackingPolicy {
+        BackingPolicy::vmlab().allowing(self.allow_backing.iter().cloned())
     }
 
     /// The MAC the VM's network card uses.
@@ -195,6 +209,7 @@ mod tests {
             cmdline: "quiet loglevel=3 a=b".into(),
             debian: true,
             no_net: true,
+            allow_backing: vec![PathBuf::from("/srv/base.qcow2"), PathBuf::from("/dev/sdb")],
         }
     }
 

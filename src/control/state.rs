@@ -8,6 +8,7 @@
 //! runs, and a socket or pid file still there is stale and is removed.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -120,14 +121,15 @@ impl VmDir {
         VmSettings::parse(&text, &path)
     }
 
-    /// Writes the configuration (atomically), creating the directory.
+    /// Writes the configuration (atomically, owner-only), creating the
+    /// directory.
     pub fn save_settings(&self, settings: &VmSettings) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+        crate::fsutil::create_private_dir(&self.dir).map_err(ControlError::io(
             "cannot create the VM directory",
             &self.dir,
         ))?;
         let path = self.config_path();
-        crate::fsutil::write_atomically(&path, settings.render().as_bytes())
+        crate::fsutil::write_private(&path, settings.render().as_bytes())
             .map_err(ControlError::io("cannot write the VM configuration", &path))
     }
 
@@ -137,6 +139,8 @@ impl VmDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::fsutil::PRIVATE_FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(ControlError::io("cannot open the VM lock", &path))
     }
@@ -184,7 +188,7 @@ impl VmDir {
     /// that must not race with it: rm, clone). Fails with `Running` while
     /// another process holds it. Stale run files are removed.
     pub fn lock_exclusive(&self) -> Result<RunLock> {
-        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+        crate::fsutil::create_private_dir(&self.dir).map_err(ControlError::io(
             "cannot create the VM directory",
             &self.dir,
         ))?;
@@ -260,7 +264,7 @@ impl RunLock {
     /// Records this process as the VM's.
     pub fn write_pid(&self) -> Result<()> {
         let path = self.dir.pid_path();
-        crate::fsutil::write_atomically(&path, format!("{}\n", std::process::id()).as_bytes())
+        crate::fsutil::write_private(&path, format!("{}\n", std::process::id()).as_bytes())
             .map_err(ControlError::io("cannot write the pid file", &path))
     }
 }

@@ -3,9 +3,8 @@
 //! most twice its limit on disk however long the VM runs and whatever its
 //! guest prints.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub struct RotatingFile {
@@ -97,21 +96,15 @@ fn previous(path: &Path) -> PathBuf {
 
 /// Opens `path` empty, for appending, readable by its owner only.
 fn open_fresh(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|file| {
-            // Truncated above; appending from here keeps a shared stderr
-            // descriptor and this one from overwriting each other.
-            nix::fcntl::fcntl(
-                &file,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
-            )?;
-            Ok(file)
-        })
+    // Private, and a symlink planted in the VM's directory is refused.
+    let file = crate::fsutil::create_private(path)?;
+    // Truncated above; appending from here keeps a shared stderr
+    // descriptor and this one from overwriting each other.
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
+    )?;
+    Ok(file)
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ impl Vm {
         }
         // Disks before anything else: a missing or locked image fails at
         // once, before the guest starts.
-        let disks = open_disks(&config.name, &config.disks)?;
+        let disks = open_disks(&config.name, &config.disks, &config.backing_policy)?;
         let gate = Arc::new(VcpuGate::new());
         let live_disks = Arc::new(LiveDisks::new(
             gate.clone(),
@@ -114,6 +114,7 @@ impl Vm {
                     worker: block.worker(),
                 })
                 .collect(),
+            config.backing_policy.clone(),
         ));
         let kvm = kvm::open()?;
         let max = kvm::max_vcpus(&kvm);
@@ -434,8 +435,12 @@ fn legacy_bus(
 }
 
 /// Opens each `--disk` image (format by content, locked while the VM
-/// runs) as a virtio-blk device.
-fn open_disks(vm_name: &str, specs: &[DiskSpec]) -> Result<Vec<Block>, VmmError> {
+/// runs, backing files as `policy` allows) as a virtio-blk device.
+fn open_disks(
+    vm_name: &str,
+    specs: &[DiskSpec],
+    policy: &crate::disk::BackingPolicy,
+) -> Result<Vec<Block>, VmmError> {
     specs
         .iter()
         .enumerate()
@@ -445,6 +450,7 @@ fn open_disks(vm_name: &str, specs: &[DiskSpec]) -> Result<Vec<Block>, VmmError>
             } else {
                 crate::disk::OpenOptions::read_write()
             };
+            let opts = opts.with_backing_policy(policy.clone());
             let backend = crate::disk::open_image(&spec.path, &opts)?;
             let serial = disk_serial(&spec.path, &format!("{vm_name}-disk{index}"));
             Ok(Block::new(Arc::from(backend), spec.read_only, serial))

@@ -72,6 +72,8 @@ fn disk(scratch: &Path, read_only: bool) -> Option<Block> {
         lock: LockMode::None,
         format: Some(ImageFormat::Raw),
         cache_bytes: None,
+        // A raw scratch file: no backing file to follow.
+        backing_policy: crate::disk::BackingPolicy::vmlab(),
     };
     let backend = open_image(scratch, &opts).ok()?;
     Some(Block::new(

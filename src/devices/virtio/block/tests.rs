@@ -56,8 +56,7 @@ fn open(path: &Path, read_only: bool) -> Arc<dyn BlockBackend> {
     let opts = OpenOptions {
         read_only,
         lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..OpenOptions::read_only()
     };
     Arc::from(disk::open_image(path, &opts).unwrap())
 }
