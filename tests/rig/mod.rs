@@ -175,9 +175,30 @@ struct ScenarioSpec {
 pub struct Batch {
     name: String,
     mem: String,
+    kernel: L1Kernel,
     env: Vec<(String, String)>,
     writable: Vec<PathBuf>,
     scenarios: Vec<ScenarioSpec>,
+}
+
+/// The kernel L1 boots (tests/rig/l1 --kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L1Kernel {
+    /// vmlab's lean kernel: the batches' default, it boots L1 in half the
+    /// time of Debian's.
+    Lean,
+    /// Debian's packaged kernel with its modules in L1's initramfs: what
+    /// `tests/rig/l1` boots for a new user, before the lean kernel is built.
+    Debian,
+}
+
+impl L1Kernel {
+    fn name(self) -> &'static str {
+        match self {
+            L1Kernel::Lean => "lean",
+            L1Kernel::Debian => "debian",
+        }
+    }
 }
 
 impl Batch {
@@ -186,6 +207,7 @@ impl Batch {
         Batch {
             name: name.to_string(),
             mem: std::env::var("VMLAB_RIG_MEM").unwrap_or_else(|_| "2G".to_string()),
+            kernel: L1Kernel::Lean,
             env: Vec::new(),
             writable: Vec::new(),
             scenarios: Vec::new(),
@@ -195,6 +217,12 @@ impl Batch {
     /// L1's memory, in QEMU's syntax (`2G`, `3072M`).
     pub fn mem(mut self, size: &str) -> Self {
         self.mem = size.to_string();
+        self
+    }
+
+    /// L1's kernel (default: the lean one).
+    pub fn l1_kernel(mut self, kernel: L1Kernel) -> Self {
+        self.kernel = kernel;
         self
     }
 
@@ -272,7 +300,7 @@ impl Batch {
                     .values()
                     .map(|t| *t + Duration::from_secs(10))
                     .sum::<Duration>();
-            let l1 = L1::boot(&dir.path, &self.mem, &self.writable)?;
+            let l1 = L1::boot(&dir.path, &self.mem, self.kernel, &self.writable)?;
             let outcome = l1.wait(limit, &pending);
             l1_init = l1_init.or(outcome.init_at);
             total += outcome.total;
@@ -633,7 +661,7 @@ struct Outcome {
 }
 
 impl L1 {
-    fn boot(dir: &Path, mem: &str, writable: &[PathBuf]) -> Result<L1, String> {
+    fn boot(dir: &Path, mem: &str, kernel: L1Kernel, writable: &[PathBuf]) -> Result<L1, String> {
         let l1 = repo().join("tests/rig/l1");
         let started = Instant::now();
         // `l1 --batch` execs QEMU, so killing the child kills QEMU.
@@ -641,7 +669,7 @@ impl L1 {
             .arg(&l1)
             .arg("--batch")
             .arg(dir)
-            .args(["--kernel", "lean"])
+            .args(["--kernel", kernel.name()])
             .args(["--mem", mem])
             .args(writable.iter().flat_map(|d| [Path::new("--rw"), d]))
             .stdin(Stdio::null())
