@@ -105,6 +105,13 @@ enum ImageCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Get the default guests' kernel: `lean` compiles vmlab's own (minutes;
+    /// the default guests boot it from then on), `debian` fetches Debian's
+    /// current packaged kernel (seconds); prints the kernel's path.
+    Kernel {
+        #[arg(value_name = "lean|debian")]
+        which: vmlab::image::GuestKernel,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,11 +123,12 @@ enum BenchCommand {
 
 #[derive(Args, Debug)]
 struct BenchBootArgs {
-    /// Guest kernel to boot [default: the default guest's].
+    /// Guest kernel to boot [default: vmlab's lean kernel, built first if
+    /// need be].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initramfs for the VMs, unpacked as the container's root filesystem
-    /// [default: the default guest's].
+    /// [default: the lean guest's].
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Measured boots per contender.
@@ -426,6 +434,7 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::VmDaemon { name } => vm_daemon(&name, started),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Image(ImageCommand::Build { force }) => image_build(force),
+        Command::Image(ImageCommand::Kernel { which }) => image_kernel(which),
     }
 }
 
@@ -821,6 +830,12 @@ fn image_build(force: bool) -> Result<i32> {
     Ok(0)
 }
 
+fn image_kernel(which: vmlab::image::GuestKernel) -> Result<i32> {
+    let guest = vmlab::image::refresh_default_guest(which)?;
+    println!("{}", guest.kernel.display());
+    Ok(0)
+}
+
 /// The VM a clone argument names: a bare word (no '/') that is an existing
 /// VM; anything else is a disk image path.
 fn vm_name_of(arg: &std::path::Path) -> Option<String> {
@@ -842,7 +857,8 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
     let (kernel, initrd) = match (args.kernel, args.initrd) {
         (Some(kernel), Some(initrd)) => (kernel, initrd),
         (kernel, initrd) => {
-            let guest = vmlab::image::default_guest()?;
+            // The benchmark's guest is the lean one: built now if need be.
+            let guest = vmlab::image::default_guest_on(vmlab::image::GuestKernel::Lean)?;
             (
                 kernel.unwrap_or(guest.kernel),
                 initrd.unwrap_or(guest.initrd),

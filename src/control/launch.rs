@@ -78,8 +78,11 @@ fn debian_config(
         cpus: settings.cpus,
         mem_size: settings.mem.bytes(),
         boot: BootSource::Linux {
+            initrd: match &settings.kernel {
+                Some(_) => settings.initrd.clone(),
+                None => settings.initrd.clone().or(guest.initrd),
+            },
             kernel: settings.kernel.clone().unwrap_or(guest.kernel),
-            initrd: settings.initrd.clone(),
             cmdline,
         },
         console,

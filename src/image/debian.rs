@@ -68,6 +68,10 @@ pub struct BuildOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebianGuest {
     pub kernel: PathBuf,
+    /// Debian's packaged kernel needs its initramfs (virtio and ext4 are
+    /// modules there; its /init mounts the disk and starts the image's
+    /// init); the lean kernel boots the disk directly.
+    pub initrd: Option<PathBuf>,
     /// The base image, to be attached as the VM's first virtio-blk disk
     /// (through a linked clone: the base is never written).
     pub base: PathBuf,
@@ -125,9 +129,10 @@ pub fn image() -> Result<DebianImage, ImageError> {
 /// base image and the command line that boots it (`root=/dev/vda`).
 pub fn debian_guest(identity: &GuestIdentity) -> Result<DebianGuest, ImageError> {
     let image = image()?;
-    let kernel = super::default_guest()?.kernel;
+    let guest = super::default_guest()?;
     Ok(DebianGuest {
-        kernel,
+        kernel: guest.kernel,
+        initrd: (guest.kind == super::GuestKernel::Debian).then_some(guest.initrd),
         base: image.base,
         cmdline: boot_params(identity),
     })
