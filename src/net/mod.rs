@@ -24,12 +24,14 @@ mod backend;
 mod config;
 mod counters;
 mod dhcp;
+mod egress;
 mod engine;
 mod error;
-mod flow;
-mod forward;
+mod flow_table;
 mod frame;
 mod icmp;
+mod ingress;
+mod listeners;
 mod output;
 mod port;
 mod registry;
@@ -39,18 +41,19 @@ mod tcp;
 #[cfg(test)]
 pub(crate) mod testkit;
 mod udp;
+mod view;
 
 pub use backend::{run_until, TapNat};
 pub use config::{parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound};
 pub use counters::Counters;
 pub use engine::{Nat, TICK};
 pub use error::NatError;
-pub use flow::{FlowInfo, FlowProtocol};
-pub use forward::ForwardListeners;
 pub use frame::{
     GuestFrame, NetHdr, Offloads, F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
     GSO_TCPV6, GSO_UDP, NET_HDR_LEN,
 };
+pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
 pub use tap::Tap;
+pub use view::{FlowInfo, FlowProtocol};

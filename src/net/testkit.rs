@@ -11,8 +11,8 @@ use smoltcp::wire::{
 
 use super::config::{NatConfig, Outbound};
 use super::engine::Nat;
-use super::forward::ForwardListeners;
 use super::frame::{GuestFrame, NetHdr, F_NEEDS_CSUM};
+use super::listeners::ForwardListeners;
 use super::output::{Output, SynOptions, TcpFlags, TcpSegment};
 use super::registry::EpollRegistry;
 

@@ -1,0 +1,265 @@
+//! Port-forward listeners: bound up front so that a host port already in
+//! use is reported before a guest starts, then served by the engine, which
+//! turns each accepted connection (or new UDP peer) into a flow toward the
+//! guest.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use socket2::{Domain, Socket, Type};
+
+use super::engine::{flow_token, Nat};
+use super::error::NatError;
+use super::flow_table::Flow;
+use super::registry::SocketRegistry;
+use super::tcp::TcpFlow;
+use super::udp::UdpFlow;
+use crate::cli::{ForwardRule, Protocol};
+
+/// First gateway-side port handed to forwarded connections.
+const FORWARD_PORT_BASE: u16 = 20000;
+const FORWARD_PORT_COUNT: u16 = 40000;
+
+pub(crate) enum ListenSocket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+pub(crate) struct Listener {
+    pub rule: ForwardRule,
+    pub socket: ListenSocket,
+    /// Edge-triggered readiness not yet drained.
+    pub readable: bool,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            ListenSocket::Tcp(s) => s.local_addr().ok(),
+            ListenSocket::Udp(s) => s.local_addr().ok(),
+        }
+    }
+}
+
+/// The bound host sides of every `--forward`.
+#[derive(Default)]
+pub struct ForwardListeners {
+    pub(crate) listeners: Vec<Listener>,
+}
+
+impl ForwardListeners {
+    /// Binds every rule now, in order; the first failure is returned and
+    /// nothing stays bound. Port 0 binds an ephemeral port (tests).
+    pub fn bind(rules: &[ForwardRule]) -> Result<Self, NatError> {
+        let mut listeners = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let fail = |cause| NatError::ForwardBind {
+                rule: *rule,
+                addr: rule.host,
+                cause,
+            };
+            let socket = match rule.protocol {
+                Protocol::Tcp => ListenSocket::Tcp(bind_tcp(rule.host.into()).map_err(fail)?),
+                Protocol::Udp => {
+                    let sock = UdpSocket::bind(rule.host).map_err(fail)?;
+                    sock.set_nonblocking(true).map_err(fail)?;
+                    ListenSocket::Udp(sock)
+                }
+            };
+            listeners.push(Listener {
+                rule: *rule,
+                socket,
+                readable: false,
+            });
+        }
+        Ok(ForwardListeners { listeners })
+    }
+
+    /// Each rule with the address actually bound.
+    pub fn local_addrs(&self) -> Vec<(ForwardRule, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().map(|a| (l.rule, a)))
+            .collect()
+    }
+}
+
+impl Listener {
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.socket {
+            ListenSocket::Tcp(s) => s.as_raw_fd(),
+            ListenSocket::Udp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Nat {
+    /// Registers the forward listeners with the event loop.
+    pub fn start(&mut self, reg: &mut dyn SocketRegistry) -> Result<(), NatError> {
+        for (i, l) in self.listeners.iter().enumerate() {
+            reg.add(l.raw_fd(), super::engine::listener_token(i))
+                .map_err(NatError::EventLoop)?;
+            log::info!("nat: forwarding {}", l.rule);
+        }
+        Ok(())
+    }
+
+    /// Accepts what listener `index` has waiting, as long as the guest's
+    /// queue has room (else it resumes after the next flush).
+    pub(super) fn listener_ready(&mut self, index: usize, reg: &mut dyn SocketRegistry) {
+        let now = Instant::now();
+        loop {
+            if !self.out.has_room() {
+                self.out.starved = true;
+                return;
+            }
+            let rule = self.listeners[index].rule;
+            match &self.listeners[index].socket {
+                ListenSocket::Tcp(listener) => match listener.accept() {
+                    Ok((stream, peer)) => self.accept_tcp(index, stream, peer, reg, now),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        log::warn!("nat: forward {rule}: accept: {err}");
+                        break;
+                    }
+                },
+                ListenSocket::Udp(socket) => match socket.recv_from(&mut self.scratch) {
+                    Ok((n, peer)) => self.forward_datagram(index, peer, n, reg, now),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => log::debug!("nat: forward {rule}: {err}"),
+                },
+            }
+        }
+        self.listeners[index].readable = false;
+    }
+
+    /// A gateway-side port no flow of the guest uses yet.
+    fn forward_port(&mut self, guest: SocketAddrV4) -> Option<SocketAddrV4> {
+        for _ in 0..FORWARD_PORT_COUNT {
+            let port = FORWARD_PORT_BASE + self.next_forward_port;
+            self.next_forward_port = (self.next_forward_port + 1) % FORWARD_PORT_COUNT;
+            let remote = SocketAddrV4::new(self.cfg.gateway, port);
+            if !self.table.has_pair(&(guest, remote)) {
+                return Some(remote);
+            }
+        }
+        None
+    }
+
+    fn accept_tcp(
+        &mut self,
+        index: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        reg: &mut dyn SocketRegistry,
+        now: Instant,
+    ) {
+        let rule = self.listeners[index].rule;
+        if stream.set_nonblocking(true).is_err() || !self.make_room(reg) {
+            self.out.counters.dropped_from_guest += 1;
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
+        let Some(remote) = self.forward_port(guest) else {
+            self.out.counters.dropped_from_guest += 1;
+            return;
+        };
+        let iss = self.iss();
+        let flow = TcpFlow::forward(stream, (guest, remote), iss, &self.cfg, &mut self.out, now);
+        let fd = flow.stream.as_raw_fd();
+        let slot = self.table.insert(Flow::Tcp(flow), &mut self.out.counters);
+        if reg.add(fd, flow_token(slot)).is_err() {
+            self.table
+                .discard_unregistered(slot, &mut self.out.counters);
+            return;
+        }
+        log::debug!("nat: open tcp forward {peer} -> {rule} as {remote} -> {guest}");
+    }
+
+    fn forward_datagram(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        len: usize,
+        reg: &mut dyn SocketRegistry,
+        now: Instant,
+    ) {
+        let slot = match self.table.udp_forward.get(&(index, peer)) {
+            Some(&slot) => slot,
+            None => {
+                if !self.make_room(reg) {
+                    self.out.counters.dropped_from_guest += 1;
+                    return;
+                }
+                let rule = self.listeners[index].rule;
+                let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
+                let Some(remote) = self.forward_port(guest) else {
+                    self.out.counters.dropped_from_guest += 1;
+                    return;
+                };
+                let flow = UdpFlow::new(None, Some(index), guest, remote, peer, now);
+                log::debug!("nat: open udp forward {peer} -> {rule} as {remote} -> {guest}");
+                self.table.insert(Flow::Udp(flow), &mut self.out.counters)
+            }
+        };
+        if let Some(Flow::Udp(flow)) = self.table.get_mut(slot) {
+            flow.last_active = now;
+            flow.bytes_to_guest += len as u64;
+            self.out.udp(flow.remote, flow.guest, &self.scratch[..len]);
+        }
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    // Lets a restarted vmlab reuse a port whose old connections linger in
+    // TIME-WAIT; a port with a live listener still fails with EADDRINUSE.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_in_use_is_a_clear_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let rule: ForwardRule = format!("tcp:{port}:22").parse().unwrap();
+        let err = ForwardListeners::bind(&[rule])
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+        assert!(err.contains("choose another host port"), "{err}");
+
+        let udp_taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp_taken.local_addr().unwrap().port();
+        let rule: ForwardRule = format!("udp:{port}:53").parse().unwrap();
+        assert!(ForwardListeners::bind(&[rule]).is_err());
+    }
+
+    #[test]
+    fn binds_all_rules() {
+        let mut rules: Vec<ForwardRule> =
+            vec!["tcp:1:22".parse().unwrap(), "udp:1:53".parse().unwrap()];
+        for r in &mut rules {
+            r.host.set_port(0);
+        }
+        let l = ForwardListeners::bind(&rules).unwrap();
+        let addrs = l.local_addrs();
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs
+            .iter()
+            .all(|(_, a)| a.port() != 0 && a.ip().is_loopback()));
+    }
+}
