@@ -563,7 +563,12 @@ fn rm(names: &[String]) -> Result<i32> {
 fn nat_show(name: &str) -> Result<i32> {
     let vm = VmDir::existing(name)?;
     match control::client::request(&vm, &control::Request::Nat)? {
-        control::Response::Nat(snapshot) => print!("{}", snapshot.render()),
+        control::Response::Nat {
+            nat: Some(snapshot),
+        } => print!("{}", snapshot.render()),
+        control::Response::Nat { nat: None } => {
+            println!("no network card (the VM runs without a NAT)")
+        }
         other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
     }
     Ok(0)

@@ -11,15 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
-use super::protocol::{encode, read_message, NatSnapshot, Request, Response, VmStatus};
+use super::protocol::{encode, read_message, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
-
-/// The NAT's state, as the running machine exposes it (implemented by
-/// whatever owns the NAT; see `Vm::nat_view`).
-pub trait NatView: Send + Sync {
-    fn snapshot(&self) -> NatSnapshot;
-}
+use crate::net::NatView;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +66,7 @@ impl ControlContext {
                 }
                 .into(),
                 uptime_secs: self.started.elapsed().as_secs(),
-                forwards: self.forwards.iter().map(ToString::to_string).collect(),
+                forwards: self.forwards.clone(),
             }),
             Request::Stop => match (self.power_button)() {
                 Ok(()) => {
@@ -82,11 +77,9 @@ impl ControlContext {
                     message: format!("cannot press the power button: {e}"),
                 },
             },
-            Request::Nat => Response::Nat(
-                self.nat
-                    .as_ref()
-                    .map_or_else(NatSnapshot::default, |nat| nat.snapshot()),
-            ),
+            Request::Nat => Response::Nat {
+                nat: self.nat.as_ref().map(|nat| nat.snapshot()),
+            },
             Request::Console if self.console_input.is_none() => Response::Error {
                 message: "its console is the terminal it was started on".into(),
             },
@@ -167,7 +160,7 @@ fn serve(stream: UnixStream, ctx: &ControlContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::NatSnapshot;
+    use crate::net::NatSnapshot;
     use std::io::BufRead;
     use std::sync::atomic::AtomicUsize;
 
@@ -175,8 +168,7 @@ mod tests {
     impl NatView for FakeNat {
         fn snapshot(&self) -> NatSnapshot {
             NatSnapshot {
-                network: true,
-                forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+                forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 ..NatSnapshot::default()
             }
         }
@@ -236,17 +228,17 @@ mod tests {
         assert_eq!(status.name, "vm1");
         assert_eq!(status.pid, std::process::id());
         assert_eq!(status.state, "running");
-        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22"]);
+        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22".parse().unwrap()]);
         assert_eq!(ask(&s.socket, &encode(&Request::Stop)), Response::Stopping);
         assert_eq!(s.presses.load(Ordering::SeqCst), 1);
         let Response::Status(status) = ask(&s.socket, &encode(&Request::Status)) else {
             panic!("not a status")
         };
         assert_eq!(status.state, "stopping");
-        let Response::Nat(nat) = ask(&s.socket, &encode(&Request::Nat)) else {
+        let Response::Nat { nat: Some(nat) } = ask(&s.socket, &encode(&Request::Nat)) else {
             panic!("not a NAT answer")
         };
-        assert!(nat.network);
+        assert_eq!(nat.forwards.len(), 1);
     }
 
     #[test]
@@ -254,7 +246,7 @@ mod tests {
         let s = serve_fake(false);
         assert_eq!(
             ask(&s.socket, &encode(&Request::Nat)),
-            Response::Nat(NatSnapshot::default())
+            Response::Nat { nat: None }
         );
     }
 

@@ -16,7 +16,7 @@ use super::output::Output;
 use super::port::GuestPort;
 use super::registry::SocketRegistry;
 use super::tcp::Verdict;
-use super::view::FlowInfo;
+use super::view::{FlowInfo, NatSnapshot};
 
 /// How often [`Nat::tick`] should run: the granularity of TCP timers.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -107,6 +107,15 @@ impl Nat {
             .iter()
             .map(|f| f.info(now, &self.listeners))
             .collect()
+    }
+
+    /// Forwards, flows and counters, for `vmlab nat show`.
+    pub fn snapshot(&self) -> NatSnapshot {
+        NatSnapshot {
+            forwards: self.listeners.iter().map(Listener::bound_rule).collect(),
+            flows: self.flows(),
+            counters: self.counters(),
+        }
     }
 
     /// Emits owed ACKs and hands queued frames to the guest; resumes host

@@ -35,6 +35,15 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
+    /// The rule as bound: with the port the kernel chose for port 0.
+    pub fn bound_rule(&self) -> ForwardRule {
+        let mut rule = self.rule;
+        if let Some(SocketAddr::V4(addr)) = self.local_addr() {
+            rule.host = addr;
+        }
+        rule
+    }
+
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.socket {
             ListenSocket::Tcp(s) => s.local_addr().ok(),

@@ -56,4 +56,4 @@ pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
 pub use tap::Tap;
-pub use view::{FlowInfo, FlowProtocol};
+pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};

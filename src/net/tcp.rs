@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use super::config::NatConfig;
 use super::output::{Output, SynOptions, TcpFlags, TcpSegment, IPV4_LEN, MAX_IP_PACKET, TCP_LEN};
 use super::ring::Ring;
+use super::view::FlowState;
 
 const INITIAL_RTO: Duration = Duration::from_millis(200);
 const MAX_RTO: Duration = Duration::from_secs(10);
@@ -246,20 +247,20 @@ impl TcpFlow {
         self.snd_wnd = u32::from(syn.window);
     }
 
-    /// Name of the state, from the engine's side of the guest connection.
-    pub fn state_name(&self) -> &'static str {
+    /// The state, from the engine's side of the guest connection.
+    pub fn state(&self) -> FlowState {
         match self.phase {
-            Phase::Connecting => "CONNECTING",
-            Phase::SynSent => "SYN_SENT",
-            Phase::SynReceived => "SYN_RECEIVED",
-            Phase::TimeWait => "TIME_WAIT",
+            Phase::Connecting => FlowState::Connecting,
+            Phase::SynSent => FlowState::SynSent,
+            Phase::SynReceived => FlowState::SynReceived,
+            Phase::TimeWait => FlowState::TimeWait,
             Phase::Open => match (self.fin_sent, self.fin_acked, self.guest_fin) {
-                (false, _, false) => "ESTABLISHED",
-                (false, _, true) => "CLOSE_WAIT",
-                (true, false, false) => "FIN_WAIT_1",
-                (true, true, false) => "FIN_WAIT_2",
-                (true, false, true) => "LAST_ACK",
-                (true, true, true) => "CLOSED",
+                (false, _, false) => FlowState::Established,
+                (false, _, true) => FlowState::CloseWait,
+                (true, false, false) => FlowState::FinWait1,
+                (true, true, false) => FlowState::FinWait2,
+                (true, false, true) => FlowState::LastAck,
+                (true, true, true) => FlowState::Closed,
             },
         }
     }

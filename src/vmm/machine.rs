@@ -40,7 +40,6 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, V
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
-use crate::control::{NatSnapshot, NatView};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
@@ -51,6 +50,7 @@ use crate::devices::virtio::net::{Net, NetEvents};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
+use crate::net::{NatSnapshot, NatView};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -586,8 +586,6 @@ struct NetNatView(Arc<Mutex<Net>>);
 
 impl NatView for NetNatView {
     fn snapshot(&self) -> NatSnapshot {
-        let net = lock(&self.0);
-        let nat = net.nat();
-        NatSnapshot::from_nat(&nat.config().forwards, &nat.flows(), &nat.counters())
+        lock(&self.0).nat().snapshot()
     }
 }
