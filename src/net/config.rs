@@ -8,6 +8,11 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::cli::ForwardRule;
 
+/// What all flows of one NAT may buffer together: 128 MiB, room for 128
+/// flows moving at full speed both ways (the rest wait), where 4096 flows
+/// at their own limit would hold 4 GiB.
+pub const DEFAULT_BUFFER_BUDGET: usize = 128 << 20;
+
 /// Which host destinations guest flows may reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outbound {
@@ -56,6 +61,8 @@ pub struct NatConfig {
     pub max_flows: usize,
     /// Bytes buffered per TCP flow and direction.
     pub tcp_buffer: usize,
+    /// Bytes all TCP flows together may buffer (see `budget`).
+    pub buffer_budget: usize,
     pub udp_timeout: Duration,
     pub icmp_timeout: Duration,
     /// How long a closed TCP flow lingers to re-acknowledge a late FIN.
@@ -82,6 +89,7 @@ impl Default for NatConfig {
             host_loopback: HostLoopback::All,
             max_flows: 4096,
             tcp_buffer: 512 * 1024,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
             udp_timeout: Duration::from_secs(60),
             icmp_timeout: Duration::from_secs(10),
             time_wait: Duration::from_secs(10),

@@ -28,6 +28,9 @@ pub struct Counters {
     pub flows_closed: u64,
     /// Flows closed early to make room in a full table.
     pub flows_evicted: u64,
+    /// Times TCP flows stopped reading because the NAT's buffer budget was
+    /// spent.
+    pub budget_waits: u64,
 }
 
 impl Counters {
@@ -58,7 +61,7 @@ mod tests {
             ..Counters::default()
         };
         let named = c.named();
-        assert_eq!(named.len(), 12);
+        assert_eq!(named.len(), 13);
         assert!(named.contains(&("flows_evicted".to_string(), 3)));
         assert!(named.windows(2).all(|w| w[0].0 < w[1].0));
     }

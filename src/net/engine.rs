@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
 
+use super::budget::BufferBudget;
 use super::config::NatConfig;
 use super::counters::Counters;
 use super::flow_table::{Flow, FlowTable};
@@ -48,6 +49,8 @@ pub struct Nat {
     pub(super) next_forward_port: u16,
     pub(super) icmp_unavailable_logged: bool,
     pub(super) scratch: Vec<u8>,
+    /// What the TCP flows' buffers draw on (`NatConfig::buffer_budget`).
+    pub(super) budget: BufferBudget,
     next_iss: u32,
 }
 
@@ -56,6 +59,7 @@ impl Nat {
     /// [`ForwardListeners::bind`]). Nothing is registered until [`Nat::start`].
     pub fn new(cfg: NatConfig, listeners: ForwardListeners) -> Self {
         let out = Output::new(cfg.gateway_mac);
+        let budget = BufferBudget::new(cfg.buffer_budget);
         Nat {
             cfg,
             out,
@@ -65,6 +69,7 @@ impl Nat {
             next_forward_port: 0,
             icmp_unavailable_logged: false,
             scratch: vec![0u8; 65536],
+            budget,
             next_iss: 0x1000_0000,
         }
     }
@@ -87,6 +92,11 @@ impl Nat {
     /// Offloads the guest side takes (see [`GuestPort::offloads`]).
     pub fn set_offloads(&mut self, offloads: Offloads) {
         self.out.offloads = offloads;
+    }
+
+    /// Bytes the TCP flows buffer now (what they hold of the budget).
+    pub fn buffered_bytes(&self) -> usize {
+        self.budget.used()
     }
 
     /// Frames waiting for the guest.
@@ -228,8 +238,18 @@ impl Nat {
         }
     }
 
-    /// Runs timers: TCP retransmission and TIME-WAIT, UDP/ICMP idle expiry.
+    /// Runs timers: TCP retransmission and TIME-WAIT, UDP/ICMP idle expiry;
+    /// lets flows that waited for buffer memory try again.
     pub fn tick(&mut self, reg: &mut dyn SocketRegistry) {
+        if self.out.budget_starved {
+            self.out.budget_starved = false;
+            for slot in 0..self.table.slot_count() {
+                if let Some(Flow::Tcp(f)) = self.table.get_mut(slot) {
+                    f.release_idle_buffers();
+                }
+            }
+            self.resume(reg);
+        }
         let now = Instant::now();
         for slot in 0..self.table.slot_count() {
             let verdict = match self.table.get_mut(slot) {

@@ -242,7 +242,14 @@ impl Nat {
             }
         };
         let iss = self.iss();
-        let flow = TcpFlow::outbound(stream, syn, target.into(), iss, &self.cfg, now);
+        let flow = TcpFlow::outbound(
+            stream,
+            syn,
+            target.into(),
+            iss,
+            (&self.cfg, &self.budget),
+            now,
+        );
         let fd = flow.stream.as_raw_fd();
         let slot = self.table.insert(Flow::Tcp(flow), &mut self.out.counters);
         if let Err(err) = reg.add(fd, flow_token(slot)) {

@@ -179,7 +179,14 @@ impl Nat {
             return;
         };
         let iss = self.iss();
-        let flow = TcpFlow::forward(stream, (guest, remote), iss, &self.cfg, &mut self.out, now);
+        let flow = TcpFlow::forward(
+            stream,
+            (guest, remote),
+            iss,
+            (&self.cfg, &self.budget),
+            &mut self.out,
+            now,
+        );
         let fd = flow.stream.as_raw_fd();
         let slot = self.table.insert(Flow::Tcp(flow), &mut self.out.counters);
         if reg.add(fd, flow_token(slot)).is_err() {

@@ -21,6 +21,7 @@
 //! a TAP device as an `event_manager::MutEventSubscriber`.
 
 mod backend;
+mod budget;
 mod config;
 mod counters;
 mod dhcp;
@@ -44,7 +45,10 @@ mod udp;
 mod view;
 
 pub use backend::{run_until, TapNat};
-pub use config::{parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound};
+pub use config::{
+    parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound,
+    DEFAULT_BUFFER_BUDGET,
+};
 pub use counters::Counters;
 pub use engine::{Nat, TICK};
 pub use error::NatError;

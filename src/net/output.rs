@@ -106,6 +106,9 @@ pub(crate) struct Output {
     pub offloads: Offloads,
     /// A bulk producer stopped for lack of room; resume it after a flush.
     pub starved: bool,
+    /// A flow stopped for lack of buffer budget; resume flows once memory
+    /// comes back.
+    pub budget_starved: bool,
     ident: u16,
     pub counters: Counters,
 }
@@ -119,6 +122,7 @@ impl Output {
             guest_mac: None,
             offloads: Offloads::default(),
             starved: false,
+            budget_starved: false,
             ident: 1,
             counters: Counters::default(),
         }
