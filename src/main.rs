@@ -308,6 +308,10 @@ fn main() {
         Err(err) => err.exit(),
     };
     init_logging(cli.verbose);
+    // A NAT with thousands of flows needs more than the usual soft limit.
+    if let Err(e) = vmlab::fds::raise_open_file_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
         Err(err) => {

@@ -52,6 +52,9 @@ pub struct VmStatus {
     pub state: String,
     pub uptime_secs: u64,
     pub forwards: Vec<ForwardRule>,
+    /// Control connections the VM failed to accept (out of descriptors).
+    #[serde(default)]
+    pub accept_errors: u64,
 }
 
 /// Serializes one message as a line.
@@ -115,6 +118,7 @@ mod tests {
             state: "running".into(),
             uptime_secs: 7,
             forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
+            accept_errors: 0,
         });
         let error = Response::Error {
             message: "no".into(),

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use super::protocol::{encode, read_message, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
 use crate::net::NatView;
+use crate::rate::RateWindow;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +34,8 @@ pub struct ControlContext {
     /// when the VM reads its terminal directly.
     pub console_input: Option<Mutex<File>>,
     stopping: AtomicBool,
+    /// Connections the listener failed to accept (out of descriptors).
+    accept_errors: AtomicU64,
 }
 
 impl ControlContext {
@@ -51,6 +54,7 @@ impl ControlContext {
             hub,
             console_input: None,
             stopping: AtomicBool::new(false),
+            accept_errors: AtomicU64::new(0),
         }
     }
 
@@ -67,6 +71,7 @@ impl ControlContext {
                 .into(),
                 uptime_secs: self.started.elapsed().as_secs(),
                 forwards: self.forwards.clone(),
+                accept_errors: self.accept_errors.load(Ordering::Relaxed),
             }),
             Request::Stop => match (self.power_button)() {
                 Ok(()) => {
@@ -93,6 +98,7 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let mut warnings = RateWindow::new(1, Duration::from_secs(60));
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
@@ -105,7 +111,15 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
                         }
                     }
                     Err(e) => {
-                        log::warn!("control: accept failed: {e}");
+                        // Out of descriptors, typically: the client waits in
+                        // the backlog and is served once some are free.
+                        ctx.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = warnings.admit(Instant::now()) {
+                            log::warn!(
+                                "control: accept failed: {e} ({suppressed} more since the last \
+                                 warning); retrying"
+                            );
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }

@@ -31,6 +31,8 @@ pub struct Counters {
     /// Times TCP flows stopped reading because the NAT's buffer budget was
     /// spent.
     pub budget_waits: u64,
+    /// Host sockets not opened or accepted for lack of file descriptors.
+    pub fd_exhausted: u64,
 }
 
 impl Counters {
@@ -61,7 +63,7 @@ mod tests {
             ..Counters::default()
         };
         let named = c.named();
-        assert_eq!(named.len(), 13);
+        assert_eq!(named.len(), 14);
         assert!(named.contains(&("flows_evicted".to_string(), 3)));
         assert!(named.windows(2).all(|w| w[0].0 < w[1].0));
     }

@@ -18,6 +18,7 @@ use super::port::GuestPort;
 use super::registry::SocketRegistry;
 use super::tcp::Verdict;
 use super::view::{FlowInfo, NatSnapshot};
+use crate::rate::RateWindow;
 
 /// How often [`Nat::tick`] should run: the granularity of TCP timers.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -51,13 +52,23 @@ pub struct Nat {
     pub(super) scratch: Vec<u8>,
     /// What the TCP flows' buffers draw on (`NatConfig::buffer_budget`).
     pub(super) budget: BufferBudget,
+    /// Warnings about running out of descriptors: a few a minute.
+    pub(super) fd_warnings: RateWindow,
     next_iss: u32,
 }
 
 impl Nat {
     /// An engine with the given plan and forward listeners (bound before, see
     /// [`ForwardListeners::bind`]). Nothing is registered until [`Nat::start`].
-    pub fn new(cfg: NatConfig, listeners: ForwardListeners) -> Self {
+    pub fn new(mut cfg: NatConfig, listeners: ForwardListeners) -> Self {
+        let fitting = crate::fds::flow_capacity(cfg.max_flows);
+        if fitting < cfg.max_flows {
+            log::info!(
+                "nat: {fitting} flows at most (not {}): that is what the open-file limit leaves",
+                cfg.max_flows
+            );
+            cfg.max_flows = fitting;
+        }
         let out = Output::new(cfg.gateway_mac);
         let budget = BufferBudget::new(cfg.buffer_budget);
         Nat {
@@ -70,6 +81,7 @@ impl Nat {
             icmp_unavailable_logged: false,
             scratch: vec![0u8; 65536],
             budget,
+            fd_warnings: RateWindow::new(1, Duration::from_secs(60)),
             next_iss: 0x1000_0000,
         }
     }
@@ -107,7 +119,7 @@ impl Nat {
     /// Whether [`Nat::tick`] has work: with no flow and nothing queued it
     /// has none, so an owner may stop its timer until traffic starts.
     pub fn needs_tick(&self) -> bool {
-        self.table.len() > 0 || self.out.len() > 0
+        self.table.len() > 0 || self.out.len() > 0 || self.listeners_pending()
     }
 
     /// The flow table, one row per flow.
@@ -190,11 +202,7 @@ impl Nat {
                 self.remove(slot, reg);
             }
         }
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].readable {
-                self.listener_ready(i, reg);
-            }
-        }
+        self.retry_listeners(reg);
     }
 
     /// Readiness of a socket the NAT registered (see [`Nat::owns_token`]).
@@ -250,6 +258,7 @@ impl Nat {
             }
             self.resume(reg);
         }
+        self.retry_listeners(reg);
         let now = Instant::now();
         for slot in 0..self.table.slot_count() {
             let verdict = match self.table.get_mut(slot) {

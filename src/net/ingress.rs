@@ -232,6 +232,7 @@ impl Nat {
         let stream = match connect_tcp(target) {
             Ok(s) => s,
             Err(err) => {
+                self.note_host_socket_error(&err);
                 log::debug!(
                     "nat: tcp {} -> {}: connect {target}: {err}",
                     syn.src,
@@ -335,6 +336,7 @@ impl Nat {
         let socket = match connect_udp(target) {
             Ok(s) => s,
             Err(err) => {
+                self.note_host_socket_error(&err);
                 log::debug!("nat: udp {guest} -> {remote}: {target}: {err}");
                 return Err(UNREACH_PORT);
             }
@@ -410,6 +412,10 @@ impl Nat {
         }
         let (socket, raw) = match icmp::open_socket() {
             Ok(s) => s,
+            Err(err) if crate::fds::exhausted(&err) => {
+                self.note_host_socket_error(&err);
+                return None;
+            }
             Err(err) => {
                 if !self.icmp_unavailable_logged {
                     self.icmp_unavailable_logged = true;

@@ -130,6 +130,12 @@ impl Nat {
                     Ok((stream, peer)) => self.accept_tcp(index, stream, peer, reg, now),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) if crate::fds::exhausted(&err) => {
+                        // The connection waits in the backlog; `tick` tries
+                        // again (edge-triggered: no new event will come).
+                        self.note_host_socket_error(&err);
+                        return;
+                    }
                     Err(err) => {
                         log::warn!("nat: forward {rule}: accept: {err}");
                         break;
@@ -144,6 +150,36 @@ impl Nat {
             }
         }
         self.listeners[index].readable = false;
+    }
+
+    /// Counts a host socket the NAT could not get for lack of descriptors,
+    /// and says so now and then (not once per attempt).
+    pub(super) fn note_host_socket_error(&mut self, err: &io::Error) {
+        if !crate::fds::exhausted(err) {
+            return;
+        }
+        self.out.counters.fd_exhausted += 1;
+        if let Some(suppressed) = self.fd_warnings.admit(Instant::now()) {
+            log::warn!(
+                "nat: out of file descriptors ({err}; {suppressed} more since the last warning): \
+                 new flows wait or are refused; raise the limit (ulimit -n) or lower --max-flows"
+            );
+        }
+    }
+
+    /// True while a listener has connections it could not accept yet.
+    pub(super) fn listeners_pending(&self) -> bool {
+        self.listeners.iter().any(|l| l.readable)
+    }
+
+    /// Accepts again on listeners that stopped early (queue full, no
+    /// descriptors).
+    pub(super) fn retry_listeners(&mut self, reg: &mut dyn SocketRegistry) {
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].readable {
+                self.listener_ready(i, reg);
+            }
+        }
     }
 
     /// A gateway-side port no flow of the guest uses yet.

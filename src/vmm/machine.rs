@@ -13,7 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use super::boot_timer::BootTimeline;
@@ -168,8 +168,8 @@ impl Vm {
 
         let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
         let timeline = BootTimeline::new(config.started, config.boot_timer);
-        let serial_irq =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create the UART interrupt"))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create the UART interrupt"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(VmmError::kvm("route the UART interrupt"))?;
         let serial = Arc::new(Mutex::new(
@@ -484,14 +484,15 @@ fn attach_virtio(
         Attached::Queues(device) => device.clone(),
         Attached::Net(net) => net.clone(),
     };
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
+    let irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+        .map_err(VmmError::io("create a virtio interrupt"))?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(VmmError::kvm("route a virtio interrupt"))?;
     let queues = lock(&device).queue_max_sizes().len();
     let mut notifiers = Vec::with_capacity(queues);
     for index in 0..queues {
-        let notifier =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a queue notifier"))?;
+        let notifier = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create a queue notifier"))?;
         vm.register_ioevent(
             &notifier,
             &IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY),
