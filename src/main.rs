@@ -12,7 +12,7 @@ use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
-use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
+use vmlab::net::{ForwardListeners, HostLoopback, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
 /// A small hypervisor for virtualization labs.
@@ -185,6 +185,22 @@ struct RunArgs {
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
+    #[command(flatten)]
+    reach: ReachArgs,
+}
+
+/// What a guest behind the NAT may reach on the host and beyond.
+#[derive(Args, Debug)]
+struct ReachArgs {
+    /// What the gateway (10.0.2.2) reaches on the host's 127.0.0.1: all
+    /// ports, none, or a list like 22,8080 [default: all, or the named VM's].
+    #[arg(long, value_name = "all|none|PORT,...")]
+    host_loopback: Option<HostLoopback>,
+    /// Where else the guest's flows may go: any (whatever the host reaches)
+    /// or host (the gateway and the DNS relay only) [default: any, or the
+    /// named VM's].
+    #[arg(long, value_name = "any|host")]
+    outbound: Option<Outbound>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,9 +232,11 @@ struct NatArgs {
     /// Most flows at once; the oldest idle flow is evicted beyond it.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_flows: u64,
-    /// Only let the namespace reach the host itself (10.0.2.2 and the DNS relay).
-    #[arg(long)]
+    /// Only let the namespace reach the host itself (same as --outbound host).
+    #[arg(long, conflicts_with = "outbound")]
     host_only: bool,
+    #[command(flatten)]
+    reach: ReachArgs,
 }
 
 #[derive(Args, Debug)]
@@ -443,6 +461,12 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if let Some(net) = args.net {
         settings.no_net = net == NetMode::None;
     }
+    if let Some(host_loopback) = &args.reach.host_loopback {
+        settings.host_loopback = host_loopback.clone();
+    }
+    if let Some(outbound) = args.reach.outbound {
+        settings.outbound = outbound;
+    }
     if !args.disks.is_empty() {
         settings.disks = args
             .disks
@@ -628,8 +652,9 @@ fn nat(args: NatArgs) -> Result<i32> {
         outbound: if args.host_only {
             Outbound::HostOnly
         } else {
-            Outbound::Any
+            args.reach.outbound.unwrap_or(Outbound::Any)
         },
+        host_loopback: args.reach.host_loopback.unwrap_or(HostLoopback::All),
         ..NatConfig::with_host_resolvers()
     };
     log::info!("nat: serving tap {} (mtu {})", tap.name(), config.mtu);

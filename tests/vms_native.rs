@@ -185,6 +185,46 @@ fn detach_ps_stop_rm_leave_nothing_behind() {
 }
 
 #[test]
+fn reach_policies_are_saved_with_the_vm() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let err = lab.fails(&[
+        "run",
+        "--name",
+        "vm1",
+        "--kernel",
+        kernel,
+        "--outbound",
+        "mars",
+    ]);
+    assert!(err.contains("outbound 'mars'"), "{err}");
+    lab.ok(&[
+        "run",
+        "--name",
+        "vm1",
+        "--detach",
+        "--kernel",
+        kernel,
+        "--mem",
+        "32M",
+        "--host-loopback",
+        "22,5432",
+        "--outbound",
+        "host",
+    ]);
+    let _ = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(conf.contains("host_loopback = 22,5432\n"), "{conf}");
+    assert!(conf.contains("outbound = host\n"), "{conf}");
+    // Kept on the next run, replaced when given again.
+    lab.ok(&["run", "--name", "vm1", "--detach", "--host-loopback", "all"]);
+    let _ = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(!conf.contains("host_loopback"), "{conf}");
+    assert!(conf.contains("outbound = host\n"), "{conf}");
+}
+
+#[test]
 fn a_name_in_use_is_refused_and_two_vms_run_at_once() {
     let lab = Lab::new();
     let pid1 = lab.start("vm1");

@@ -135,6 +135,8 @@ pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSetti
         nat: NatConfig {
             hostname: name.to_string(),
             forwards: settings.forwards.clone(),
+            host_loopback: settings.host_loopback.clone(),
+            outbound: settings.outbound,
             ..NatConfig::with_host_resolvers()
         },
     }))

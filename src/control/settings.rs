@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::net::{HostLoopback, Outbound};
 
 /// Guest memory when neither the user nor the file says.
 pub const DEFAULT_MEM: u64 = 512 << 20;
@@ -36,6 +37,10 @@ pub struct VmSettings {
     pub debian: bool,
     /// No network card (`--net none`).
     pub no_net: bool,
+    /// What the gateway reaches on the host's loopback (`--host-loopback`).
+    pub host_loopback: HostLoopback,
+    /// Where else the guest may go (`--outbound`).
+    pub outbound: Outbound,
 }
 
 impl Default for VmSettings {
@@ -51,6 +56,8 @@ impl Default for VmSettings {
             cmdline: String::new(),
             debian: false,
             no_net: false,
+            host_loopback: HostLoopback::All,
+            outbound: Outbound::Any,
         }
     }
 }
@@ -84,6 +91,12 @@ impl VmSettings {
         }
         if self.no_net {
             let _ = writeln!(out, "net = none");
+        }
+        if self.host_loopback != HostLoopback::All {
+            let _ = writeln!(out, "host_loopback = {}", self.host_loopback);
+        }
+        if self.outbound != Outbound::Any {
+            let _ = writeln!(out, "outbound = {}", self.outbound);
         }
         out
     }
@@ -135,6 +148,10 @@ impl VmSettings {
                 "net" if value == "none" => settings.no_net = true,
                 "net" if value == "user" => settings.no_net = false,
                 "net" => return Err(err(format!("net '{value}' is not 'user' or 'none'"))),
+                "host_loopback" => {
+                    settings.host_loopback = value.parse().map_err(|e| err(format!("{e}")))?
+                }
+                "outbound" => settings.outbound = value.parse().map_err(|e| err(format!("{e}")))?,
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
@@ -195,6 +212,8 @@ mod tests {
             cmdline: "quiet loglevel=3 a=b".into(),
             debian: true,
             no_net: true,
+            host_loopback: HostLoopback::Ports(vec![22, 5432]),
+            outbound: Outbound::HostOnly,
         }
     }
 
@@ -226,6 +245,8 @@ mod tests {
             ("forward = tcp:99999:22", "invalid forward"),
             ("mac = 52:54", "mac '52:54'"),
             ("colour = blue", "unknown key 'colour'"),
+            ("outbound = world", "outbound 'world'"),
+            ("host_loopback = 0", "host loopback '0'"),
             ("just words", "expected 'key = value'"),
         ] {
             let err = VmSettings::parse(&format!("# c\n{text}\n"), Path::new("/v/vm.conf"))

@@ -1,7 +1,9 @@
 //! The NAT's addressing plan, limits and host-side choices.
 
+use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use smoltcp::wire::EthernetAddress;
@@ -34,6 +36,74 @@ pub enum HostLoopback {
     Ports(Vec<u16>),
 }
 
+/// A `--outbound` or `--host-loopback` value that did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyParseError(String);
+
+impl FromStr for Outbound {
+    type Err = PolicyParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "any" => Ok(Outbound::Any),
+            "host" => Ok(Outbound::HostOnly),
+            other => Err(PolicyParseError(format!(
+                "outbound '{other}' is not 'any' (anywhere the host reaches) or 'host' (the host itself only)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Outbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outbound::Any => "any",
+            Outbound::HostOnly => "host",
+        })
+    }
+}
+
+impl FromStr for HostLoopback {
+    type Err = PolicyParseError;
+
+    /// `all`, `none`, or ports: `22,8080`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "all" => return Ok(HostLoopback::All),
+            "none" => return Ok(HostLoopback::None),
+            _ => {}
+        }
+        let ports: Option<Vec<u16>> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u16>().ok().filter(|&p| p != 0))
+            .collect();
+        match ports {
+            Some(mut ports) if !ports.is_empty() => {
+                ports.sort_unstable();
+                ports.dedup();
+                Ok(HostLoopback::Ports(ports))
+            }
+            _ => Err(PolicyParseError(format!(
+                "host loopback '{text}' is not 'all', 'none' or ports like 22,8080"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for HostLoopback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostLoopback::All => f.write_str("all"),
+            HostLoopback::None => f.write_str("none"),
+            HostLoopback::Ports(ports) => {
+                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                f.write_str(&list.join(","))
+            }
+        }
+    }
+}
+
 /// Everything the engine needs to know before it starts.
 #[derive(Clone, Debug)]
 pub struct NatConfig {
@@ -59,6 +129,10 @@ pub struct NatConfig {
     pub host_loopback: HostLoopback,
     /// Most flows (TCP, UDP, ICMP) at once; the oldest idle is evicted.
     pub max_flows: usize,
+    /// Most new flows toward the host per second (a burst of this many,
+    /// then the rest of the second's SYNs and datagrams are dropped and
+    /// counted): a guest cannot turn vmlab into a fast port scanner.
+    pub new_flows_per_sec: u32,
     /// Bytes buffered per TCP flow and direction.
     pub tcp_buffer: usize,
     /// Bytes all TCP flows together may buffer (see `budget`).
@@ -88,6 +162,7 @@ impl Default for NatConfig {
             outbound: Outbound::Any,
             host_loopback: HostLoopback::All,
             max_flows: 4096,
+            new_flows_per_sec: 256,
             tcp_buffer: 512 * 1024,
             buffer_budget: DEFAULT_BUFFER_BUDGET,
             udp_timeout: Duration::from_secs(60),
@@ -159,6 +234,25 @@ mod tests {
                 "10.1.2.3:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn policies_parse_and_print_back() {
+        for text in ["all", "none", "22", "22,8080"] {
+            let p: HostLoopback = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+        }
+        assert_eq!(
+            "8080, 22,22".parse::<HostLoopback>(),
+            Ok(HostLoopback::Ports(vec![22, 8080]))
+        );
+        for bad in ["", "some", "0", "22,", "70000", "22;80"] {
+            let err = bad.parse::<HostLoopback>().unwrap_err().to_string();
+            assert!(err.contains("'all', 'none' or ports"), "{bad}: {err}");
+        }
+        assert_eq!("host".parse::<Outbound>(), Ok(Outbound::HostOnly));
+        assert_eq!(Outbound::Any.to_string(), "any");
+        assert!("world".parse::<Outbound>().is_err());
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Counters {
     pub budget_waits: u64,
     /// Host sockets not opened or accepted for lack of file descriptors.
     pub fd_exhausted: u64,
+    /// New flows dropped over `NatConfig::new_flows_per_sec`.
+    pub rate_limited: u64,
 }
 
 impl Counters {
@@ -63,7 +65,7 @@ mod tests {
             ..Counters::default()
         };
         let named = c.named();
-        assert_eq!(named.len(), 14);
+        assert_eq!(named.len(), 15);
         assert!(named.contains(&("flows_evicted".to_string(), 3)));
         assert!(named.windows(2).all(|w| w[0].0 < w[1].0));
     }

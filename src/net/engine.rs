@@ -54,6 +54,8 @@ pub struct Nat {
     pub(super) budget: BufferBudget,
     /// Warnings about running out of descriptors: a few a minute.
     pub(super) fd_warnings: RateWindow,
+    /// New flows toward the host (`NatConfig::new_flows_per_sec`).
+    pub(super) new_flows: RateWindow,
     next_iss: u32,
 }
 
@@ -71,6 +73,7 @@ impl Nat {
         }
         let out = Output::new(cfg.gateway_mac);
         let budget = BufferBudget::new(cfg.buffer_budget);
+        let new_flows = RateWindow::new(cfg.new_flows_per_sec, Duration::from_secs(1));
         Nat {
             cfg,
             out,
@@ -82,6 +85,7 @@ impl Nat {
             scratch: vec![0u8; 65536],
             budget,
             fd_warnings: RateWindow::new(1, Duration::from_secs(60)),
+            new_flows,
             next_iss: 0x1000_0000,
         }
     }

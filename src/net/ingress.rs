@@ -214,6 +214,17 @@ impl Nat {
         }
     }
 
+    /// Whether one more flow toward the host fits this second's allowance;
+    /// one that does not is counted.
+    fn admit_new_flow(&mut self, now: Instant) -> bool {
+        let admitted = self.new_flows.admit(now).is_some();
+        if !admitted {
+            self.out.counters.rate_limited += 1;
+            self.out.counters.dropped_from_guest += 1;
+        }
+        admitted
+    }
+
     fn open_tcp(&mut self, syn: &Seg<'_>, reg: &mut dyn SocketRegistry, now: Instant) {
         let refuse = |out: &mut Output| tcp::refuse(out, syn.dst, syn.src, syn.seq.wrapping_add(1));
         let target = match host_target(&self.cfg, syn.dst) {
@@ -224,6 +235,11 @@ impl Nat {
                 return;
             }
         };
+        if !self.admit_new_flow(now) {
+            // Dropped, not refused: the guest's SYN retransmission slows
+            // it down, as a scan should be.
+            return;
+        }
         if !self.make_room(reg) {
             self.out.counters.dropped_from_guest += 1;
             refuse(&mut self.out);
@@ -301,11 +317,12 @@ impl Nat {
             Some(&slot) => slot,
             None => match self.open_udp(guest, remote, reg, now) {
                 Ok(slot) => slot,
-                Err(code) => {
+                Err(Some(code)) => {
                     self.out.counters.dropped_from_guest += 1;
                     udp::icmp_unreachable(&mut self.out, dst, src, code, &quoted);
                     return;
                 }
+                Err(None) => return,
             },
         };
         let Some(Flow::Udp(flow)) = self.table.get_mut(slot) else {
@@ -319,26 +336,32 @@ impl Nat {
         flow.send(payload, listener, &mut self.out, now);
     }
 
+    /// A flow for the guest's first datagram from `guest` to `remote`, or
+    /// the ICMP unreachable code to answer with (None: dropped silently,
+    /// over the new-flow rate).
     fn open_udp(
         &mut self,
         guest: SocketAddrV4,
         remote: SocketAddrV4,
         reg: &mut dyn SocketRegistry,
         now: Instant,
-    ) -> Result<usize, u8> {
+    ) -> Result<usize, Option<u8>> {
         if remote.ip().is_broadcast() || remote.ip().is_multicast() {
-            return Err(UNREACH_PORT);
+            return Err(Some(UNREACH_PORT));
         }
-        let target = host_target(&self.cfg, remote)?;
+        let target = host_target(&self.cfg, remote).map_err(Some)?;
+        if !self.admit_new_flow(now) {
+            return Err(None);
+        }
         if !self.make_room(reg) {
-            return Err(UNREACH_PORT);
+            return Err(Some(UNREACH_PORT));
         }
         let socket = match connect_udp(target) {
             Ok(s) => s,
             Err(err) => {
                 self.note_host_socket_error(&err);
                 log::debug!("nat: udp {guest} -> {remote}: {target}: {err}");
-                return Err(UNREACH_PORT);
+                return Err(Some(UNREACH_PORT));
             }
         };
         let fd = socket.as_raw_fd();
@@ -347,7 +370,7 @@ impl Nat {
         if reg.add(fd, flow_token(slot)).is_err() {
             self.table
                 .discard_unregistered(slot, &mut self.out.counters);
-            return Err(UNREACH_PORT);
+            return Err(Some(UNREACH_PORT));
         }
         log::debug!("nat: open udp {guest} -> {remote} via {target}");
         Ok(slot)
@@ -578,6 +601,39 @@ mod tests {
             };
             assert_eq!(f.payload, want);
         }
+    }
+
+    #[test]
+    fn new_flows_toward_the_host_are_rate_limited() {
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = host.local_addr().unwrap().port();
+        let mut h = Harness::new(NatConfig {
+            new_flows_per_sec: 5,
+            ..NatConfig::default()
+        });
+        for i in 0..20u16 {
+            let syn = h.guest.tcp(
+                SocketAddrV4::new(GUEST_IP, 42000 + i),
+                SocketAddrV4::new(GATEWAY_IP, port),
+                1,
+                None,
+                crate::net::output::TcpFlags::SYN,
+                1000,
+                None,
+                &[],
+            );
+            h.send(&syn);
+            let dns = h.guest.udp(
+                SocketAddrV4::new(GUEST_IP, 43000 + i),
+                SocketAddrV4::new(GATEWAY_IP, port),
+                b"x",
+            );
+            h.send(&dns);
+        }
+        let c = h.nat.counters();
+        assert_eq!(c.flows_opened, 5, "{c:?}");
+        assert_eq!(c.rate_limited, 35, "{c:?}");
+        assert!(h.frames().is_empty(), "dropped, not answered");
     }
 
     #[test]

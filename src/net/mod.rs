@@ -46,7 +46,7 @@ mod view;
 
 pub use backend::{run_until, TapNat};
 pub use config::{
-    parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound,
+    parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound, PolicyParseError,
     DEFAULT_BUFFER_BUDGET,
 };
 pub use counters::Counters;
