@@ -113,8 +113,17 @@ pub struct NatConfig {
     pub gateway: Ipv4Addr,
     /// DNS relay address.
     pub dns: Ipv4Addr,
-    /// The one address the DHCP server hands out.
+    /// The one address `--net user`'s DHCP server hands out, and where its
+    /// forwards lead (a lab network's NAT has leases instead, see
+    /// [`crate::net::Nat::with_leases`]).
     pub guest: Ipv4Addr,
+    /// The network's name: DHCP's domain option, and NAME.DOMAIN resolves
+    /// to the member NAME.
+    pub domain: Option<String>,
+    /// Nothing leaves the network (`network create --no-nat`): no flow to
+    /// the host or beyond, no DNS relay; DHCP, DNS for members and ping of
+    /// the gateway stay.
+    pub closed: bool,
     /// MAC the gateway and DNS answer ARP with.
     pub gateway_mac: EthernetAddress,
     /// MTU announced by DHCP; also bounds the MSS offered to the guest.
@@ -153,6 +162,8 @@ impl Default for NatConfig {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             dns: Ipv4Addr::new(10, 0, 2, 3),
             guest: Ipv4Addr::new(10, 0, 2, 15),
+            domain: None,
+            closed: false,
             gateway_mac: EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]),
             mtu: 1500,
             hostname: "vmlab".to_string(),

@@ -35,6 +35,8 @@ pub struct Counters {
     pub fd_exhausted: u64,
     /// New flows dropped over `NatConfig::new_flows_per_sec`.
     pub rate_limited: u64,
+    /// IPv4 frames for another member's MAC (flooded by a switch).
+    pub not_for_gateway: u64,
 }
 
 impl Counters {
@@ -65,7 +67,7 @@ mod tests {
             ..Counters::default()
         };
         let named = c.named();
-        assert_eq!(named.len(), 15);
+        assert_eq!(named.len(), 16);
         assert!(named.contains(&("flows_evicted".to_string(), 3)));
         assert!(named.windows(2).all(|w| w[0].0 < w[1].0));
     }

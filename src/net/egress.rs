@@ -16,6 +16,9 @@ use super::udp::{UNREACH_ADMIN, UNREACH_PORT};
 /// the world only with [`Outbound::Any`].
 pub(super) fn host_target(cfg: &NatConfig, dst: SocketAddrV4) -> Result<SocketAddrV4, u8> {
     let ip = *dst.ip();
+    if cfg.closed {
+        return Err(UNREACH_ADMIN);
+    }
     if ip == cfg.gateway {
         let allowed = match &cfg.host_loopback {
             HostLoopback::All => true,

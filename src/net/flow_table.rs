@@ -31,6 +31,15 @@ impl Flow {
         }
     }
 
+    /// The guest address the flow belongs to.
+    pub fn guest_ip(&self) -> Ipv4Addr {
+        match self {
+            Flow::Tcp(f) => *f.guest.ip(),
+            Flow::Udp(f) => *f.guest.ip(),
+            Flow::Icmp(f) => f.guest,
+        }
+    }
+
     pub fn last_active(&self) -> Instant {
         match self {
             Flow::Tcp(f) => f.last_active,
@@ -50,8 +59,8 @@ pub(super) struct FlowTable {
     live: usize,
     pub tcp: HashMap<Key, usize>,
     pub udp: HashMap<Key, usize>,
-    /// ICMP echo flows by (remote, identifier).
-    pub icmp: HashMap<(Ipv4Addr, u16), usize>,
+    /// ICMP echo flows by (guest, remote, identifier).
+    pub icmp: HashMap<(Ipv4Addr, Ipv4Addr, u16), usize>,
     /// Forwarded UDP flows by (listener, host peer).
     pub udp_forward: HashMap<(usize, SocketAddr), usize>,
 }
@@ -101,7 +110,7 @@ impl FlowTable {
                 }
             }
             Some(Flow::Icmp(f)) => {
-                self.icmp.insert((f.remote, f.ident), slot);
+                self.icmp.insert((f.guest, f.remote, f.ident), slot);
             }
             None => unreachable!("slot just filled"),
         }
@@ -142,7 +151,7 @@ impl FlowTable {
                 }
             }
             Flow::Icmp(f) => {
-                self.icmp.remove(&(f.remote, f.ident));
+                self.icmp.remove(&(f.guest, f.remote, f.ident));
             }
         }
         self.live -= 1;
@@ -162,6 +171,16 @@ impl FlowTable {
             .iter()
             .enumerate()
             .filter(|(_, f)| matches!(f, Some(Flow::Tcp(t)) if t.is_time_wait()))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Slots of every flow of guest `ip`.
+    pub fn slots_of(&self, ip: Ipv4Addr) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.as_ref().is_some_and(|f| f.guest_ip() == ip))
             .map(|(i, _)| i)
             .collect()
     }

@@ -14,6 +14,7 @@ use smoltcp::wire::{
 };
 
 use super::dhcp;
+use super::dns;
 use super::egress::{connect_tcp, connect_udp, host_target};
 use super::engine::{flow_token, Nat};
 use super::flow_table::Flow;
@@ -34,8 +35,16 @@ impl Nat {
             self.out.counters.malformed += 1;
             return;
         };
+        self.frame_src = eth.src_addr();
         match eth.ethertype() {
             EthernetProtocol::Arp => self.on_arp(eth.payload()),
+            // On a lab network the switch floods frames for MACs it has not
+            // learned yet: IPv4 between two members is none of the NAT's.
+            EthernetProtocol::Ipv4
+                if eth.dst_addr() != self.cfg.gateway_mac && !eth.dst_addr().is_broadcast() =>
+            {
+                self.out.counters.not_for_gateway += 1;
+            }
             EthernetProtocol::Ipv4 => self.on_ipv4(hdr, eth.src_addr(), eth.payload(), reg),
             _ => self.out.counters.unsupported += 1,
         }
@@ -61,8 +70,8 @@ impl Nat {
             self.out.counters.malformed += 1;
             return;
         }
-        if source_protocol_addr == self.cfg.guest {
-            self.out.guest_mac = Some(source_hardware_addr);
+        if self.cfg.in_network(source_protocol_addr) {
+            self.out.learn(source_protocol_addr, source_hardware_addr);
         }
         if operation != ArpOperation::Request {
             return;
@@ -103,8 +112,8 @@ impl Nat {
             return;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if src == self.cfg.guest && mac.is_unicast() {
-            self.out.guest_mac = Some(mac);
+        if self.cfg.in_network(src) {
+            self.out.learn(src, mac);
         }
         let header = &payload[..usize::from(ip.header_len())];
         let l4 = ip.payload();
@@ -300,7 +309,11 @@ impl Nat {
         }
         let payload = packet.payload();
         if packet.dst_port() == DHCP_SERVER_PORT {
-            dhcp::answer(&self.cfg, &mut self.out, payload);
+            let sender = self.frame_src;
+            dhcp::answer(&self.cfg, &mut self.leases, &mut self.out, sender, payload);
+            return;
+        }
+        if dst == self.cfg.dns && packet.dst_port() == 53 && self.answer_dns(src, &packet) {
             return;
         }
         if packet.src_port() == 0 || packet.dst_port() == 0 {
@@ -329,11 +342,38 @@ impl Nat {
             unreachable!("udp map points at a udp flow");
         };
         flow.last_header = quoted;
-        let listener = flow.listener.and_then(|i| match &self.listeners[i].socket {
-            ListenSocket::Udp(s) => Some(s),
-            ListenSocket::Tcp(_) => None,
-        });
+        let listener = flow
+            .listener
+            .and_then(|i| self.listeners.get(i))
+            .and_then(|l| match &l.socket {
+                ListenSocket::Udp(s) => Some(s),
+                ListenSocket::Tcp(_) => None,
+            });
         flow.send(payload, listener, &mut self.out, now);
+    }
+
+    /// Answers a DNS query from the network's own names; false when it is
+    /// for the relay.
+    fn answer_dns(&mut self, src: Ipv4Addr, packet: &UdpPacket<&[u8]>) -> bool {
+        let leases = &self.leases;
+        let lookup = |name: &str| leases.address_of(name);
+        let zone = dns::Zone {
+            domain: self.cfg.domain.as_deref(),
+            lookup: &lookup,
+            closed: self.cfg.closed,
+        };
+        match dns::decide(packet.payload(), &zone) {
+            dns::Decision::Relay => false,
+            // Not a query we understand: the resolver's to judge, unless
+            // nothing may leave.
+            dns::Decision::Malformed => self.cfg.closed,
+            dns::Decision::Reply(reply) => {
+                let from = SocketAddrV4::new(self.cfg.dns, 53);
+                self.out
+                    .udp(from, SocketAddrV4::new(src, packet.src_port()), &reply);
+                true
+            }
+        }
     }
 
     /// A flow for the guest's first datagram from `guest` to `remote`, or
@@ -403,7 +443,7 @@ impl Nat {
         }
         let ident = packet.echo_ident();
         let now = Instant::now();
-        let slot = match self.table.icmp.get(&(dst, ident)) {
+        let slot = match self.table.icmp.get(&(src, dst, ident)) {
             Some(&slot) => slot,
             None => match self.open_icmp(src, dst, ident, reg, now) {
                 Some(slot) => slot,
@@ -612,15 +652,9 @@ mod tests {
             ..NatConfig::default()
         });
         for i in 0..20u16 {
-            let syn = h.guest.tcp(
+            let syn = h.guest.syn(
                 SocketAddrV4::new(GUEST_IP, 42000 + i),
                 SocketAddrV4::new(GATEWAY_IP, port),
-                1,
-                None,
-                crate::net::output::TcpFlags::SYN,
-                1000,
-                None,
-                &[],
             );
             h.send(&syn);
             let dns = h.guest.udp(

@@ -4,7 +4,7 @@
 //! guest.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -30,6 +30,8 @@ pub(crate) enum ListenSocket {
 pub(crate) struct Listener {
     pub rule: ForwardRule,
     pub socket: ListenSocket,
+    /// The guest address the forward leads to.
+    pub guest: Ipv4Addr,
     /// Edge-triggered readiness not yet drained.
     pub readable: bool,
 }
@@ -50,9 +52,16 @@ impl Listener {
             ListenSocket::Udp(s) => s.local_addr().ok(),
         }
     }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.socket {
+            ListenSocket::Tcp(s) => s.as_raw_fd(),
+            ListenSocket::Udp(s) => s.as_raw_fd(),
+        }
+    }
 }
 
-/// The bound host sides of every `--forward`.
+/// The bound host sides of every `--forward` of one guest.
 #[derive(Default)]
 pub struct ForwardListeners {
     pub(crate) listeners: Vec<Listener>,
@@ -80,6 +89,7 @@ impl ForwardListeners {
             listeners.push(Listener {
                 rule: *rule,
                 socket,
+                guest: Ipv4Addr::UNSPECIFIED,
                 readable: false,
             });
         }
@@ -95,39 +105,120 @@ impl ForwardListeners {
     }
 }
 
-impl Listener {
-    fn raw_fd(&self) -> std::os::fd::RawFd {
-        match &self.socket {
-            ListenSocket::Tcp(s) => s.as_raw_fd(),
-            ListenSocket::Udp(s) => s.as_raw_fd(),
+/// The NAT's listeners by slot (a slot is part of an event token and of
+/// forwarded UDP flows' keys, so slots of removed listeners stay empty).
+#[derive(Default)]
+pub(crate) struct ListenerSlots(Vec<Option<Listener>>);
+
+impl ListenerSlots {
+    pub fn get(&self, index: usize) -> Option<&Listener> {
+        self.0.get(index).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut Listener> {
+        self.0.get_mut(index).and_then(Option::as_mut)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &Listener)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
+    }
+
+    fn insert(&mut self, listener: Listener) -> usize {
+        match self.0.iter().position(Option::is_none) {
+            Some(i) => {
+                self.0[i] = Some(listener);
+                i
+            }
+            None => {
+                self.0.push(Some(listener));
+                self.0.len() - 1
+            }
         }
     }
 }
 
 impl Nat {
-    /// Registers the forward listeners with the event loop.
+    /// Registers the forward listeners given at creation.
     pub fn start(&mut self, reg: &mut dyn SocketRegistry) -> Result<(), NatError> {
-        for (i, l) in self.listeners.iter().enumerate() {
+        for (i, l) in self.listeners.iter() {
             reg.add(l.raw_fd(), super::engine::listener_token(i))
                 .map_err(NatError::EventLoop)?;
-            log::info!("nat: forwarding {}", l.rule);
+            log::info!("nat: forwarding {} to {}", l.rule, l.guest);
         }
         Ok(())
     }
 
+    /// Takes `listeners` into the NAT, leading to `guest`, without
+    /// registering them (see [`Nat::start`], [`Nat::add_forwards`]).
+    pub(super) fn adopt(&mut self, listeners: ForwardListeners, guest: Ipv4Addr) -> Vec<usize> {
+        listeners
+            .listeners
+            .into_iter()
+            .map(|mut l| {
+                l.guest = guest;
+                self.listeners.insert(l)
+            })
+            .collect()
+    }
+
+    /// Forwards to one more guest of a lab network, served at once.
+    pub fn add_forwards(
+        &mut self,
+        listeners: ForwardListeners,
+        guest: Ipv4Addr,
+        reg: &mut dyn SocketRegistry,
+    ) -> Result<(), NatError> {
+        for index in self.adopt(listeners, guest) {
+            let Some(l) = self.listeners.get(index) else {
+                continue;
+            };
+            if let Err(e) = reg.add(l.raw_fd(), super::engine::listener_token(index)) {
+                self.listeners.0[index] = None;
+                return Err(NatError::EventLoop(e));
+            }
+            log::info!("nat: forwarding {} to {guest}", l.rule);
+        }
+        Ok(())
+    }
+
+    /// Closes the forwards that lead to `guest` (it left the network).
+    pub(super) fn remove_forwards(&mut self, guest: Ipv4Addr, reg: &mut dyn SocketRegistry) {
+        for index in 0..self.listeners.0.len() {
+            if self.listeners.get(index).is_some_and(|l| l.guest == guest) {
+                if let Some(l) = self.listeners.0[index].take() {
+                    let _ = reg.remove(l.raw_fd(), super::engine::listener_token(index));
+                }
+            }
+        }
+    }
+
+    /// Marks listener `index` readable after an event.
+    pub(super) fn listener_event(&mut self, index: usize, reg: &mut dyn SocketRegistry) {
+        if let Some(l) = self.listeners.get_mut(index) {
+            l.readable = true;
+            self.listener_ready(index, reg);
+        }
+    }
+
     /// Accepts what listener `index` has waiting, as long as the guest's
     /// queue has room (else it resumes after the next flush).
-    pub(super) fn listener_ready(&mut self, index: usize, reg: &mut dyn SocketRegistry) {
+    fn listener_ready(&mut self, index: usize, reg: &mut dyn SocketRegistry) {
         let now = Instant::now();
         loop {
             if !self.out.has_room() {
                 self.out.starved = true;
                 return;
             }
-            let rule = self.listeners[index].rule;
-            match &self.listeners[index].socket {
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            let (rule, guest) = (listener.rule, listener.guest);
+            match &listener.socket {
                 ListenSocket::Tcp(listener) => match listener.accept() {
-                    Ok((stream, peer)) => self.accept_tcp(index, stream, peer, reg, now),
+                    Ok((stream, peer)) => self.accept_tcp((index, guest), stream, peer, reg, now),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) if crate::fds::exhausted(&err) => {
@@ -142,14 +233,16 @@ impl Nat {
                     }
                 },
                 ListenSocket::Udp(socket) => match socket.recv_from(&mut self.scratch) {
-                    Ok((n, peer)) => self.forward_datagram(index, peer, n, reg, now),
+                    Ok((n, peer)) => self.forward_datagram((index, guest), peer, n, reg, now),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => log::debug!("nat: forward {rule}: {err}"),
                 },
             }
         }
-        self.listeners[index].readable = false;
+        if let Some(l) = self.listeners.get_mut(index) {
+            l.readable = false;
+        }
     }
 
     /// Counts a host socket the NAT could not get for lack of descriptors,
@@ -169,16 +262,20 @@ impl Nat {
 
     /// True while a listener has connections it could not accept yet.
     pub(super) fn listeners_pending(&self) -> bool {
-        self.listeners.iter().any(|l| l.readable)
+        self.listeners.iter().any(|(_, l)| l.readable)
     }
 
     /// Accepts again on listeners that stopped early (queue full, no
     /// descriptors).
     pub(super) fn retry_listeners(&mut self, reg: &mut dyn SocketRegistry) {
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].readable {
-                self.listener_ready(i, reg);
-            }
+        let pending: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.readable)
+            .map(|(i, _)| i)
+            .collect();
+        for index in pending {
+            self.listener_ready(index, reg);
         }
     }
 
@@ -197,19 +294,21 @@ impl Nat {
 
     fn accept_tcp(
         &mut self,
-        index: usize,
+        (index, guest_ip): (usize, Ipv4Addr),
         stream: TcpStream,
         peer: SocketAddr,
         reg: &mut dyn SocketRegistry,
         now: Instant,
     ) {
-        let rule = self.listeners[index].rule;
+        let Some(rule) = self.listeners.get(index).map(|l| l.rule) else {
+            return;
+        };
         if stream.set_nonblocking(true).is_err() || !self.make_room(reg) {
             self.out.counters.dropped_from_guest += 1;
             return;
         }
         let _ = stream.set_nodelay(true);
-        let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
+        let guest = SocketAddrV4::new(guest_ip, rule.guest_port);
         let Some(remote) = self.forward_port(guest) else {
             self.out.counters.dropped_from_guest += 1;
             return;
@@ -235,7 +334,7 @@ impl Nat {
 
     fn forward_datagram(
         &mut self,
-        index: usize,
+        (index, guest_ip): (usize, Ipv4Addr),
         peer: SocketAddr,
         len: usize,
         reg: &mut dyn SocketRegistry,
@@ -248,8 +347,10 @@ impl Nat {
                     self.out.counters.dropped_from_guest += 1;
                     return;
                 }
-                let rule = self.listeners[index].rule;
-                let guest = SocketAddrV4::new(self.cfg.guest, rule.guest_port);
+                let Some(rule) = self.listeners.get(index).map(|l| l.rule) else {
+                    return;
+                };
+                let guest = SocketAddrV4::new(guest_ip, rule.guest_port);
                 let Some(remote) = self.forward_port(guest) else {
                     self.out.counters.dropped_from_guest += 1;
                     return;

@@ -25,6 +25,7 @@ mod budget;
 mod config;
 mod counters;
 mod dhcp;
+mod dns;
 mod egress;
 mod engine;
 mod error;
@@ -32,6 +33,7 @@ mod flow_table;
 mod frame;
 mod icmp;
 mod ingress;
+mod leases;
 mod listeners;
 mod output;
 mod port;
@@ -56,6 +58,7 @@ pub use frame::{
     GuestFrame, NetHdr, Offloads, F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
     GSO_TCPV6, GSO_UDP, NET_HDR_LEN,
 };
+pub use leases::{Lease, LeaseError, Leases};
 pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};

@@ -311,7 +311,7 @@ impl TcpFlow {
     }
 
     fn send_syn(&mut self, out: &mut Output, cfg: &NatConfig, now: Instant) {
-        if out.guest_mac.is_none() {
+        if out.neighbor(*self.guest.ip()).is_none() {
             // Nobody to send to yet; the retransmission timer tries again.
             out.arp_request(cfg.gateway, *self.guest.ip());
         } else {

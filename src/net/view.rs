@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::counters::Counters;
 use super::flow_table::Flow;
-use super::listeners::Listener;
+use super::listeners::ListenerSlots;
 use super::tcp::Origin;
 use crate::cli::ForwardRule;
 
@@ -192,7 +192,7 @@ impl NatSnapshot {
 impl Flow {
     /// The flow's row; `listeners` names the host side of forwarded UDP
     /// flows, which answer through their listener's socket.
-    pub(super) fn info(&self, now: Instant, listeners: &[Listener]) -> FlowInfo {
+    pub(super) fn info(&self, now: Instant, listeners: &ListenerSlots) -> FlowInfo {
         match self {
             Flow::Tcp(f) => FlowInfo {
                 protocol: FlowProtocol::Tcp,
