@@ -18,4 +18,5 @@ pub mod fsutil;
 pub mod image;
 pub mod net;
 pub mod rate;
+pub mod switch;
 pub mod vmm;
