@@ -17,6 +17,7 @@ pub mod fds;
 pub mod fsutil;
 pub mod image;
 pub mod net;
+pub mod network;
 pub mod rate;
 pub mod switch;
 pub mod vmm;

@@ -73,6 +73,12 @@ enum Command {
     /// Runs a named VM in the background (started by run --detach).
     #[command(name = "vm-daemon", hide = true)]
     VmDaemon { name: String },
+    /// Lab networks that VMs and network namespaces share.
+    #[command(subcommand)]
+    Network(vmlab::network::NetworkCommand),
+    /// A lab network's process (started by its first member).
+    #[command(name = "network-daemon", hide = true)]
+    NetworkDaemon { name: String },
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -358,6 +364,8 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Ssh { name, command } => ssh(&name, &command),
         Command::SshConfig { name } => ssh_config(&name),
         Command::VmDaemon { name } => vm_daemon(&name, started),
+        Command::Network(command) => Ok(vmlab::network::command::run(command)?),
+        Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Image(ImageCommand::Build { force }) => image_build(force),
     }

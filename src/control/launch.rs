@@ -137,6 +137,14 @@ pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSetti
             forwards: settings.forwards.clone(),
             host_loopback: settings.host_loopback.clone(),
             outbound: settings.outbound,
+            // Lab networks are reached as their members, not through
+            // another VM's NAT.
+            walled_off: crate::network::NetworkDir::list()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| n.load().ok())
+                .map(|d| (d.subnet.network(), d.subnet.prefix()))
+                .collect(),
             ..NatConfig::with_host_resolvers()
         },
     }))

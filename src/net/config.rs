@@ -120,6 +120,10 @@ pub struct NatConfig {
     /// The network's name: DHCP's domain option, and NAME.DOMAIN resolves
     /// to the member NAME.
     pub domain: Option<String>,
+    /// Other guests' networks (lab networks', `--net user`'s): never
+    /// reached through this NAT, so networks stay apart and no packet for
+    /// them leaves the host. (network, prefix length) pairs.
+    pub walled_off: Vec<(Ipv4Addr, u8)>,
     /// Nothing leaves the network (`network create --no-nat`): no flow to
     /// the host or beyond, no DNS relay; DHCP, DNS for members and ping of
     /// the gateway stay.
@@ -163,6 +167,7 @@ impl Default for NatConfig {
             dns: Ipv4Addr::new(10, 0, 2, 3),
             guest: Ipv4Addr::new(10, 0, 2, 15),
             domain: None,
+            walled_off: Vec::new(),
             closed: false,
             gateway_mac: EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]),
             mtu: 1500,
@@ -191,6 +196,14 @@ impl NatConfig {
             resolvers: resolvers_from_file(Path::new("/etc/resolv.conf")),
             ..NatConfig::default()
         }
+    }
+
+    /// True when `addr` lies in another guest network (see `walled_off`).
+    pub fn walled(&self, addr: Ipv4Addr) -> bool {
+        self.walled_off.iter().any(|&(net, prefix)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(addr) & mask == u32::from(net) & mask
+        })
     }
 
     /// True when `addr` lies in the NAT's own network.

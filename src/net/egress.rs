@@ -37,6 +37,9 @@ pub(super) fn host_target(cfg: &NatConfig, dst: SocketAddrV4) -> Result<SocketAd
             _ => Err(UNREACH_PORT),
         };
     }
+    if cfg.walled(ip) {
+        return Err(UNREACH_ADMIN);
+    }
     if cfg.in_network(ip)
         || ip.is_broadcast()
         || ip.is_multicast()
@@ -112,6 +115,9 @@ mod tests {
             "no resolver"
         );
         assert!(target(&cfg, [192, 0, 2, 1], 80).is_ok());
+        cfg.walled_off = vec![([192, 168, 100, 0].into(), 24)];
+        assert_eq!(target(&cfg, [192, 168, 100, 7], 80), Err(UNREACH_ADMIN));
+        assert!(target(&cfg, [192, 168, 101, 7], 80).is_ok());
         cfg.outbound = Outbound::HostOnly;
         assert_eq!(target(&cfg, [192, 0, 2, 1], 80), Err(UNREACH_ADMIN));
     }

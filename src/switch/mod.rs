@@ -82,6 +82,12 @@ impl Switch {
         self.ports.iter().map(|p| p.id)
     }
 
+    /// The port unicast address `dst` was learned on, without counting
+    /// or learning anything.
+    pub fn lookup(&self, dst: EthernetAddress) -> Option<PortId> {
+        self.macs.lookup(dst, Instant::now())
+    }
+
     /// Where a frame from port `from` with these addresses goes; learns
     /// where `src` is.
     pub fn route(&mut self, from: PortId, src: EthernetAddress, dst: EthernetAddress) -> Route {
