@@ -184,10 +184,15 @@ struct RunArgs {
     /// as JSON (for benchmarks).
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
-    /// Network: `user` (a NIC behind vmlab's NAT) or `none` (no NIC)
-    /// [default: user, or the named VM's].
-    #[arg(long, value_name = "MODE")]
-    net: Option<NetMode>,
+    /// Network: `user` (a NIC behind vmlab's own NAT), `none` (no NIC),
+    /// or a lab network's name (vmlab network create) [default: user, or
+    /// the named VM's].
+    #[arg(long, value_name = "user|none|NETWORK")]
+    net: Option<control::settings::NetChoice>,
+    /// The VM's address on its lab network (reserved for its MAC)
+    /// [default: a lease from the network's pool, kept per MAC].
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<std::net::Ipv4Addr>,
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
@@ -207,14 +212,6 @@ struct ReachArgs {
     /// named VM's].
     #[arg(long, value_name = "any|host")]
     outbound: Option<Outbound>,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum NetMode {
-    /// virtio-net behind the userspace NAT (10.0.2.15, gateway 10.0.2.2).
-    User,
-    /// No network card.
-    None,
 }
 
 #[derive(Args, Debug)]
@@ -466,8 +463,12 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if let Some(mac) = args.mac {
         settings.mac = Some(mac.octets());
     }
-    if let Some(net) = args.net {
-        settings.no_net = net == NetMode::None;
+    if let Some(net) = &args.net {
+        settings.net = net.clone();
+        settings.ip = None;
+    }
+    if let Some(ip) = args.ip {
+        settings.ip = Some(ip);
     }
     if let Some(host_loopback) = &args.reach.host_loopback {
         settings.host_loopback = host_loopback.clone();

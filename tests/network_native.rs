@@ -432,3 +432,65 @@ fn bad_input_is_one_line_and_changes_nothing() {
         "{ls}"
     );
 }
+
+/// `vmlab run --net NAME`: the join happens before the guest is looked at
+/// (the kernel given does not exist), so each refusal is `run`'s one line.
+#[test]
+fn run_on_a_lab_network_refuses_bad_input_before_booting() {
+    let lab = Lab::new();
+    lab.ok(&["network", "create", "lab"]);
+    let a = Netns::new();
+    lab.attach("lab", &a);
+    let (_db, _) = lab
+        .join(
+            "lab",
+            vm(
+                "db",
+                "52:54:00:00:00:20",
+                Some(Ipv4Addr::new(192, 168, 100, 20)),
+            ),
+        )
+        .unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!("tcp:{}:80", taken.local_addr().unwrap().port());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--name", "web", "--kernel", "/nonexistent/vmlinux"];
+        args.extend_from_slice(extra);
+        lab.fails(&args)
+    };
+    for (extra, needle) in [
+        (&["--net", "nope"][..], "no network named nope"),
+        (&["--net", "Bad!"], "is not user, none or a network"),
+        (&["--ip", "192.168.100.30"], "add --net NETWORK"),
+        (
+            &["--net", "lab", "--ip", "10.1.2.3"],
+            "not a member address of lab's 192.168.100.0/24",
+        ),
+        (
+            &["--net", "lab", "--ip", "192.168.100.20"],
+            "already taken by db",
+        ),
+        (
+            &["--net", "lab", "--forward", &busy],
+            "choose another host port",
+        ),
+    ] {
+        let err = run(extra);
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("/nonexistent"), "refused first: {err}");
+    }
+    // Past the join, the missing kernel is what fails; the member it was
+    // for a moment is gone again, its address kept for its MAC.
+    let err = run(&["--net", "lab", "--ip", "192.168.100.30"]);
+    assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    let start = Instant::now();
+    loop {
+        let show = lab.ok(&["network", "show", "lab"]);
+        if !show.lines().any(|l| l.trim_start().starts_with("web ")) {
+            assert!(show.contains("192.168.100.30"), "the lease stays: {show}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{show}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -12,6 +12,7 @@ pub mod client;
 pub mod command;
 mod daemon;
 pub mod error;
+pub mod link;
 mod member;
 mod netns;
 pub mod protocol;

@@ -129,9 +129,10 @@ impl Vm {
             .map(Attached::Queues)
             .collect();
         let mut nat_view: Option<Arc<dyn NatView>> = None;
-        if let Some(net) = config.net.take() {
+        if let Some(mut net) = config.net.take() {
+            let view = net.nat_view.take();
             let net = Arc::new(Mutex::new(Net::new(net)));
-            nat_view = Some(Arc::new(NetNatView(net.clone())));
+            nat_view = Some(view.unwrap_or_else(|| Arc::new(NetNatView(net.clone()))));
             virtio.push(Attached::Net(net));
         }
         let slots = virtio_slots(virtio.len())?;
@@ -587,6 +588,9 @@ struct NetNatView(Arc<Mutex<Net>>);
 
 impl NatView for NetNatView {
     fn snapshot(&self) -> NatSnapshot {
-        lock(&self.0).nat().snapshot()
+        lock(&self.0)
+            .nat()
+            .map(|nat| nat.snapshot())
+            .unwrap_or_default()
     }
 }
