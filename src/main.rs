@@ -103,6 +103,21 @@ enum BenchCommand {
     /// Boot time to the guest's init and to ssh-ready: vmlab, QEMU microvm
     /// and runc, interleaved, with vmlab's own CPU and memory cost.
     Boot(BenchBootArgs),
+    /// Lab network throughput and round-trip time between two network
+    /// namespaces, against a Linux bridge with veth pairs (root).
+    Net(BenchNetArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchNetArgs {
+    /// Measured rounds per contender, interleaved.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Seconds of each iperf3 run.
+    #[arg(long, value_name = "S", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=600))]
+    seconds: u32,
 }
 
 #[derive(Args, Debug)]
@@ -364,6 +379,14 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Network(command) => Ok(vmlab::network::command::run(command)?),
         Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Bench(BenchCommand::Net(args)) => {
+            let bench = vmlab::bench::net::NetBench {
+                runs: args.runs,
+                seconds: args.seconds,
+            };
+            bench.run()?;
+            Ok(0)
+        }
         Command::Image(ImageCommand::Build { force }) => image_build(force),
     }
 }
