@@ -16,7 +16,11 @@ use std::time::{Duration, Instant};
 
 use common::{expect_pattern, require_root_and_tools, send_pattern, Netns};
 use vmlab::control::protocol::encode;
+use vmlab::devices::virtio::net::NetBackend;
+use vmlab::net::{EpollRegistry, GuestFrame, GuestPort, Offloads, PortBusy};
+use vmlab::network::link::MemberLink;
 use vmlab::network::protocol::{JoinRequest, NetRequest, NetResponse};
+use vmlab::network::NetworkDir;
 
 const VMLAB: &str = env!("CARGO_BIN_EXE_vmlab");
 const HUNDRED_MB: usize = 100 << 20;
@@ -493,4 +497,99 @@ fn run_on_a_lab_network_refuses_bad_input_before_booting() {
         assert!(start.elapsed() < Duration::from_secs(5), "{show}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Frames for the guest, as a VM's RX queue with room would take them.
+#[derive(Default)]
+struct Guest {
+    frames: Vec<Vec<u8>>,
+}
+
+impl GuestPort for Guest {
+    fn send(&mut self, frame: &GuestFrame) -> Result<(), PortBusy> {
+        self.frames.push(frame.data.clone());
+        Ok(())
+    }
+
+    fn offloads(&self) -> Offloads {
+        Offloads {
+            csum: true,
+            tso4: true,
+        }
+    }
+}
+
+/// Drives `link` until `guest` holds an ARP request for `ip`.
+fn wait_arp_for(link: &mut MemberLink, reg: &mut EpollRegistry, ip: Ipv4Addr) -> bool {
+    let start = Instant::now();
+    let mut guest = Guest::default();
+    while start.elapsed() < Duration::from_secs(5) {
+        for (token, events) in reg.wait(Duration::from_millis(20)).unwrap() {
+            link.event(token, events, reg);
+        }
+        link.flush(&mut guest, reg);
+        let asked = guest
+            .frames
+            .iter()
+            .any(|f| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[38..42] == ip.octets());
+        if asked {
+            return true;
+        }
+    }
+    false
+}
+
+/// A VM's member link (the virtio-net backend of `run --net`), in this
+/// process: it hears its neighbours, and when the network process is
+/// killed and started again it rejoins on its own with its address.
+#[test]
+fn a_vm_link_hears_its_neighbours_and_rejoins_a_restarted_network() {
+    let lab = Lab::new();
+    lab.ok(&["network", "create", "lab"]);
+    let a = Netns::new();
+    lab.attach("lab", &a);
+    // This process looks for the network where the vmlab children put it
+    // (every child is given its directories explicitly).
+    std::env::set_var("XDG_DATA_HOME", lab.dir.path().join("data"));
+    std::env::set_var("XDG_RUNTIME_DIR", lab.dir.path().join("run"));
+    let net = NetworkDir::existing("lab").unwrap();
+    let (mut link, ip) = MemberLink::join(net, vm("web", "52:54:00:00:00:30", None)).unwrap();
+    let mut reg = EpollRegistry::new().unwrap();
+    link.start(&mut reg);
+    let _ = a.sh(&format!("busybox ping -c1 -W1 {ip}"));
+    assert!(wait_arp_for(&mut link, &mut reg, ip), "the neighbour's ARP");
+
+    let pid = lab.pid("lab").unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // The link sees its socket close; the next member command starts the
+    // network again (before the link's own attempt, which would start
+    // it from this test's executable).
+    let start = Instant::now();
+    while lab.pid("lab").is_some() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = Netns::new();
+    lab.attach("lab", &b);
+    let start = Instant::now();
+    while link.counters.rejoins == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no rejoin");
+        for (token, events) in reg.wait(Duration::from_millis(20)).unwrap() {
+            link.event(token, events, &mut reg);
+        }
+        link.flush(&mut Guest::default(), &mut reg);
+        link.tick(&mut reg);
+    }
+    let show = lab.ok(&["network", "show", "lab"]);
+    assert!(
+        show.lines()
+            .any(|l| l.trim_start().starts_with("web ") && l.contains(&ip.to_string())),
+        "web is back with {ip}: {show}"
+    );
+    let _ = b.sh(&format!("busybox ping -c1 -W1 {ip}"));
+    assert!(wait_arp_for(&mut link, &mut reg, ip), "and hears again");
 }
