@@ -12,7 +12,7 @@ use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, BackingPolicy, CloneMode, CloneOptions, CreateOptions, ImageFormat};
-use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
+use vmlab::net::{ForwardListeners, HostLoopback, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, RunReport};
 
 /// `print!` and `println!` that return [`vmlab::cli::stdout::StdoutError`]
@@ -88,6 +88,12 @@ enum Command {
     /// Runs a named VM in the background (started by run --detach).
     #[command(name = "vm-daemon", hide = true)]
     VmDaemon { name: String },
+    /// Lab networks that VMs and network namespaces share.
+    #[command(subcommand)]
+    Network(vmlab::network::NetworkCommand),
+    /// A lab network's process (started by its first member).
+    #[command(name = "network-daemon", hide = true)]
+    NetworkDaemon { name: String },
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -119,6 +125,21 @@ enum BenchCommand {
     /// Boot time to the guest's init and to ssh-ready: vmlab, QEMU microvm
     /// and runc, interleaved, with vmlab's own CPU and memory cost.
     Boot(BenchBootArgs),
+    /// Lab network throughput and round-trip time between two network
+    /// namespaces, against a Linux bridge with veth pairs (root).
+    Net(BenchNetArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchNetArgs {
+    /// Measured rounds per contender, interleaved.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Seconds of each iperf3 run.
+    #[arg(long, value_name = "S", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=600))]
+    seconds: u32,
 }
 
 #[derive(Args, Debug)]
@@ -205,13 +226,20 @@ struct RunArgs {
     /// as JSON (for benchmarks).
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
-    /// Network: `user` (a NIC behind vmlab's NAT) or `none` (no NIC)
-    /// [default: user, or the named VM's].
-    #[arg(long, value_name = "MODE")]
-    net: Option<NetMode>,
+    /// Network: `user` (a NIC behind vmlab's own NAT), `none` (no NIC),
+    /// or a lab network's name (vmlab network create) [default: user, or
+    /// the named VM's].
+    #[arg(long, value_name = "user|none|NETWORK")]
+    net: Option<control::settings::NetChoice>,
+    /// The VM's address on its lab network (reserved for its MAC)
+    /// [default: a lease from the network's pool, kept per MAC].
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<std::net::Ipv4Addr>,
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
+    #[command(flatten)]
+    reach: ReachArgs,
     #[command(flatten)]
     backing: BackingArgs,
 }
@@ -247,12 +275,18 @@ impl BackingArgs {
     }
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum NetMode {
-    /// virtio-net behind the userspace NAT (10.0.2.15, gateway 10.0.2.2).
-    User,
-    /// No network card.
-    None,
+/// What a guest behind the NAT may reach on the host and beyond.
+#[derive(Args, Debug)]
+struct ReachArgs {
+    /// What the gateway (10.0.2.2) reaches on the host's 127.0.0.1: all
+    /// ports, none, or a list like 22,8080 [default: all, or the named VM's].
+    #[arg(long, value_name = "all|none|PORT,...")]
+    host_loopback: Option<HostLoopback>,
+    /// Where else the guest's flows may go: any (whatever the host reaches)
+    /// or host (the gateway and the DNS relay only) [default: any, or the
+    /// named VM's].
+    #[arg(long, value_name = "any|host")]
+    outbound: Option<Outbound>,
 }
 
 #[derive(Args, Debug)]
@@ -276,9 +310,11 @@ struct NatArgs {
     /// Most flows at once; the oldest idle flow is evicted beyond it.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_flows: u64,
-    /// Only let the namespace reach the host itself (10.0.2.2 and the DNS relay).
-    #[arg(long)]
+    /// Only let the namespace reach the host itself (same as --outbound host).
+    #[arg(long, conflicts_with = "outbound")]
     host_only: bool,
+    #[command(flatten)]
+    reach: ReachArgs,
 }
 
 #[derive(Args, Debug)]
@@ -382,6 +418,10 @@ fn main() {
         Err(err) => err.exit(),
     };
     init_logging(cli.verbose, &cli.command);
+    // A NAT with thousands of flows needs more than the usual soft limit.
+    if let Err(e) = vmlab::fds::raise_open_file_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
         // The reader of our output left (`| head -1`): stop quietly.
@@ -432,7 +472,17 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Ssh { name, command } => ssh(&name, &command),
         Command::SshConfig { name } => ssh_config(&name),
         Command::VmDaemon { name } => vm_daemon(&name, started),
+        Command::Network(command) => Ok(vmlab::network::command::run(command)?),
+        Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Bench(BenchCommand::Net(args)) => {
+            let bench = vmlab::bench::net::NetBench {
+                runs: args.runs,
+                seconds: args.seconds,
+            };
+            bench.run()?;
+            Ok(0)
+        }
         Command::Image(ImageCommand::Build { force }) => image_build(force),
         Command::Image(ImageCommand::Kernel { which }) => image_kernel(which),
     }
@@ -546,8 +596,18 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if let Some(mac) = args.mac {
         settings.mac = Some(mac.octets());
     }
-    if let Some(net) = args.net {
-        settings.no_net = net == NetMode::None;
+    if let Some(net) = &args.net {
+        settings.net = net.clone();
+        settings.ip = None;
+    }
+    if let Some(ip) = args.ip {
+        settings.ip = Some(ip);
+    }
+    if let Some(host_loopback) = &args.reach.host_loopback {
+        settings.host_loopback = host_loopback.clone();
+    }
+    if let Some(outbound) = args.reach.outbound {
+        settings.outbound = outbound;
     }
     if !args.backing.allow_backing.is_empty() {
         settings.allow_backing = args.backing.paths()?;
@@ -676,7 +736,12 @@ fn rm(names: &[String]) -> Result<i32> {
 fn nat_show(name: &str) -> Result<i32> {
     let vm = VmDir::existing(name)?;
     match control::client::request(&vm, &control::Request::Nat)? {
-        control::Response::Nat(snapshot) => out!("{}", snapshot.render()),
+        control::Response::Nat {
+            nat: Some(snapshot),
+        } => out!("{}", snapshot.render()),
+        control::Response::Nat { nat: None } => {
+            outln!("no network card (the VM runs without a NAT)")
+        }
         other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
     }
     Ok(0)
@@ -732,8 +797,9 @@ fn nat(args: NatArgs) -> Result<i32> {
         outbound: if args.host_only {
             Outbound::HostOnly
         } else {
-            Outbound::Any
+            args.reach.outbound.unwrap_or(Outbound::Any)
         },
+        host_loopback: args.reach.host_loopback.unwrap_or(HostLoopback::All),
         ..NatConfig::with_host_resolvers()
     };
     log::info!("nat: serving tap {} (mtu {})", tap.name(), config.mtu);

@@ -35,6 +35,16 @@ pub enum Admission {
     Suppressed,
 }
 
+impl Admission {
+    /// `Some(suppressed)` when admitted, for callers that only branch on it.
+    pub fn admitted(self) -> Option<u64> {
+        match self {
+            Admission::Admitted { suppressed } => Some(suppressed),
+            Admission::Suppressed => None,
+        }
+    }
+}
+
 /// Lines per window and the window of every rate-limited log call site: a
 /// guest that triggers one line in a loop gets 10 lines a minute into
 /// `vmm.log`, the first 10 of them at once.

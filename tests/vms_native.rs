@@ -259,6 +259,46 @@ fn a_detached_vms_log_is_capped_and_keeps_one_previous_file() {
 }
 
 #[test]
+fn reach_policies_are_saved_with_the_vm() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let err = lab.fails(&[
+        "run",
+        "--name",
+        "vm1",
+        "--kernel",
+        kernel,
+        "--outbound",
+        "mars",
+    ]);
+    assert!(err.contains("outbound 'mars'"), "{err}");
+    lab.ok(&[
+        "run",
+        "--name",
+        "vm1",
+        "--detach",
+        "--kernel",
+        kernel,
+        "--mem",
+        "32M",
+        "--host-loopback",
+        "22,5432",
+        "--outbound",
+        "host",
+    ]);
+    let _ = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(conf.contains("host_loopback = 22,5432\n"), "{conf}");
+    assert!(conf.contains("outbound = host\n"), "{conf}");
+    // Kept on the next run, replaced when given again.
+    lab.ok(&["run", "--name", "vm1", "--detach", "--host-loopback", "all"]);
+    let _ = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(!conf.contains("host_loopback"), "{conf}");
+    assert!(conf.contains("outbound = host\n"), "{conf}");
+}
+
+#[test]
 fn a_name_in_use_is_refused_and_two_vms_run_at_once() {
     let lab = Lab::new();
     let pid1 = lab.start("vm1");
@@ -462,4 +502,75 @@ fn a_disk_naming_a_host_file_is_refused_before_the_guest_starts_unless_allowed()
         .vmlab(&["stop", "--timeout", "1", "vm1"])
         .status
         .success());
+}
+
+/// Descriptors of `pid` above stderr that a program it started would
+/// inherit (no O_CLOEXEC in /proc/PID/fdinfo), with what they point at.
+fn inheritable_descriptors(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut leaked = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Ok(fd) = name.parse::<u32>() else {
+            continue;
+        };
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if fd > 2 && flags & libc::O_CLOEXEC as u32 == 0 {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            leaked.push(format!("{fd} -> {target}"));
+        }
+    }
+    leaked
+}
+
+/// The soft and hard open-file limits of `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[3].to_string(), words[4].to_string())
+}
+
+#[test]
+fn a_running_vm_raised_its_fd_limit_and_would_pass_no_descriptor_on() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let home = lab.dir.path();
+    // Started from a shell with the usual low soft limit.
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$@\"", "sh"])
+        .arg(env!("CARGO_BIN_EXE_vmlab"))
+        .args(["run", "--name", "vm1", "--detach", "--kernel", kernel])
+        .args(["--mem", "32M"])
+        .env("HOME", home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let pid = lab.pid("vm1").unwrap();
+    wait_for("the guest's line in the serial log", || {
+        serial_log(&lab, "vm1").contains("tiny guest up")
+    });
+    let (soft, hard) = open_file_limits(pid);
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+    let leaked = inheritable_descriptors(pid);
+    let _ = lab.vmlab(&["stop", "--timeout", "1", "vm1"]);
+    assert!(
+        leaked.is_empty(),
+        "descriptors a helper would inherit: {leaked:?}"
+    );
 }

@@ -26,6 +26,9 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log_path = vm.vmm_log();
     let log = crate::fsutil::create_private(&log_path)
         .map_err(ControlError::io("cannot create", &log_path))?;
+    // The daemon outlives this process: it inherits nothing but its stdio.
+    crate::fds::close_on_exec_above_stderr()
+        .map_err(ControlError::io("cannot list the descriptors of", exe))?;
     let mut command = Command::new(exe);
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));

@@ -72,7 +72,10 @@ fn read_as_answer(bytes: &[u8]) {
     let Ok(answer) = read_message::<Response>(&mut Cursor::new(bytes)) else {
         return;
     };
-    if let Response::Nat(snapshot) = &answer {
+    if let Response::Nat {
+        nat: Some(snapshot),
+    } = &answer
+    {
         let _ = snapshot.render();
     }
     let again = read_message::<Response>(&mut Cursor::new(encode(&answer)));

@@ -2,15 +2,19 @@
 //! `vmlab run`, named or not, attached or detached, decides what it boots.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::ControlError;
 use super::error::Result;
-use super::settings::VmSettings;
+use super::settings::{NetChoice, VmSettings};
 use crate::cli::{DiskSpec, MacAddress};
 use crate::devices::virtio::net::NetSettings;
 use crate::image::GuestIdentity;
 use crate::net::{ForwardListeners, NatConfig};
+use crate::network::link::{MemberLink, MemberNatView};
+use crate::network::protocol::JoinRequest;
+use crate::network::NetworkDir;
 use crate::vmm::{BootSource, ConsoleConfig, VmConfig};
 
 /// The kernel and initrd to boot: the settings' own, else the default
@@ -156,25 +160,74 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
     Ok(())
 }
 
-/// The VM's network card behind the NAT, or none. Binds the forwarded host
-/// ports now, before anything else is built: a port in use fails the start
-/// at once, with the port named.
+/// The VM's network card: behind its own NAT, on a lab network, or none.
+/// Binds the forwarded host ports now (or has the lab network bind them),
+/// before anything else is built: a port in use fails the start at once,
+/// with the port named.
 pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSettings>> {
-    if settings.no_net {
-        if !settings.forwards.is_empty() {
-            return Err(ControlError::Refused(
-                "--forward needs a network card: drop --forward or --net none".to_string(),
-            ));
-        }
-        return Ok(None);
+    let mac = MacAddress(settings.mac_for(name));
+    if settings.ip.is_some() && !matches!(settings.net, NetChoice::Lab(_)) {
+        return Err(ControlError::Refused(
+            "--ip is an address on a lab network: add --net NETWORK (see vmlab network ls)"
+                .to_string(),
+        ));
     }
-    Ok(Some(NetSettings {
-        listeners: ForwardListeners::bind(&settings.forwards)?,
-        mac: MacAddress(settings.mac_for(name)),
-        nat: NatConfig {
-            hostname: name.to_string(),
-            forwards: settings.forwards.clone(),
-            ..NatConfig::with_host_resolvers()
-        },
-    }))
+    match &settings.net {
+        NetChoice::None => {
+            if !settings.forwards.is_empty() {
+                return Err(ControlError::Refused(
+                    "--forward needs a network card: drop --forward or --net none".to_string(),
+                ));
+            }
+            Ok(None)
+        }
+        NetChoice::Lab(network) => Ok(Some(lab_member(name, mac, network, settings)?)),
+        NetChoice::User => Ok(Some(NetSettings::nat(
+            mac,
+            NatConfig {
+                hostname: name.to_string(),
+                forwards: settings.forwards.clone(),
+                host_loopback: settings.host_loopback.clone(),
+                outbound: settings.outbound,
+                // Lab networks are reached as their members, not through
+                // another VM's NAT.
+                walled_off: NetworkDir::list()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|n| n.load().ok())
+                    .map(|d| (d.subnet.network(), d.subnet.prefix()))
+                    .collect(),
+                ..NatConfig::with_host_resolvers()
+            },
+            ForwardListeners::bind(&settings.forwards)?,
+        ))),
+    }
+}
+
+/// Joins lab network `network` as VM `name` (starting the network's
+/// process if it is the first member); the network binds the forwards.
+fn lab_member(
+    name: &str,
+    mac: MacAddress,
+    network: &str,
+    settings: &VmSettings,
+) -> Result<NetSettings> {
+    let net = NetworkDir::existing(network)?;
+    let request = JoinRequest {
+        name: name.to_string(),
+        mac,
+        ip: settings.ip,
+        forwards: settings.forwards.clone(),
+    };
+    let (link, ip) = MemberLink::join(net.clone(), request)?;
+    log::info!("VM {name}: on network {network} as {ip}");
+    Ok(NetSettings {
+        mac,
+        mtu: NatConfig::default().mtu,
+        backend: Box::new(link),
+        nat_view: Some(Arc::new(MemberNatView {
+            net,
+            name: name.to_string(),
+        })),
+    })
 }

@@ -4,6 +4,7 @@ use super::client;
 use super::error::Result;
 use super::protocol::{Request, Response};
 use super::state::{Liveness, VmDir};
+use crate::cli::ForwardRule;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PsRow {
@@ -11,7 +12,7 @@ pub struct PsRow {
     /// running, stopping, starting (alive but not answering yet), stopped.
     pub state: String,
     pub pid: Option<u32>,
-    pub forwards: Vec<String>,
+    pub forwards: Vec<ForwardRule>,
     pub uptime_secs: Option<u64>,
 }
 
@@ -22,9 +23,7 @@ pub fn rows() -> Result<Vec<PsRow>> {
 
 fn row(vm: &VmDir) -> Result<PsRow> {
     let settings = vm.load_settings().ok();
-    let configured: Vec<String> = settings
-        .map(|s| s.forwards.iter().map(ToString::to_string).collect())
-        .unwrap_or_default();
+    let configured = settings.map(|s| s.forwards).unwrap_or_default();
     let mut row = PsRow {
         name: vm.name().to_string(),
         state: "stopped".into(),
@@ -69,7 +68,8 @@ pub fn render(rows: &[PsRow]) -> String {
         let forwards = if r.forwards.is_empty() {
             "-".to_string()
         } else {
-            r.forwards.join(", ")
+            let rules: Vec<String> = r.forwards.iter().map(ToString::to_string).collect();
+            rules.join(", ")
         };
         let _ = writeln!(
             out,
@@ -100,7 +100,7 @@ mod tests {
                 name: "vm1".into(),
                 state: "running".into(),
                 pid: Some(1234),
-                forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+                forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 uptime_secs: Some(65),
             },
             PsRow {
@@ -139,6 +139,6 @@ mod tests {
         let rows = rows().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state, "stopped");
-        assert_eq!(rows[0].forwards, ["tcp:127.0.0.1:2222:22"]);
+        assert_eq!(rows[0].forwards[0].to_string(), "tcp:127.0.0.1:2222:22");
     }
 }

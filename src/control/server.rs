@@ -7,21 +7,17 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
-use super::protocol::{encode, read_message, NatSnapshot, Request, Response, VmStatus};
+use super::protocol::{encode, read_message, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
+use crate::net::NatView;
+use crate::rate_limit::RateLimit;
 use crate::vmm::{LiveDisks, LiveSnapshotError};
-
-/// The NAT's state, as the running machine exposes it (implemented by
-/// whatever owns the NAT; see `Vm::nat_view`).
-pub trait NatView: Send + Sync {
-    fn snapshot(&self) -> NatSnapshot;
-}
 
 /// A running VM's disks as a live snapshot switches them (implemented by
 /// `vmm::LiveDisks`; see `Vm::live_disks`).
@@ -56,6 +52,8 @@ pub struct ControlContext {
     /// when the VM reads its terminal directly.
     pub console_input: Option<Mutex<File>>,
     stopping: AtomicBool,
+    /// Connections the listener failed to accept (out of descriptors).
+    accept_errors: AtomicU64,
 }
 
 impl ControlContext {
@@ -75,6 +73,7 @@ impl ControlContext {
             hub,
             console_input: None,
             stopping: AtomicBool::new(false),
+            accept_errors: AtomicU64::new(0),
         }
     }
 
@@ -90,7 +89,8 @@ impl ControlContext {
                 }
                 .into(),
                 uptime_secs: self.started.elapsed().as_secs(),
-                forwards: self.forwards.iter().map(ToString::to_string).collect(),
+                forwards: self.forwards.clone(),
+                accept_errors: self.accept_errors.load(Ordering::Relaxed),
             }),
             Request::Stop => match (self.power_button)() {
                 Ok(()) => {
@@ -101,11 +101,9 @@ impl ControlContext {
                     message: format!("cannot press the power button: {e}"),
                 },
             },
-            Request::Nat => Response::Nat(
-                self.nat
-                    .as_ref()
-                    .map_or_else(NatSnapshot::default, |nat| nat.snapshot()),
-            ),
+            Request::Nat => Response::Nat {
+                nat: self.nat.as_ref().map(|nat| nat.snapshot()),
+            },
             Request::SnapshotDisks { disks } => match &self.disks {
                 None => Response::Error {
                     message: "this VM's disks cannot be switched".into(),
@@ -135,6 +133,7 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let warnings = RateLimit::new(1, Duration::from_secs(60));
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
@@ -147,7 +146,15 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
                         }
                     }
                     Err(e) => {
-                        log::warn!("control: accept failed: {e}");
+                        // Out of descriptors, typically: the client waits in
+                        // the backlog and is served once some are free.
+                        ctx.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = warnings.admit().admitted() {
+                            log::warn!(
+                                "control: accept failed: {e} ({suppressed} more since the last \
+                                 warning); retrying"
+                            );
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
@@ -204,7 +211,7 @@ pub(crate) fn serve(stream: UnixStream, ctx: &ControlContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::NatSnapshot;
+    use crate::net::NatSnapshot;
     use std::io::BufRead;
     use std::sync::atomic::AtomicUsize;
 
@@ -212,8 +219,7 @@ mod tests {
     impl NatView for FakeNat {
         fn snapshot(&self) -> NatSnapshot {
             NatSnapshot {
-                network: true,
-                forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+                forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 ..NatSnapshot::default()
             }
         }
@@ -273,17 +279,17 @@ mod tests {
         assert_eq!(status.name, "vm1");
         assert_eq!(status.pid, std::process::id());
         assert_eq!(status.state, "running");
-        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22"]);
+        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22".parse().unwrap()]);
         assert_eq!(ask(&s.socket, &encode(&Request::Stop)), Response::Stopping);
         assert_eq!(s.presses.load(Ordering::SeqCst), 1);
         let Response::Status(status) = ask(&s.socket, &encode(&Request::Status)) else {
             panic!("not a status")
         };
         assert_eq!(status.state, "stopping");
-        let Response::Nat(nat) = ask(&s.socket, &encode(&Request::Nat)) else {
+        let Response::Nat { nat: Some(nat) } = ask(&s.socket, &encode(&Request::Nat)) else {
             panic!("not a NAT answer")
         };
-        assert!(nat.network);
+        assert_eq!(nat.forwards.len(), 1);
     }
 
     #[test]
@@ -291,7 +297,7 @@ mod tests {
         let s = serve_fake(false);
         assert_eq!(
             ask(&s.socket, &encode(&Request::Nat)),
-            Response::Nat(NatSnapshot::default())
+            Response::Nat { nat: None }
         );
     }
 

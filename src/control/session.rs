@@ -50,7 +50,7 @@ pub fn start_named(
     let (input, keystrokes) = match attach {
         Attach::Terminal => (ConsoleInput::Stdin, None),
         Attach::Detached => {
-            let (read, write) = nix::unistd::pipe()
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| ControlError::io("cannot create a pipe for", &log_path)(e.into()))?;
             (ConsoleInput::Fd(read), Some(Mutex::new(File::from(write))))
         }

@@ -13,7 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use super::boot_timer::BootTimeline;
@@ -42,7 +42,6 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, V
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
-use crate::control::{NatSnapshot, NatView};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
@@ -53,6 +52,7 @@ use crate::devices::virtio::net::{Net, NetEvents};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
+use crate::net::{NatSnapshot, NatView};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -149,9 +149,10 @@ impl Vm {
             .map(Attached::Queues)
             .collect();
         let mut nat_view: Option<Arc<dyn NatView>> = None;
-        if let Some(net) = config.net.take() {
+        if let Some(mut net) = config.net.take() {
+            let view = net.nat_view.take();
             let net = Arc::new(Mutex::new(Net::new(net)));
-            nat_view = Some(Arc::new(NetNatView(net.clone())));
+            nat_view = Some(view.unwrap_or_else(|| Arc::new(NetNatView(net.clone()))));
             virtio.push(Attached::Net(net));
         }
         let slots = virtio_slots(virtio.len())?;
@@ -188,8 +189,8 @@ impl Vm {
 
         let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
         let timeline = BootTimeline::new(config.started, config.boot_timer);
-        let serial_irq =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create the UART interrupt"))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create the UART interrupt"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(VmmError::kvm("route the UART interrupt"))?;
         let serial = Arc::new(Mutex::new(
@@ -519,14 +520,15 @@ fn attach_virtio(
         Attached::Queues(device) => device.clone(),
         Attached::Net(net) => net.clone(),
     };
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
+    let irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+        .map_err(VmmError::io("create a virtio interrupt"))?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(VmmError::kvm("route a virtio interrupt"))?;
     let queues = lock(&device).queue_max_sizes().len();
     let mut notifiers = Vec::with_capacity(queues);
     for index in 0..queues {
-        let notifier =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a queue notifier"))?;
+        let notifier = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create a queue notifier"))?;
         vm.register_ioevent(
             &notifier,
             &IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY),
@@ -604,8 +606,9 @@ struct NetNatView(Arc<Mutex<Net>>);
 
 impl NatView for NetNatView {
     fn snapshot(&self) -> NatSnapshot {
-        let net = lock(&self.0);
-        let nat = net.nat();
-        NatSnapshot::from_nat(&nat.config().forwards, &nat.flows(), &nat.counters())
+        lock(&self.0)
+            .nat()
+            .map(|nat| nat.snapshot())
+            .unwrap_or_default()
     }
 }

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::devices::BusDevice;
 
@@ -48,7 +48,7 @@ pub struct Serial {
 impl Serial {
     /// A UART raising `interrupt` and writing guest output to `out`.
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let input_room = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let input_room = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         let uart = vm_superio::Serial::with_events(
             EventFdTrigger(interrupt),
             InputRoom(input_room.clone()),

@@ -85,17 +85,17 @@ fn disk(scratch: &Path, read_only: bool) -> Option<Block> {
 
 /// A NAT that reaches nothing at all: no host port, no resolver.
 fn isolated_net() -> Net {
-    Net::new(NetSettings {
-        mac: MacAddress::for_vm("fuzz"),
-        nat: NatConfig {
+    Net::new(NetSettings::nat(
+        MacAddress::for_vm("fuzz"),
+        NatConfig {
             outbound: Outbound::HostOnly,
             host_loopback: HostLoopback::None,
             resolvers: Vec::new(),
             max_flows: 16,
             ..NatConfig::default()
         },
-        listeners: ForwardListeners::default(),
-    })
+        ForwardListeners::default(),
+    ))
 }
 
 /// The device under the transport, kept concretely typed so that

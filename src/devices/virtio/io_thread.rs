@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -42,7 +42,7 @@ pub struct IoThread {
 impl IoThread {
     /// Starts a thread named `name` running an event loop with `subscriber`.
     pub fn spawn(name: &str, subscriber: Subscriber) -> std::io::Result<IoThread> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let watcher = Stop {
             event: stop.try_clone()?,
             stopped: Arc::new(AtomicBool::new(false)),

@@ -42,14 +42,14 @@ fn mem() -> GuestMemoryMmap {
 
 /// A device on a NAT that reaches nothing beyond the host.
 fn host_only_net() -> Net {
-    Net::new(NetSettings {
-        mac: MacAddress::for_vm("test"),
-        nat: NatConfig {
+    Net::new(NetSettings::nat(
+        MacAddress::for_vm("test"),
+        NatConfig {
             outbound: Outbound::HostOnly,
             ..NatConfig::default()
         },
-        listeners: ForwardListeners::default(),
-    })
+        ForwardListeners::default(),
+    ))
 }
 
 struct Rig<'m> {
@@ -227,14 +227,14 @@ fn assert_arp_reply(data: &[u8]) {
 
 #[test]
 fn config_space_has_mac_link_up_and_mtu() {
-    let net = Net::new(NetSettings {
-        mac: "52:54:00:01:02:03".parse().unwrap(),
-        nat: NatConfig {
+    let net = Net::new(NetSettings::nat(
+        "52:54:00:01:02:03".parse().unwrap(),
+        NatConfig {
             mtu: 9000,
             ..NatConfig::default()
         },
-        listeners: ForwardListeners::default(),
-    });
+        ForwardListeners::default(),
+    ));
     let mut config = [0u8; 12];
     net.read_config(0, &mut config);
     assert_eq!(config[..6], [0x52, 0x54, 0, 1, 2, 3]);
@@ -268,11 +268,11 @@ fn activation_needs_both_queues() {
         .create_queue()
         .unwrap();
     tx_queue.set_ready(false);
-    let mut net = Net::new(NetSettings {
-        mac: MacAddress::for_vm("t"),
-        nat: NatConfig::default(),
-        listeners: ForwardListeners::default(),
-    });
+    let mut net = Net::new(NetSettings::nat(
+        MacAddress::for_vm("t"),
+        NatConfig::default(),
+        ForwardListeners::default(),
+    ));
     let err = net.activate(ActivateContext {
         mem: m.clone(),
         queues: vec![rx.create_queue().unwrap(), tx_queue],
@@ -315,7 +315,7 @@ fn tx_frame_reaches_the_nat_and_the_reply_fills_an_rx_buffer() {
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.tx_used(), 1);
     assert_eq!(rig.net.counters().tx_frames, 1);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 1);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 1);
     let frames = rig.frames();
     assert_eq!(frames.len(), 1);
     let (hdr, num_buffers, data) = &frames[0];
@@ -397,7 +397,7 @@ fn poll(rig: &mut Rig, reg: &mut EpollRegistry, limit: Duration, done: impl Fn(&
     let deadline = Instant::now() + limit;
     while !done(rig) && Instant::now() < deadline {
         for (token, events) in reg.wait(Duration::from_millis(10)).unwrap() {
-            rig.net.nat_event(token, events, reg);
+            rig.net.backend_event(token, events, reg);
         }
     }
 }
@@ -452,12 +452,12 @@ fn without_rx_buffers_the_nat_stops_reading_and_resumes_when_posted() {
         // Loopback delivery is immediate: a short settle suffices.
         poll(&mut rig, &mut reg, Duration::from_millis(300), |_| false);
     }
-    let waiting = rig.net.nat().pending_frames();
+    let waiting = rig.net.nat().unwrap().pending_frames();
     assert!(
         (1..SENT).contains(&waiting),
         "the NAT holds what the guest cannot take and leaves the rest in the socket: {waiting}"
     );
-    assert_eq!(rig.net.nat().counters().dropped_to_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().dropped_to_guest, 0);
     assert!(rig.received().is_empty());
 
     // The guest posts buffers and notifies RX: everything arrives, in order.
@@ -473,7 +473,7 @@ fn without_rx_buffers_the_nat_stops_reading_and_resumes_when_posted() {
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p[..], (i as u16).to_be_bytes(), "datagram {i}");
     }
-    assert_eq!(rig.net.nat().counters().dropped_to_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().dropped_to_guest, 0);
 }
 
 #[test]
@@ -546,7 +546,7 @@ fn tx_chain_with_a_writable_buffer_is_dropped() {
     ]);
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.net.counters().tx_malformed, 1);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
     assert!(!rig.interrupt.needs_reset());
 }
 
@@ -578,7 +578,7 @@ fn tx_buffer_outside_guest_memory_needs_reset_without_panic() {
     rig.send_frame(&arp_request());
     rig.kick(TX_QUEUE, &mut NullRegistry);
     rig.net.tick(&mut NullRegistry);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
 }
 
 #[test]
@@ -627,7 +627,7 @@ fn tx_garbage_frames_are_counted_by_the_nat() {
     rig.post_tx(&bytes, &[]);
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.net.counters().tx_frames, 1);
-    assert_eq!(rig.net.nat().counters().malformed, 1);
+    assert_eq!(rig.net.nat().unwrap().counters().malformed, 1);
 }
 
 #[test]
@@ -668,7 +668,7 @@ fn tx_avail_index_beyond_the_queue_size_needs_reset_instead_of_spinning() {
     rig.kick_in_time(TX_QUEUE);
     assert!(rig.interrupt.needs_reset());
     assert!(rig.net.active.is_none());
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
 }
 
 #[test]
@@ -696,25 +696,28 @@ fn reset_stops_the_device_and_keeps_the_nat() {
     assert_eq!(rig.tx_used(), 0);
     // Frames the NAT makes meanwhile wait (Unplugged is always busy).
     rig.net
-        .nat
-        .handle_frame(&NetHdr::default(), &arp_request(), &mut NullRegistry);
+        .backend
+        .guest_frame(&NetHdr::default(), &arp_request(), &mut NullRegistry);
     rig.net.flush(&mut NullRegistry);
-    assert_eq!(rig.net.nat().pending_frames(), 1);
+    assert_eq!(rig.net.nat().unwrap().pending_frames(), 1);
 }
 
 #[test]
 fn the_nat_timer_is_only_needed_while_there_is_traffic() {
     let m = mem();
     let mut rig = Rig::new(&m, FEATURES);
-    assert!(!rig.net.nat().needs_tick(), "an idle VM needs no timer");
+    assert!(
+        !rig.net.nat().unwrap().needs_tick(),
+        "an idle VM needs no timer"
+    );
     rig.post_rx(&[2048]);
     rig.send_frame(&arp_request());
     rig.kick(TX_QUEUE, &mut NullRegistry);
-    assert!(!rig.net.nat().needs_tick(), "ARP opens no flow");
+    assert!(!rig.net.nat().unwrap().needs_tick(), "ARP opens no flow");
     let mut reg = EpollRegistry::new().unwrap();
     let _peer = udp_peer(&mut rig, &mut reg);
     assert!(
-        rig.net.nat().needs_tick(),
+        rig.net.nat().unwrap().needs_tick(),
         "a UDP flow has a timeout to run"
     );
 }
