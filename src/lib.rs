@@ -18,4 +18,5 @@ pub mod image;
 pub mod logging;
 pub mod net;
 pub mod rate_limit;
+pub mod seccomp;
 pub mod vmm;

@@ -14,6 +14,7 @@ use super::console_hub::ConsoleHub;
 use super::protocol::{encode, read_message, NatSnapshot, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
+use crate::seccomp::ThreadClass;
 
 /// The NAT's state, as the running machine exposes it (implemented by
 /// whatever owns the NAT; see `Vm::nat_view`).
@@ -95,11 +96,20 @@ impl ControlContext {
     }
 }
 
-/// Serves `listener` on a background thread for the life of the process.
+/// Serves `listener` on a background thread for the life of the process;
+/// returns once that thread is under its seccomp filter (connection
+/// threads inherit it).
 pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Result<()> {
+    let (filtered, installed) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let result = crate::seccomp::install(ThreadClass::Control);
+            let failed = result.is_err();
+            let _ = filtered.send(result);
+            if failed {
+                return;
+            }
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
@@ -118,7 +128,13 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
                 }
             }
         })?;
-    Ok(())
+    match installed.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other(
+            "the control thread ended at its start",
+        )),
+    }
 }
 
 /// One connection: a request, its answer, and for `console` the byte

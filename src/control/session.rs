@@ -41,6 +41,9 @@ pub fn start_named(
     build: impl FnOnce(ConsoleConfig) -> Result<VmConfig>,
 ) -> Result<NamedVm> {
     let lock = dir.lock_exclusive()?;
+    let record = dir.seccomp_record();
+    crate::seccomp::record_violations_in(&record)
+        .map_err(ControlError::io("cannot create", &record))?;
     let log_path = dir.serial_log();
     let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
         .map_err(ControlError::io("cannot create", &log_path))?;
