@@ -388,12 +388,28 @@ fn with_forbidden_syscall_on(lab: &Lab, class: &str, args: &[&str]) -> Output {
 
 const KILLED: &str = "killed by its seccomp filter (SIGSYS): syscall 135";
 
+/// A guest that prints a line and powers off: a run of it ends by itself.
+fn powering_off_guest(lab: &Lab) -> String {
+    let path = lab.dir.path().join("poweroff.elf");
+    Program::new()
+        .print(b"tiny guest up\n")
+        .poweroff()
+        .write_elf(&path);
+    path.to_str().unwrap().to_string()
+}
+
 #[test]
 fn a_forbidden_syscall_on_a_vcpu_thread_kills_the_vm_and_ps_and_stop_say_so() {
     let lab = Lab::new();
     let kernel = lab.kernel.to_str().unwrap();
-    // In the foreground: the one line and the SIGSYS status.
-    let out = with_forbidden_syscall_on(&lab, "vcpu", &["run", "--kernel", kernel, "--mem", "32M"]);
+    // In the foreground: the one line and the SIGSYS status (a guest that
+    // powers off at once, so that a missing filter fails, never hangs).
+    let powers_off = powering_off_guest(&lab);
+    let out = with_forbidden_syscall_on(
+        &lab,
+        "vcpu",
+        &["run", "--kernel", &powers_off, "--mem", "32M"],
+    );
     assert_eq!(out.status.code(), Some(128 + 31), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -449,7 +465,8 @@ fn a_forbidden_syscall_while_starting_fails_run_detach_with_the_reason() {
 #[test]
 fn every_thread_class_is_filtered() {
     let lab = Lab::new();
-    let kernel = lab.kernel.to_str().unwrap();
+    let kernel = powering_off_guest(&lab);
+    let kernel = kernel.as_str();
     let disk = lab.dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let disk_arg = disk.to_str().unwrap();
@@ -473,11 +490,7 @@ fn a_whole_run_under_the_filters_ends_cleanly() {
     // threads joined, disk closed, footprint read, report written, the
     // name freed; with a disk and a forward, so every thread class runs.
     let lab = Lab::new();
-    Program::new()
-        .print(b"tiny guest up\n")
-        .poweroff()
-        .write_elf(&lab.kernel);
-    let kernel = lab.kernel.to_str().unwrap();
+    let kernel = powering_off_guest(&lab);
     let disk = lab.dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let report = lab.dir.path().join("report.json");
@@ -489,7 +502,7 @@ fn a_whole_run_under_the_filters_ends_cleanly() {
         "--name",
         "vm1",
         "--kernel",
-        kernel,
+        &kernel,
         "--mem",
         "32M",
         "--disk",
