@@ -98,6 +98,10 @@ const EVENT_LOOP: &[c_long] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_create1,
     libc::SYS_eventfd2,
+    // The NAT's tick runs only while it has work.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_socket,
