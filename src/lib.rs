@@ -21,5 +21,6 @@ pub mod logging;
 pub mod net;
 pub mod network;
 pub mod rate_limit;
+pub mod seccomp;
 pub mod switch;
 pub mod vmm;

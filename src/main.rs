@@ -87,7 +87,11 @@ enum Command {
     SshConfig { name: String },
     /// Runs a named VM in the background (started by run --detach).
     #[command(name = "vm-daemon", hide = true)]
-    VmDaemon { name: String },
+    VmDaemon {
+        name: String,
+        #[arg(long)]
+        no_seccomp: bool,
+    },
     /// Lab networks that VMs and network namespaces share.
     #[command(subcommand)]
     Network(vmlab::network::NetworkCommand),
@@ -242,6 +246,11 @@ struct RunArgs {
     reach: ReachArgs,
     #[command(flatten)]
     backing: BackingArgs,
+    /// Run without vmlab's per-thread seccomp filters (for debugging: a
+    /// VM "killed by its seccomp filter" runs on with this, and strace
+    /// shows the syscall).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 /// Backing files an image may name beyond vmlab's rule (its own directory,
@@ -397,7 +406,7 @@ fn init_logging(verbose: u8, command: &Command) {
         _ => log::LevelFilter::Trace,
     };
     let file = match command {
-        Command::VmDaemon { name } => control::daemon::vmm_log(name),
+        Command::VmDaemon { name, .. } => control::daemon::vmm_log(name),
         _ => None,
     };
     vmlab::logging::init(level, file);
@@ -471,7 +480,7 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         }
         Command::Ssh { name, command } => ssh(&name, &command),
         Command::SshConfig { name } => ssh_config(&name),
-        Command::VmDaemon { name } => vm_daemon(&name, started),
+        Command::VmDaemon { name, no_seccomp } => vm_daemon(&name, no_seccomp, started),
         Command::Network(command) => Ok(vmlab::network::command::run(command)?),
         Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
@@ -548,7 +557,7 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     vm.save_settings(&settings)?;
     let result = if args.detach {
         let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
-        control::daemon::spawn_detached(&exe, &vm, verbose)
+        control::daemon::spawn_detached(&exe, &vm, verbose, args.no_seccomp)
             .map_err(anyhow::Error::from)
             .and_then(|pid| {
                 outln!("{name} is running in the background (pid {pid})");
@@ -640,6 +649,9 @@ fn run_vm(
         Some(_) => settings,
         None => merge_settings(settings, &args)?,
     };
+    if !args.no_seccomp {
+        vmlab::seccomp::prepare()?;
+    }
     let (timeline, (reason, footprint)) = match named {
         None => {
             let config = control::launch::vm_config(
@@ -675,8 +687,11 @@ fn run_vm(
 }
 
 /// The background process of `run --detach`.
-fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
+fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     control::daemon::detach_from_terminal();
+    if !no_seccomp {
+        vmlab::seccomp::prepare()?;
+    }
     let vm = VmDir::existing(name)?;
     let settings = vm.load_settings()?;
     let named = control::start_named(&vm, &settings, Attach::Detached, |console| {
@@ -710,6 +725,7 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
                 vm.name()
             ),
             Ok(StopOutcome::NotRunning) => outln!("{}: was not running", vm.name()),
+            Ok(StopOutcome::SeccompKilled(why)) => outln!("{}: {why}", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
                 failed = true;

@@ -574,3 +574,147 @@ fn a_running_vm_raised_its_fd_limit_and_would_pass_no_descriptor_on() {
         "descriptors a helper would inherit: {leaked:?}"
     );
 }
+
+/// The seccomp filters, checked through the test hook: a thread of the
+/// named class makes one syscall outside its list (personality, 135)
+/// right after installing its filter, as a vmlab bug or a compromised
+/// device would.
+fn with_forbidden_syscall_on(lab: &Lab, class: &str, args: &[&str]) -> Output {
+    lab.command(args)
+        .env("VMLAB_SECCOMP_SELFTEST", class)
+        .output()
+        .unwrap()
+}
+
+const KILLED: &str = "killed by its seccomp filter (SIGSYS): syscall 135";
+
+/// A guest that prints a line and powers off: a run of it ends by itself.
+fn powering_off_guest(lab: &Lab) -> String {
+    let path = lab.dir.path().join("poweroff.elf");
+    Program::new()
+        .print(b"tiny guest up\n")
+        .poweroff()
+        .write_elf(&path);
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_forbidden_syscall_on_a_vcpu_thread_kills_the_vm_and_ps_and_stop_say_so() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    // In the foreground: the one line and the SIGSYS status (a guest that
+    // powers off at once, so that a missing filter fails, never hangs).
+    let powers_off = powering_off_guest(&lab);
+    let out = with_forbidden_syscall_on(
+        &lab,
+        "vcpu",
+        &["run", "--kernel", &powers_off, "--mem", "32M"],
+    );
+    assert_eq!(out.status.code(), Some(128 + 31), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("vmlab: error: {KILLED} on a vcpu thread")),
+        "{err}"
+    );
+    // Detached: the VM is started, then killed; ps and stop tell why.
+    let args = [
+        "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ];
+    let out = with_forbidden_syscall_on(&lab, "vcpu", &args);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the VM to be killed", || {
+        lab.ps_line("vm1").contains("killed")
+    });
+    let ps = lab.ok(&["ps"]);
+    assert!(
+        ps.contains(&format!("vm1: {KILLED} on a vcpu thread")),
+        "{ps}"
+    );
+    let stop = lab.ok(&["stop", "vm1"]);
+    assert!(stop.contains(&format!("vm1: {KILLED}")), "{stop}");
+    // The next run is a new one: the violation is history.
+    lab.start("vm1");
+    assert!(lab.ps_line("vm1").contains("running"));
+    lab.ok(&["stop", "--timeout", "1", "vm1"]);
+    assert!(lab.ps_line("vm1").contains("stopped"));
+}
+
+#[test]
+fn a_forbidden_syscall_while_starting_fails_run_detach_with_the_reason() {
+    let lab = Lab::new();
+    let kernel = lab.kernel.to_str().unwrap();
+    let args = [
+        "run", "--name", "vm1", "--detach", "--kernel", kernel, "--mem", "32M",
+    ];
+    let out = with_forbidden_syscall_on(&lab, "control", &args);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{KILLED} on a control thread")),
+        "{err}"
+    );
+    // --no-seccomp: the same hook finds no filter and the VM runs.
+    let mut no_filters = args.to_vec();
+    no_filters.push("--no-seccomp");
+    let out = with_forbidden_syscall_on(&lab, "control", &no_filters);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(lab.ps_line("vm1").contains("running"));
+    lab.ok(&["stop", "--timeout", "1", "vm1"]);
+}
+
+#[test]
+fn every_thread_class_is_filtered() {
+    let lab = Lab::new();
+    let kernel = powering_off_guest(&lab);
+    let kernel = kernel.as_str();
+    let disk = lab.dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = disk.to_str().unwrap();
+    for class in ["vcpu", "event-loop", "disk-io", "control"] {
+        let args = [
+            "run", "--name", "vm1", "--kernel", kernel, "--mem", "32M", "--disk", disk_arg,
+        ];
+        let out = with_forbidden_syscall_on(&lab, class, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(128 + 31), "{class}: {}", text(&out));
+        assert!(
+            err.contains(&format!("{KILLED} on a {class} thread")),
+            "{class}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_whole_run_under_the_filters_ends_cleanly() {
+    // Start, guest output, power-off, then everything after the guest:
+    // threads joined, disk closed, footprint read, report written, the
+    // name freed; with a disk and a forward, so every thread class runs.
+    let lab = Lab::new();
+    let kernel = powering_off_guest(&lab);
+    let disk = lab.dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let report = lab.dir.path().join("report.json");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forward = format!("tcp:{}:22", free.local_addr().unwrap().port());
+    drop(free);
+    let out = lab.vmlab(&[
+        "run",
+        "--name",
+        "vm1",
+        "--kernel",
+        &kernel,
+        "--mem",
+        "32M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--forward",
+        &forward,
+        "--report-json",
+        report.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tiny guest up"));
+    assert!(std::fs::read_to_string(&report).unwrap().contains("power"));
+    assert!(lab.ps_line("vm1").contains("stopped"));
+    assert!(lab.pid("vm1").is_none(), "the name is freed");
+}

@@ -22,7 +22,8 @@ const READY: &str = "ready";
 
 /// Starts the VM `vm` (its settings already saved) in the background with
 /// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
-pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
+/// `no_seccomp` runs it without its seccomp filters.
+pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8, no_seccomp: bool) -> Result<u32> {
     let log_path = vm.vmm_log();
     let log = crate::fsutil::create_private(&log_path)
         .map_err(ControlError::io("cannot create", &log_path))?;
@@ -33,9 +34,11 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));
     }
+    command.arg(DAEMON_COMMAND).arg(vm.name().as_str());
+    if no_seccomp {
+        command.arg("--no-seccomp");
+    }
     let mut child = command
-        .arg(DAEMON_COMMAND)
-        .arg(vm.name().as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -54,6 +57,9 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().rev().find(|l| !l.trim().is_empty());
     let message = match last {
+        _ if status.code() == Some(crate::seccomp::EXIT_STATUS) => vm
+            .seccomp_violation()
+            .unwrap_or_else(|| crate::seccomp::KILLED.to_string()),
         // The log may quote what the guest or an image chose.
         Some(line) => crate::escape::Escaped(
             line.trim_start_matches("vmlab: error: ")

@@ -14,6 +14,9 @@ pub struct PsRow {
     pub pid: Option<u32>,
     pub forwards: Vec<ForwardRule>,
     pub uptime_secs: Option<u64>,
+    /// Why a stopped VM's last run ended, when it was not the guest's
+    /// doing (its seccomp filter killed it).
+    pub note: Option<String>,
 }
 
 /// Every VM's row; stale sockets of crashed VMs are cleaned on the way.
@@ -30,8 +33,16 @@ fn row(vm: &VmDir) -> Result<PsRow> {
         pid: None,
         forwards: configured,
         uptime_secs: None,
+        note: None,
     };
-    if let Liveness::Running { pid } = vm.liveness()? {
+    let liveness = vm.liveness()?;
+    if let Liveness::Stopped { .. } = liveness {
+        if let Some(violation) = vm.seccomp_violation() {
+            row.state = "killed".into();
+            row.note = Some(violation);
+        }
+    }
+    if let Liveness::Running { pid } = liveness {
         row.pid = pid;
         row.state = "starting".into();
         if let Ok(Response::Status(status)) = client::request(vm, &Request::Status) {
@@ -77,6 +88,11 @@ pub fn render(rows: &[PsRow]) -> String {
             r.name, r.state
         );
     }
+    for r in rows {
+        if let Some(note) = &r.note {
+            let _ = writeln!(out, "{}: {note}", r.name);
+        }
+    }
     out
 }
 
@@ -102,6 +118,7 @@ mod tests {
                 pid: Some(1234),
                 forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 uptime_secs: Some(65),
+                note: None,
             },
             PsRow {
                 name: "database".into(),
@@ -109,6 +126,7 @@ mod tests {
                 pid: None,
                 forwards: vec![],
                 uptime_secs: None,
+                note: None,
             },
         ];
         let text = render(&rows);

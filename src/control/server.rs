@@ -17,6 +17,7 @@ use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
 use crate::net::NatView;
 use crate::rate_limit::RateLimit;
+use crate::seccomp::ThreadClass;
 use crate::vmm::{LiveDisks, LiveSnapshotError};
 
 /// A running VM's disks as a live snapshot switches them (implemented by
@@ -128,11 +129,20 @@ impl ControlContext {
     }
 }
 
-/// Serves `listener` on a background thread for the life of the process.
+/// Serves `listener` on a background thread for the life of the process;
+/// returns once that thread is under its seccomp filter (connection
+/// threads inherit it).
 pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Result<()> {
+    let (filtered, installed) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let result = crate::seccomp::install(ThreadClass::Control);
+            let failed = result.is_err();
+            let _ = filtered.send(result);
+            if failed {
+                return;
+            }
             let warnings = RateLimit::new(1, Duration::from_secs(60));
             for conn in listener.incoming() {
                 match conn {
@@ -160,7 +170,13 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
                 }
             }
         })?;
-    Ok(())
+    match installed.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other(
+            "the control thread ended at its start",
+        )),
+    }
 }
 
 /// One connection: a request, its answer, and for `console` the byte

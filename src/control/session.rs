@@ -43,6 +43,9 @@ pub fn start_named(
     let lock = dir.lock_exclusive()?;
     // Never boot disks a killed `snapshot restore` left half-restored.
     super::snapshot::finish_restore(dir)?;
+    let record = dir.seccomp_record();
+    crate::seccomp::record_violations_in(&record)
+        .map_err(ControlError::io("cannot create", &record))?;
     let log_path = dir.serial_log();
     let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
         .map_err(ControlError::io("cannot create", &log_path))?;

@@ -24,6 +24,7 @@ const LOCK_FILE: &str = "lock";
 const PID_FILE: &str = "vmlab.pid";
 const SERIAL_LOG: &str = "serial.log";
 const VMM_LOG: &str = "vmm.log";
+const SECCOMP_RECORD: &str = "seccomp.violation";
 /// Where each log rotates; one previous file (`NAME.1`) is kept, so a VM's
 /// logs take at most 2 × (8 + 4) MiB whatever its guest does.
 pub const SERIAL_LOG_LIMIT: u64 = 8 << 20;
@@ -101,6 +102,14 @@ impl VmDir {
     /// vmlab's own messages while the VM ran detached.
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join(VMM_LOG)
+    }
+    /// Why the last run was killed by its seccomp filter; empty otherwise.
+    pub fn seccomp_record(&self) -> PathBuf {
+        self.dir.join(SECCOMP_RECORD)
+    }
+    /// The last run's seccomp violation, if it was killed by its filter.
+    pub fn seccomp_violation(&self) -> Option<String> {
+        crate::seccomp::violation(&self.seccomp_record())
     }
     pub fn pid_path(&self) -> PathBuf {
         self.dir.join(PID_FILE)

@@ -169,6 +169,24 @@ pub fn ask_starting(net: &NetworkDir, request: &NetRequest) -> Result<NetRespons
 /// Joins the network as a VM member: the connection then carries frames.
 pub fn join(net: &NetworkDir, request: &JoinRequest) -> Result<(UnixStream, Joined)> {
     let stream = connect_or_start(net)?;
+    join_over(net, stream, request)
+}
+
+/// Joins again a network whose process runs; None while it does not. For
+/// a running VM's link: it never starts the process itself (that is an
+/// exec, which its seccomp filter forbids), the next member command does.
+pub fn rejoin(net: &NetworkDir, request: &JoinRequest) -> Result<Option<(UnixStream, Joined)>> {
+    match UnixStream::connect(net.socket_path()) {
+        Ok(stream) => join_over(net, stream, request).map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+fn join_over(
+    net: &NetworkDir,
+    stream: UnixStream,
+    request: &JoinRequest,
+) -> Result<(UnixStream, Joined)> {
     match exchange(net, &stream, &NetRequest::Join(request.clone()))? {
         NetResponse::Joined(joined) => {
             let _ = stream.set_read_timeout(None);

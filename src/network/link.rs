@@ -6,8 +6,6 @@
 //! reboot.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
@@ -46,7 +44,6 @@ pub struct MemberLink {
     readable: bool,
     /// A frame the guest had no room for, delivered first next time.
     held: Option<GuestFrame>,
-    rejoining: Option<mpsc::Receiver<Result<UnixStream>>>,
     last_attempt: Instant,
     pub counters: LinkCounters,
 }
@@ -66,7 +63,6 @@ impl MemberLink {
                 port: Some(port),
                 readable: true,
                 held: None,
-                rejoining: None,
                 last_attempt: Instant::now(),
                 counters: LinkCounters::default(),
             },
@@ -86,42 +82,27 @@ impl MemberLink {
         self.last_attempt = Instant::now() - REJOIN_EVERY;
     }
 
-    /// Tries to join again off the event loop (starting the network
-    /// process can take a moment); picks up a finished attempt.
+    /// Tries to join again, once a [`REJOIN_EVERY`], on the event loop
+    /// itself: connecting to a running network's socket is quick, and a
+    /// network that does not run is left to the next member command.
     fn rejoin(&mut self, reg: &mut dyn SocketRegistry) {
-        if let Some(rx) = &self.rejoining {
-            match rx.try_recv() {
-                Ok(Ok(stream)) => {
-                    self.rejoining = None;
-                    match StreamPort::new(stream, Framing::VnetHdr, OUT_LIMIT) {
-                        Ok(port) if reg.add(port.as_raw_fd(), TOKEN_LINK).is_ok() => {
-                            log::info!("network {}: rejoined", self.net.name());
-                            self.counters.rejoins += 1;
-                            self.port = Some(port);
-                            self.readable = true;
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(Err(e)) => {
-                    log::debug!("network {}: rejoin: {e}", self.net.name());
-                    self.rejoining = None;
-                }
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => self.rejoining = None,
-            }
-            return;
-        }
         if self.last_attempt.elapsed() < REJOIN_EVERY {
             return;
         }
         self.last_attempt = Instant::now();
-        let (tx, rx) = mpsc::channel();
-        let (net, request) = (self.net.clone(), self.request.clone());
-        std::thread::spawn(move || {
-            let _ = tx.send(client::join(&net, &request).map(|(stream, _)| stream));
-        });
-        self.rejoining = Some(rx);
+        match client::rejoin(&self.net, &self.request) {
+            Ok(Some((stream, _))) => match StreamPort::new(stream, Framing::VnetHdr, OUT_LIMIT) {
+                Ok(port) if reg.add(port.as_raw_fd(), TOKEN_LINK).is_ok() => {
+                    log::info!("network {}: rejoined", self.net.name());
+                    self.counters.rejoins += 1;
+                    self.port = Some(port);
+                    self.readable = true;
+                }
+                _ => {}
+            },
+            Ok(None) => {}
+            Err(e) => log::debug!("network {}: rejoin: {e}", self.net.name()),
+        }
     }
 
     fn write_out(&mut self, reg: &mut dyn SocketRegistry) {

@@ -5,7 +5,7 @@
 //! until a stop is requested, then kicks and joins the vCPUs.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,6 +53,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
 use crate::net::{NatSnapshot, NatView};
+use crate::seccomp::ThreadClass;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -326,7 +327,17 @@ impl Vm {
                     .map_err(VmmError::io("start the stall watchdog"))?;
             events.add_subscriber(Arc::new(Mutex::new(watchdog)));
         }
-        let threads = self.start_vcpus();
+        // Every thread is under its filter before the guest's first
+        // instruction: the vCPUs wait for the event loop's.
+        let (threads, gates) = self.start_vcpus();
+        let filtered = crate::seccomp::install(ThreadClass::EventLoop);
+        for gate in gates {
+            let _ = gate.send(filtered.is_ok());
+        }
+        if let Err(e) = filtered {
+            stop_vcpus(threads);
+            return Err(e.into());
+        }
         while !self.exit.is_requested() {
             if let Err(e) = events.run_with_timeout(-1) {
                 log::error!("event loop failed: {e:?}");
@@ -350,14 +361,35 @@ impl Vm {
         Ok((self.exit.reason().unwrap_or(ExitReason::Halted), footprint))
     }
 
-    fn start_vcpus(&mut self) -> Vec<JoinHandle<()>> {
+    /// Starts the vCPU threads, each under its seccomp filter and waiting
+    /// at its gate: `true` there lets it enter the guest.
+    fn start_vcpus(&mut self) -> (Vec<JoinHandle<()>>, Vec<mpsc::Sender<bool>>) {
         let mut threads = Vec::new();
+        let mut gates = Vec::new();
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (open, gate) = mpsc::channel();
+            let exit = self.exit.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run());
+                .spawn(move || {
+                    if let Err(e) = crate::seccomp::install(ThreadClass::Vcpu) {
+                        exit.request(ExitReason::KvmFailure {
+                            vcpu: index as u8,
+                            what: e.to_string(),
+                            registers: String::new(),
+                            hint: None,
+                        });
+                        return;
+                    }
+                    if gate.recv() == Ok(true) {
+                        vcpu.run();
+                    }
+                });
             match spawned {
-                Ok(handle) => threads.push(handle),
+                Ok(handle) => {
+                    threads.push(handle);
+                    gates.push(open);
+                }
                 Err(e) => {
                     self.exit.request(ExitReason::KvmFailure {
                         vcpu: index as u8,
@@ -369,7 +401,7 @@ impl Vm {
                 }
             }
         }
-        threads
+        (threads, gates)
     }
 }
 
