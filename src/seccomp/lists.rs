@@ -175,6 +175,12 @@ const CONTROL: &[c_long] = &[
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_getdents64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    // A live snapshot opens the new overlays under the VM's backing-file
+    // policy, which resolves paths (realpath reads every component's link).
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
 ];
 
 /// The syscalls `class` may make.
