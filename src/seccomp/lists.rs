@@ -181,6 +181,9 @@ const CONTROL: &[c_long] = &[
     // policy, which resolves paths (realpath reads every component's link).
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    // `vmlab nat show` of a lab-network member asks the network's process.
+    libc::SYS_socket,
+    libc::SYS_connect,
 ];
 
 /// The syscalls `class` may make.
