@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::identity::GuestIdentity;
 use super::lock::BuildLock;
-use super::recipe::{Recipe, RECIPE_FILES};
+use super::recipe::Recipe;
 use super::step::run_step;
 use super::ImageError;
 use crate::disk::{self, CloneMode, CloneOptions, ImageFormat};
@@ -83,21 +83,7 @@ pub struct DebianGuest {
 /// kernel, the initramfs) changing does not rebuild the image. FNV-1a over
 /// each file's path, mode and content, like build.rs.
 pub fn recipe_hash() -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for (rel, bytes, mode) in RECIPE_FILES {
-        if rel.starts_with(RECIPE_DIR) {
-            feed(rel.as_bytes());
-            feed(&mode.to_le_bytes());
-            feed(bytes);
-        }
-    }
-    format!("{hash:016x}")
+    super::recipe::hash_of_files(|rel| rel.starts_with(RECIPE_DIR))
 }
 
 /// The cache entry of this recipe's image.
@@ -319,6 +305,7 @@ impl Drop for ScratchDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::recipe::RECIPE_FILES;
 
     #[test]
     fn recipe_hash_covers_the_debian_recipe_only() {

@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::recipe::{Recipe, RECIPE_FILES};
+use super::recipe::Recipe;
 use super::step::{run_step, run_step_as};
 use super::ImageError;
 
@@ -86,21 +86,7 @@ impl FromStr for GuestKernel {
 /// FNV-1a over the lean kernel's recipe files (path, mode, content), like
 /// build.rs.
 fn lean_recipe_hash() -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for (rel, bytes, mode) in RECIPE_FILES {
-        if LEAN_INPUTS.contains(rel) {
-            feed(rel.as_bytes());
-            feed(&mode.to_le_bytes());
-            feed(bytes);
-        }
-    }
-    format!("{hash:016x}")
+    super::recipe::hash_of_files(|rel| LEAN_INPUTS.contains(&rel))
 }
 
 /// The note that this recipe's lean kernel was built, and where: written
@@ -189,6 +175,7 @@ pub fn fetch_debian_kernel() -> Result<DebianKernel, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::recipe::RECIPE_FILES;
 
     #[test]
     fn the_lean_kernel_is_chosen_once_built_unless_overridden() {

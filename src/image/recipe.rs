@@ -92,6 +92,26 @@ impl Recipe {
     }
 }
 
+/// FNV-1a over the embedded recipe files `keep` selects (each file's
+/// path, mode and content, like build.rs): the cache key of what they build.
+pub fn hash_of_files(keep: impl Fn(&str) -> bool) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for (rel, bytes, mode) in RECIPE_FILES {
+        if keep(rel) {
+            feed(rel.as_bytes());
+            feed(&mode.to_le_bytes());
+            feed(bytes);
+        }
+    }
+    format!("{hash:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
