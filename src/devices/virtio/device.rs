@@ -6,6 +6,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::events::QueueHandler;
 use super::interrupt::VirtioInterrupt;
+use super::state::QueueSnapshot;
 use crate::vmm::memory::GuestMemoryMmap;
 
 /// Everything a device needs to start serving its queues.
@@ -71,6 +72,13 @@ pub trait VirtioDevice: Send {
     fn io_thread_handler(&self) -> Option<Arc<Mutex<dyn QueueHandler>>> {
         None
     }
+
+    /// The queues the device serves while it runs, where they stand now
+    /// (for a VM snapshot, taken with the device and its I/O thread
+    /// handler locked); None while the driver has not started it. A device
+    /// with an I/O thread handler holds its queues there, and the snapshot
+    /// asks the handler ([`QueueHandler::running_queues`]).
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>>;
 }
 
 /// Serves every available chain of `queue` with `handle`, which returns

@@ -14,6 +14,7 @@ pub mod io_thread;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod state;
 
 pub use device::{ActivateContext, ActivateError, VirtioDevice};
 pub use interrupt::VirtioInterrupt;

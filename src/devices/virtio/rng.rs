@@ -10,6 +10,7 @@ use vm_memory::Bytes;
 
 use super::device::{serve_queue, ActivateContext, ActivateError, VirtioDevice};
 use super::interrupt::VirtioInterrupt;
+use super::state::QueueSnapshot;
 use super::TYPE_RNG;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -95,6 +96,11 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let active = self.active.as_ref()?;
+        Some(vec![QueueSnapshot::of(&active.queue)])
     }
 
     fn process_queue(&mut self, _index: usize) {

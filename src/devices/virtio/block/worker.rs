@@ -15,6 +15,7 @@ use super::{
 use crate::devices::virtio::device::serve_queue;
 use crate::devices::virtio::events::QueueHandler;
 use crate::devices::virtio::interrupt::VirtioInterrupt;
+use crate::devices::virtio::state::QueueSnapshot;
 use crate::disk::BlockBackend;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -146,6 +147,11 @@ impl BlockWorker {
 impl QueueHandler for BlockWorker {
     fn handle_queue(&mut self, _index: usize) {
         self.process();
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let active = self.active.as_ref()?;
+        Some(vec![QueueSnapshot::of(&active.queue)])
     }
 }
 
