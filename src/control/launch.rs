@@ -50,6 +50,7 @@ pub fn vm_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        resume: None,
     })
 }
 
@@ -86,6 +87,7 @@ fn debian_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        resume: None,
     })
 }
 

@@ -35,6 +35,8 @@ pub enum VmmError {
     Device { what: &'static str, reason: String },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    #[error(transparent)]
+    State(#[from] crate::vmstate::StateError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

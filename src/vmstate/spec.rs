@@ -55,16 +55,17 @@ impl MachineSpec {
     }
 }
 
-/// The CPUID a vCPU would get on this host against the one it was saved
-/// with: a guest's kernel chose its code paths from it, so they must match.
+/// The CPUID a vCPU would get on this host (set as at boot, read back from
+/// KVM, which adjusts it) against the one it was saved with: a guest's
+/// kernel chose its code paths from it, so they must match.
 pub fn check_cpuid(
     index: u8,
     saved: &[kvm_cpuid_entry2],
     here: &[kvm_cpuid_entry2],
 ) -> Result<(), StateError> {
     let key = |e: &kvm_cpuid_entry2| (e.function, e.index);
-    let mut saved: Vec<_> = saved.to_vec();
-    let mut here: Vec<_> = here.to_vec();
+    let mut saved: Vec<_> = saved.iter().map(without_runtime_bits).collect();
+    let mut here: Vec<_> = here.iter().map(without_runtime_bits).collect();
     saved.sort_by_key(key);
     here.sort_by_key(key);
     let same = saved.len() == here.len()
@@ -86,6 +87,24 @@ pub fn check_cpuid(
     Err(StateError::Mismatch(format!(
         "it was saved on another CPU model: vCPU {index}'s CPUID differs from what this host gives{first}"
     )))
+}
+
+/// `entry` without the bits KVM rewrites as the guest runs (from its CR4,
+/// XCR0 and APIC base): they say what the guest enabled, not what the CPU
+/// is. Leaf 1: OSXSAVE, APIC; leaf 7: OSPKE; leaf 0xd: the XSAVE area
+/// sizes for the features enabled.
+fn without_runtime_bits(entry: &kvm_cpuid_entry2) -> kvm_cpuid_entry2 {
+    let mut e = *entry;
+    match (e.function, e.index) {
+        (1, _) => {
+            e.ecx &= !(1 << 27);
+            e.edx &= !(1 << 9);
+        }
+        (7, 0) => e.ecx &= !(1 << 4),
+        (0xd, 0 | 1) => e.ebx = 0,
+        _ => {}
+    }
+    e
 }
 
 #[cfg(test)]
@@ -149,5 +168,9 @@ mod tests {
         assert!(err.contains("another CPU model"), "{err}");
         assert!(err.contains("leaf 0x1.0"), "{err}");
         assert!(check_cpuid(0, &saved, &saved[..1]).is_err());
+        // What the guest enabled (OSXSAVE here) is no other CPU model.
+        let mut enabled = saved;
+        enabled[1].ecx |= 1 << 27;
+        check_cpuid(0, &enabled, &saved).unwrap();
     }
 }

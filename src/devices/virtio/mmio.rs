@@ -355,6 +355,14 @@ impl MmioTransport {
         self.interrupt.status() != 0
     }
 
+    /// Raises the device's interrupt again if the driver has bits pending
+    /// (see `pending_interrupt`).
+    pub fn raise_pending_interrupt(&self) {
+        if self.pending_interrupt() {
+            self.interrupt.raise_again();
+        }
+    }
+
     fn reset(&mut self) {
         if self.status & STATUS_DRIVER_OK != 0 {
             lock(&self.device).reset();
