@@ -114,11 +114,15 @@ fn a_counting_guest_suspended_and_resumed_goes_on_from_its_count() {
     let suspender = vm.suspender();
     let running = spawn(vm);
     before.wait_for(4);
-    let report = suspender.suspend(&state).expect("suspends");
+    let mut announced = None;
+    let report = suspender
+        .suspend(&state, |r| announced = Some(r.took))
+        .expect("suspends");
+    assert_eq!(announced, Some(report.took), "announced before the end");
     assert_eq!(running.join().unwrap(), ExitReason::Suspended);
     let printed = before.bytes();
     assert_consecutive(&printed);
-    assert!(suspender.suspend(&state).is_err(), "saved once");
+    assert!(suspender.suspend(&state, |_| ()).is_err(), "saved once");
     eprintln!(
         "suspend: {:?}, {} KiB of {} MiB RAM written, file {} KiB",
         report.took,
@@ -167,7 +171,7 @@ fn a_state_that_does_not_fit_the_vm_is_refused_in_one_line() {
     let suspender = vm.suspender();
     let running = spawn(vm);
     out.wait_for(1);
-    suspender.suspend(&state).unwrap();
+    suspender.suspend(&state, |_| ()).unwrap();
     running.join().unwrap();
 
     let err = Vm::build(config(Capture::default(), 64 << 20, Some(&state)))
@@ -188,4 +192,119 @@ fn a_state_that_does_not_fit_the_vm_is_refused_in_one_line() {
         .expect("refused")
         .to_string();
     assert!(err.contains("format 7, this vmlab reads format 1"), "{err}");
+}
+
+/// `vmlab suspend` / `resume` through the real binary, on a named VM that
+/// runs the counting guest: ps, the refusals while suspended, stop
+/// discarding the saved state.
+struct Named {
+    home: tempfile::TempDir,
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let _ = self.vmlab(&["stop", "--timeout", "1", "c1"]);
+    }
+}
+
+impl Named {
+    fn vmlab(&self, args: &[&str]) -> std::process::Output {
+        support::vmlab_in(self.home.path(), args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmlab(args);
+        assert!(out.status.success(), "vmlab {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.vmlab(args);
+        assert!(!out.status.success(), "vmlab {args:?} should fail: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        err
+    }
+
+    fn dir(&self) -> std::path::PathBuf {
+        self.home.path().join("data/vmlab/vms/c1")
+    }
+
+    /// The serial log once it holds `len` bytes.
+    fn console(&self, len: usize) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let bytes = std::fs::read(self.dir().join("serial.log")).unwrap_or_default();
+            if bytes.len() >= len {
+                return bytes;
+            }
+            assert!(Instant::now() < deadline, "the guest printed {bytes:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn state(&self) -> String {
+        let ps = self.ok(&["ps"]);
+        let row = ps.lines().find(|l| l.starts_with("c1 ")).expect("listed");
+        row.split_whitespace().nth(1).unwrap().to_string()
+    }
+}
+
+#[test]
+fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
+    let lab = Named {
+        home: tempfile::Builder::new()
+            .prefix("vmlab-suspend")
+            .tempdir()
+            .unwrap(),
+    };
+    let kernel = lab.home.path().join("counter.elf");
+    counter().write_elf(&kernel);
+    std::fs::create_dir_all(lab.dir()).unwrap();
+    std::fs::write(
+        lab.dir().join("vm.conf"),
+        format!(
+            "cpus = 1\nmem = 32M\nkernel = {}\nnet = none\n",
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    lab.ok(&["run", "--name", "c1", "--detach"]);
+    lab.console(3);
+    let out = lab.ok(&["suspend", "c1"]);
+    assert!(out.contains("c1 is suspended"), "{out}");
+    let before = lab.console(3);
+    assert_consecutive(&before);
+    assert_eq!(lab.state(), "suspended");
+    assert!(lab.dir().join("vm.state").exists());
+
+    let err = lab.fails(&["run", "--name", "c1", "--detach"]);
+    assert!(
+        err.contains("vmlab resume c1") && err.contains("--discard-state"),
+        "{err}"
+    );
+    let err = lab.fails(&["clone", "c1", "c2"]);
+    assert!(err.contains("VM c1 is suspended: cloning it"), "{err}");
+    let err = lab.fails(&["suspend", "c1"]);
+    assert!(err.contains("already suspended"), "{err}");
+
+    let out = lab.ok(&["resume", "c1"]);
+    assert!(out.contains("running in the background again"), "{out}");
+    assert_eq!(lab.state(), "running");
+    assert!(!lab.dir().join("vm.state").exists(), "the name is gone");
+    let after = lab.console(3);
+    assert_eq!(
+        after[0],
+        before.last().unwrap().wrapping_add(1),
+        "{before:?} {after:?}"
+    );
+    assert_consecutive(&after);
+
+    lab.ok(&["suspend", "c1"]);
+    let out = lab.ok(&["stop", "c1"]);
+    assert!(out.contains("saved state is discarded"), "{out}");
+    assert_eq!(lab.state(), "stopped");
+    assert!(!lab.dir().join("vm.state").exists());
+    let err = lab.fails(&["resume", "c1"]);
+    assert!(err.contains("is not suspended"), "{err}");
 }

@@ -123,9 +123,15 @@ pub struct SuspendReport {
 }
 
 impl Suspender {
-    /// Saves the VM to `path` and ends it (`ExitReason::Suspended`). On an
-    /// error the guest goes on running and nothing is left at `path`.
-    pub fn suspend(&self, path: &Path) -> Result<SuspendReport, StateError> {
+    /// Saves the VM to `path` and ends it (`ExitReason::Suspended`), with
+    /// `announce` called once the state is durable and before the VM ends
+    /// (so that an answer reaches the asker before the process exits). On
+    /// an error the guest goes on running and nothing is left at `path`.
+    pub fn suspend(
+        &self,
+        path: &Path,
+        announce: impl FnOnce(&SuspendReport),
+    ) -> Result<SuspendReport, StateError> {
         let started = Instant::now();
         let mut done = lock(&self.done);
         if *done {
@@ -175,13 +181,15 @@ impl Suspender {
             vmstate::memory::save(&self.memory, file, offset, self.resumed_from.as_ref())
         })?;
         *done = true;
+        let report = SuspendReport {
+            written,
+            took: started.elapsed(),
+        };
+        announce(&report);
         // Asked while the guest is parked: it runs no further instruction.
         self.exit.request(ExitReason::Suspended);
         drop(held);
         drop(pause);
-        Ok(SuspendReport {
-            written,
-            took: started.elapsed(),
-        })
+        Ok(report)
     }
 }
