@@ -539,6 +539,53 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_transport_restores_into_a_new_one_and_restarts_its_device() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, F_VERSION_1 | F_RING_EVENT_IDX);
+        setup_queue(&mut t, 0, 16);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        let mut running: Vec<QueueSnapshot> = t.queues.iter().map(QueueSnapshot::of).collect();
+        // As the device holds them: event_idx on, as negotiated, and moved on.
+        for q in &mut running {
+            q.event_idx_enabled = true;
+        }
+        running[0].next_avail = 5;
+        running[0].next_used = 4;
+        let saved = t.save_state(Some(running.clone()));
+        assert_eq!(saved.running_queues.as_deref(), Some(&running[..]));
+
+        let (mut back, probe) = transport();
+        back.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut back, REG_STATUS), ALL_OK);
+        assert_eq!(back.save_state(Some(running.clone())), saved);
+        assert_eq!(
+            probe.lock().unwrap().activations,
+            vec![(F_VERSION_1 | F_RING_EVENT_IDX, vec![true, false], true)],
+            "restarted as the driver had started it"
+        );
+
+        // A queue the device cannot have, or running queues for a device
+        // never started: refused, nothing started.
+        let (mut fresh, probe) = transport();
+        let mut bad = saved.clone();
+        bad.queues[0].size = 1000;
+        assert!(matches!(
+            fresh.restore_state(&bad),
+            Err(TransportStateError::BadQueue(_))
+        ));
+        let mut bad = saved.clone();
+        bad.status = STATUS_ACKNOWLEDGE;
+        assert!(matches!(
+            fresh.restore_state(&bad),
+            Err(TransportStateError::NotStarted)
+        ));
+        let mut bad = saved;
+        bad.device_type = 2;
+        assert!(fresh.restore_state(&bad).is_err());
+        assert!(probe.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
     fn features_the_device_lacks_are_refused() {
         let (mut t, _) = transport();
         negotiate(&mut t, F_VERSION_1 | (1 << 5));
