@@ -76,6 +76,7 @@ fn config(out: Capture, mem_size: u64, resume: Option<&Path>) -> VmConfig {
         started: Instant::now(),
         net: None,
         resume: resume.map(Path::to_path_buf),
+        backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     }
 }
 
@@ -243,6 +244,15 @@ impl Named {
         }
     }
 
+    /// The VM process ended without its seccomp filter killing it (the
+    /// run's record stays empty), so every syscall of a suspend and of
+    /// the VM's end after it is on its thread's list.
+    fn assert_no_seccomp_violation(&self) {
+        let record = self.dir().join("seccomp.violation");
+        let text = std::fs::read_to_string(record).unwrap_or_default();
+        assert!(text.trim().is_empty(), "{text}");
+    }
+
     fn state(&self) -> String {
         let ps = self.ok(&["ps"]);
         let row = ps.lines().find(|l| l.starts_with("c1 ")).expect("listed");
@@ -277,6 +287,7 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert_consecutive(&before);
     assert_eq!(lab.state(), "suspended");
     assert!(lab.dir().join("vm.state").exists());
+    lab.assert_no_seccomp_violation();
 
     let err = lab.fails(&["run", "--name", "c1", "--detach"]);
     assert!(
@@ -301,6 +312,7 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert_consecutive(&after);
 
     lab.ok(&["suspend", "c1"]);
+    lab.assert_no_seccomp_violation();
     let out = lab.ok(&["stop", "c1"]);
     assert!(out.contains("saved state is discarded"), "{out}");
     assert_eq!(lab.state(), "stopped");

@@ -10,7 +10,8 @@ use super::console_hub::ConsoleHub;
 use super::error::{ControlError, Result};
 use super::server::{self, ControlContext};
 use super::settings::VmSettings;
-use super::state::{RunLock, VmDir};
+use super::state::{RunLock, VmDir, SERIAL_LOG_LIMIT};
+use crate::logging::RotatingFile;
 use crate::vmm::{ConsoleConfig, ConsoleInput, Vm, VmConfig};
 
 /// Where a named VM's console is.
@@ -42,13 +43,17 @@ pub fn start_named(
     let lock = dir.lock_exclusive()?;
     // Never boot disks a killed `snapshot restore` left half-restored.
     super::snapshot::finish_restore(dir)?;
+    let record = dir.seccomp_record();
+    crate::seccomp::record_violations_in(&record)
+        .map_err(ControlError::io("cannot create", &record))?;
     let log_path = dir.serial_log();
-    let log = File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
-    let hub = ConsoleHub::new(Some(log), attach == Attach::Terminal);
+    let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
+        .map_err(ControlError::io("cannot create", &log_path))?;
+    let hub = ConsoleHub::new(Some(Box::new(log)), attach == Attach::Terminal);
     let (input, keystrokes) = match attach {
         Attach::Terminal => (ConsoleInput::Stdin, None),
         Attach::Detached => {
-            let (read, write) = nix::unistd::pipe()
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| ControlError::io("cannot create a pipe for", &log_path)(e.into()))?;
             (ConsoleInput::Fd(read), Some(Mutex::new(File::from(write))))
         }

@@ -25,6 +25,9 @@ pub enum StopOutcome {
     NotRunning,
     /// It was suspended: its saved state is deleted.
     Discarded,
+    /// It is not running because its seccomp filter killed it (the
+    /// recorded violation).
+    SeccompKilled(String),
 }
 
 /// Stops every VM in `vms` at once; one result per VM, in order.
@@ -84,7 +87,9 @@ fn discard_saved_state(vm: &VmDir) -> Result<StopOutcome> {
     let path = vm.state_path();
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(StopOutcome::Discarded),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StopOutcome::NotRunning),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vm
+            .seccomp_violation()
+            .map_or(StopOutcome::NotRunning, StopOutcome::SeccompKilled)),
         Err(e) => Err(ControlError::io("cannot remove", &path)(e)),
     }
 }
@@ -95,7 +100,11 @@ fn settle(vms: &[VmDir], results: &mut [Option<Result<StopOutcome>>], outcome: S
     for (vm, result) in vms.iter().zip(results.iter_mut()) {
         if result.is_none() {
             match vm.liveness() {
-                Ok(Liveness::Stopped { .. }) => *result = Some(Ok(outcome.clone())),
+                Ok(Liveness::Stopped { .. }) => {
+                    *result = Some(Ok(vm
+                        .seccomp_violation()
+                        .map_or_else(|| outcome.clone(), StopOutcome::SeccompKilled)))
+                }
                 Ok(Liveness::Running { .. }) => {}
                 Err(e) => *result = Some(Err(e)),
             }

@@ -76,8 +76,9 @@ pub fn suspend(name: &str) -> Result<Suspended> {
 }
 
 /// Resumes the suspended VM `name` in the background (`exe` is vmlab's
-/// binary); returns its pid once it runs.
-pub fn resume(name: &str, exe: &Path, verbose: u8) -> Result<u32> {
+/// binary; `no_seccomp` runs it without its filters); returns its pid once it
+/// runs.
+pub fn resume(name: &str, exe: &Path, verbose: u8, no_seccomp: bool) -> Result<u32> {
     let vm = VmDir::existing(name)?;
     if vm.is_running()? {
         return Err(ControlError::Running(name.to_string()));
@@ -87,7 +88,7 @@ pub fn resume(name: &str, exe: &Path, verbose: u8) -> Result<u32> {
             "VM {name} is not suspended: nothing to resume (start it with vmlab run --name {name} --detach)"
         )));
     }
-    super::daemon::spawn_detached(exe, &vm, verbose)
+    super::daemon::spawn_detached(exe, &vm, verbose, no_seccomp)
 }
 
 /// For the daemon of a resumed VM: the state to resume from, if any.

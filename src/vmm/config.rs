@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::cli::DiskSpec;
 use crate::devices::virtio::net::NetSettings;
+use crate::disk::BackingPolicy;
 
 /// The command line vmlab always gives a Linux guest; device entries and
 /// the user's `--cmdline` are appended after it.
@@ -68,4 +69,6 @@ pub struct VmConfig {
     /// Resume from this state file (`vmlab suspend`) instead of booting:
     /// `boot` is then not used, and the rest must match what was saved.
     pub resume: Option<PathBuf>,
+    /// Where the disks' backing files may lie; refused ones fail the build.
+    pub backing_policy: BackingPolicy,
 }

@@ -37,6 +37,8 @@ pub enum VmmError {
     Disk(#[from] crate::disk::DiskError),
     #[error(transparent)]
     State(#[from] crate::vmstate::StateError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -70,12 +70,11 @@ pub fn write(
     let json = serde_json::to_vec(state).expect("the state always serializes");
     let memory_offset = (HEADER_LEN + json.len() as u64).div_ceil(MEMORY_ALIGN) * MEMORY_ALIGN;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // Owner-only, like the rest of a VM's directory: it holds guest RAM.
+    let (tmp, file) =
+        crate::fsutil::create_temporary_beside(path, crate::fsutil::PRIVATE_FILE_MODE)
+            .map_err(io("create the state file"))?;
     let result = (|| {
-        let file = File::create(&tmp).map_err(io("create the state file"))?;
         let memory = write_memory(&file, memory_offset)?;
         file.write_all_at(&json, HEADER_LEN)
             .map_err(io("write the state file"))?;
@@ -207,7 +206,7 @@ mod tests {
     }
 
     #[test]
-    fn a_written_state_reads_back_and_leaves_no_temporary_file() {
+    fn a_written_state_reads_back_private_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = written(dir.path());
         let saved = SavedState::open(&path).unwrap();
@@ -221,6 +220,10 @@ mod tests {
             .unwrap();
         assert_eq!(&memory, b"memory");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "guest RAM is its owner's only");
     }
 
     #[test]
