@@ -33,6 +33,9 @@ const EVERY_THREAD: &[c_long] = &[
     libc::SYS_dup2,
     libc::SYS_dup3,
     libc::SYS_ftruncate,
+    // The rotated log's new file is made private (fsutil::create_private
+    // tightens its mode), on whichever thread filled the old one.
+    libc::SYS_fchmod,
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
