@@ -4,7 +4,8 @@
 //! `cli` parses what users type, `vmm` owns the machine and its vCPU
 //! threads, `arch` lays out an x86-64 guest for boot, `devices` emulates what
 //! the guest talks to, `net` is the userspace NAT and `disk` the block layer;
-//! `bench` measures vmlab against its peers (QEMU, a container runtime).
+//! `bench` measures vmlab against its peers (QEMU, a container runtime);
+//! `vmstate` saves a whole VM to a file and takes it back.
 
 pub mod arch;
 pub mod bench;
@@ -24,3 +25,4 @@ pub mod rate_limit;
 pub mod seccomp;
 pub mod switch;
 pub mod vmm;
+pub mod vmstate;

@@ -56,6 +56,8 @@ enum Command {
     /// List named VMs: name, state, pid, uptime, forwards.
     Ps,
     /// Stop named VMs: press the power button, wait, kill after --timeout.
+    /// A suspended VM's saved state is discarded, without asking (its next
+    /// run boots cold).
     Stop {
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
@@ -65,6 +67,17 @@ enum Command {
     },
     /// Attach to a running VM's serial console (Ctrl-A x detaches).
     Console { name: String },
+    /// Save a running VM whole (memory and devices) into its directory and
+    /// end it; vmlab resume continues it where it was.
+    Suspend { name: String },
+    /// Continue a suspended VM where it was, in the background (no boot).
+    Resume {
+        name: String,
+        /// Run without vmlab's per-thread seccomp filters (as run
+        /// --no-seccomp).
+        #[arg(long)]
+        no_seccomp: bool,
+    },
     /// Snapshots of a VM's disks: create (running or stopped), ls, restore
     /// (stopped), rm.
     Snapshot {
@@ -222,6 +235,10 @@ struct RunArgs {
     /// Debian guest grows its root filesystem to match at boot).
     #[arg(long, value_name = "SIZE")]
     disk_size: Option<ByteSize>,
+    /// A suspended named VM: discard its saved state and boot it cold
+    /// (vmlab resume continues it instead).
+    #[arg(long)]
+    discard_state: bool,
     /// Print milliseconds to the first vCPU entry and to the guest's
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
@@ -473,6 +490,8 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Ps => ps(),
         Command::Stop { names, timeout } => stop(&names, timeout),
         Command::Console { name } => console(&name),
+        Command::Suspend { name } => suspend(&name),
+        Command::Resume { name, no_seccomp } => resume(&name, verbose, no_seccomp),
         Command::Rm { names } => rm(&names),
         Command::Snapshot { action } => {
             control::snapshot::command::run(action)?;
@@ -527,6 +546,16 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     let mut settings = merge_settings(base, &args)?;
     if vm.is_running()? {
         return Err(ControlError::Running(name.to_string()).into());
+    }
+    if vm.is_suspended() {
+        if !args.discard_state {
+            anyhow::bail!(
+                "VM {name} is suspended: continue it with vmlab resume {name}, or add --discard-state to boot it cold"
+            );
+        }
+        control::stop_all(std::slice::from_ref(&vm), Duration::ZERO)
+            .pop()
+            .expect("one result")?;
     }
     // Builds the default guest now, with progress on this terminal. A new
     // named VM without a kernel of its own is a Debian VM with its own disk.
@@ -694,9 +723,15 @@ fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     }
     let vm = VmDir::existing(name)?;
     let settings = vm.load_settings()?;
+    let resume = control::suspend::saved_state(&vm);
     let named = control::start_named(&vm, &settings, Attach::Detached, |console| {
-        control::launch::vm_config(name, &settings, console, false, started)
+        let mut config = control::launch::vm_config(name, &settings, console, false, started)?;
+        config.resume = resume.clone();
+        Ok(config)
     })?;
+    if resume.is_some() {
+        control::suspend::forget_saved_state(&vm)?;
+    }
     control::daemon::signal_ready();
     let (reason, _) = named.run_measured()?;
     eprintln!("vmlab: {reason}");
@@ -725,6 +760,9 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
                 vm.name()
             ),
             Ok(StopOutcome::NotRunning) => outln!("{}: was not running", vm.name()),
+            Ok(StopOutcome::Discarded) => {
+                outln!("{}: was suspended; its saved state is discarded", vm.name())
+            }
             Ok(StopOutcome::SeccompKilled(why)) => outln!("{}: {why}", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
@@ -733,6 +771,27 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+fn suspend(name: &str) -> Result<i32> {
+    let saved = control::suspend::suspend(name)?;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    outln!(
+        "{name} is suspended: {:.1} MiB of its {:.0} MiB of memory saved ({:.1} MiB on disk) in {} ms",
+        mib(saved.written_bytes),
+        mib(saved.ram_bytes),
+        mib(saved.file_bytes),
+        saved.took.as_millis()
+    );
+    outln!("  resume: vmlab resume {name}   (vmlab stop {name} discards the saved state)");
+    Ok(0)
+}
+
+fn resume(name: &str, verbose: u8, no_seccomp: bool) -> Result<i32> {
+    let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
+    let pid = control::suspend::resume(name, &exe, verbose, no_seccomp)?;
+    outln!("{name} is running in the background again (pid {pid})");
+    Ok(0)
 }
 
 fn console(name: &str) -> Result<i32> {

@@ -6,32 +6,13 @@ mod support;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::tiny_guest::Program;
+use support::Capture;
 use vmlab::vmm::{BootSource, ConsoleConfig, ConsoleInput, ExitReason, Vm, VmConfig};
 
 const LOAD_ADDR: u64 = 0x10_0000;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-}
 
 fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
     VmConfig {
@@ -50,6 +31,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
         boot_timer: false,
         started: Instant::now(),
         net: None,
+        resume: None,
         backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     }
 }

@@ -13,6 +13,8 @@ pub enum ControlError {
     Running(String),
     #[error("VM {0} is not running (start it with vmlab run --name {0} --detach)")]
     NotRunning(String),
+    #[error("VM {name} is suspended: {what} would change the disks its saved memory expects (vmlab resume {name}, or vmlab stop {name} to discard the saved state)")]
+    Suspended { name: String, what: String },
     #[error("a VM named {0} already exists (remove it with vmlab rm {0}, or pick another name)")]
     Exists(String),
     #[error("{path}:{line}: {message}")]

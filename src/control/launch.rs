@@ -54,6 +54,7 @@ pub fn vm_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        resume: None,
         backing_policy: settings.backing_policy(),
     })
 }
@@ -94,6 +95,7 @@ fn debian_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        resume: None,
         backing_policy: settings.backing_policy(),
     })
 }

@@ -23,6 +23,7 @@ pub mod snapshot;
 pub mod ssh;
 pub mod state;
 pub mod stop;
+pub mod suspend;
 pub mod vm_clone;
 
 pub use error::ControlError;

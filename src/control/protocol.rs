@@ -31,6 +31,9 @@ pub enum Request {
     /// drain and flush those disks, switch them to their overlays, resume.
     /// All or nothing: an error answer means no disk switched.
     SnapshotDisks { disks: Vec<PathBuf> },
+    /// Save the whole VM (memory and devices) to `path` and end it; the
+    /// answer comes once the state is durable.
+    Suspend { path: PathBuf },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,13 @@ pub enum Response {
     /// Every disk asked for switched; the guest stood still this long.
     DisksSwitched {
         paused_us: u64,
+    },
+    /// The VM is saved and ends now.
+    Suspended {
+        ram_bytes: u64,
+        written_bytes: u64,
+        file_bytes: u64,
+        took_us: u64,
     },
     Error {
         message: String,

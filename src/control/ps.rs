@@ -51,6 +51,8 @@ fn row(vm: &VmDir) -> Result<PsRow> {
             row.forwards = status.forwards;
             row.uptime_secs = Some(status.uptime_secs);
         }
+    } else if vm.is_suspended() {
+        row.state = "suspended".into();
     }
     Ok(row)
 }

@@ -18,7 +18,7 @@ use crate::devices::bus::lock;
 use crate::net::NatView;
 use crate::rate_limit::RateLimit;
 use crate::seccomp::ThreadClass;
-use crate::vmm::{LiveDisks, LiveSnapshotError};
+use crate::vmm::{LiveDisks, LiveSnapshotError, Suspender};
 
 /// A running VM's disks as a live snapshot switches them (implemented by
 /// `vmm::LiveDisks`; see `Vm::live_disks`).
@@ -48,6 +48,8 @@ pub struct ControlContext {
     pub nat: Option<Arc<dyn NatView>>,
     /// The disks a live snapshot switches; None in tests without a VM.
     pub disks: Option<Arc<dyn DiskSwitch>>,
+    /// What `vmlab suspend` saves the VM with; None in tests without a VM.
+    pub suspender: Option<Arc<Suspender>>,
     pub hub: Arc<ConsoleHub>,
     /// Where console clients' keystrokes go (the UART's input pipe); None
     /// when the VM reads its terminal directly.
@@ -71,6 +73,7 @@ impl ControlContext {
             power_button,
             nat: None,
             disks: None,
+            suspender: None,
             hub,
             console_input: None,
             stopping: AtomicBool::new(false),
@@ -121,11 +124,58 @@ impl ControlContext {
                     },
                 },
             },
+            // Answered in `suspend`, which must reply before the VM ends.
+            Request::Suspend { .. } => Response::Error {
+                message: "a suspend is answered by the VM as it ends".into(),
+            },
             Request::Console if self.console_input.is_none() => Response::Error {
                 message: "its console is the terminal it was started on".into(),
             },
             Request::Console => Response::Console,
         }
+    }
+}
+
+impl ControlContext {
+    /// Saves the VM to `path` and ends it; the answer goes to `stream`
+    /// once the state is durable, before the process can exit.
+    fn suspend(&self, path: &std::path::Path, stream: &UnixStream) {
+        let Some(suspender) = &self.suspender else {
+            reply(
+                stream,
+                &Response::Error {
+                    message: "this VM cannot be suspended".into(),
+                },
+            );
+            return;
+        };
+        let announce = |report: &crate::vmm::SuspendReport| {
+            self.stopping.store(true, Ordering::SeqCst);
+            log::info!("suspended in {:?}", report.took);
+            reply(
+                stream,
+                &Response::Suspended {
+                    ram_bytes: report.written.memory.ram,
+                    written_bytes: report.written.memory.written,
+                    file_bytes: report.written.file_bytes,
+                    took_us: report.took.as_micros().try_into().unwrap_or(u64::MAX),
+                },
+            );
+        };
+        if let Err(e) = suspender.suspend(path, announce) {
+            reply(
+                stream,
+                &Response::Error {
+                    message: format!("cannot suspend: {e}"),
+                },
+            );
+        }
+    }
+}
+
+fn reply(mut stream: &UnixStream, answer: &Response) {
+    if let Err(e) = stream.write_all(&encode(answer)) {
+        log::warn!("control: cannot answer: {e}");
     }
 }
 
@@ -188,6 +238,7 @@ pub(crate) fn serve(stream: UnixStream, ctx: &ControlContext) {
     };
     let mut reader = BufReader::new(read_half);
     let answer = match read_message::<Request>(&mut reader) {
+        Ok(Request::Suspend { path }) => return ctx.suspend(&path, &stream),
         Ok(request) => {
             log::debug!("control: {request:?}");
             ctx.answer(&request)

@@ -85,6 +85,7 @@ pub fn start_named(
     ctx.started = Instant::now();
     ctx.nat = vm.nat_view();
     ctx.disks = Some(vm.live_disks());
+    ctx.suspender = Some(vm.suspender());
     ctx.console_input = keystrokes;
     server::spawn(listener, Arc::new(ctx)).map_err(ControlError::io("cannot serve", &socket))?;
     Ok(NamedVm { vm, _lock: lock })

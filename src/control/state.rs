@@ -24,6 +24,7 @@ const LOCK_FILE: &str = "lock";
 const PID_FILE: &str = "vmlab.pid";
 const SERIAL_LOG: &str = "serial.log";
 const VMM_LOG: &str = "vmm.log";
+const STATE_FILE: &str = "vm.state";
 const SECCOMP_RECORD: &str = "seccomp.violation";
 /// Where each log rotates; one previous file (`NAME.1`) is kept, so a VM's
 /// logs take at most 2 × (8 + 4) MiB whatever its guest does.
@@ -103,6 +104,31 @@ impl VmDir {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join(VMM_LOG)
     }
+    /// The saved state of a suspended VM (`vmlab suspend`).
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Whether the VM is suspended: its state is saved (a resumed VM
+    /// removes the file's name once it runs). Needs no lock, so a caller
+    /// holding the VM's may ask.
+    pub fn is_suspended(&self) -> bool {
+        self.state_path().exists()
+    }
+
+    /// Refuses `what` (a change to the VM's disks) while it is suspended:
+    /// the saved memory expects its disks as they were.
+    pub fn refuse_if_suspended(&self, what: &str) -> Result<()> {
+        if self.is_suspended() {
+            let name = &self.name;
+            return Err(ControlError::Suspended {
+                name: name.to_string(),
+                what: what.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Why the last run was killed by its seccomp filter; empty otherwise.
     pub fn seccomp_record(&self) -> PathBuf {
         self.dir.join(SECCOMP_RECORD)

@@ -23,6 +23,8 @@ pub enum StopOutcome {
     Killed,
     /// It was not running.
     NotRunning,
+    /// It was suspended: its saved state is deleted.
+    Discarded,
     /// It is not running because its seccomp filter killed it (the
     /// recorded violation).
     SeccompKilled(String),
@@ -34,9 +36,7 @@ pub fn stop_all(vms: &[VmDir], timeout: Duration) -> Vec<Result<StopOutcome>> {
         .iter()
         .map(|vm| match vm.liveness() {
             Err(e) => Some(Err(e)),
-            Ok(Liveness::Stopped { .. }) => Some(Ok(vm
-                .seccomp_violation()
-                .map_or(StopOutcome::NotRunning, StopOutcome::SeccompKilled))),
+            Ok(Liveness::Stopped { .. }) => Some(discard_saved_state(vm)),
             Ok(Liveness::Running { .. }) => {
                 // A VM still starting has no socket yet; it gets killed at
                 // the timeout like one that ignores the button.
@@ -80,6 +80,18 @@ pub fn stop_all(vms: &[VmDir], timeout: Duration) -> Vec<Result<StopOutcome>> {
             })
         })
         .collect()
+}
+
+/// A VM that does not run: its saved state, if it is suspended, goes.
+fn discard_saved_state(vm: &VmDir) -> Result<StopOutcome> {
+    let path = vm.state_path();
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(StopOutcome::Discarded),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vm
+            .seccomp_violation()
+            .map_or(StopOutcome::NotRunning, StopOutcome::SeccompKilled)),
+        Err(e) => Err(ControlError::io("cannot remove", &path)(e)),
+    }
 }
 
 /// Records `outcome` for the VMs whose process is gone (their socket and

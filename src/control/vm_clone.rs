@@ -31,6 +31,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
         )),
         other => other,
     })?;
+    src.refuse_if_suspended("cloning it")?;
     let settings = src.load_settings()?;
     let owned = |disk: &DiskSpec| disk.path.parent() == Some(src.path());
     if let Some(disk) = settings.disks.iter().find(|d| !owned(d)) {

@@ -66,6 +66,9 @@ pub struct VmConfig {
     pub started: Instant,
     /// The guest's network card behind the NAT; `None` gives it no NIC.
     pub net: Option<NetSettings>,
+    /// Resume from this state file (`vmlab suspend`) instead of booting:
+    /// `boot` is then not used, and the rest must match what was saved.
+    pub resume: Option<PathBuf>,
     /// Where the disks' backing files may lie; refused ones fail the build.
     pub backing_policy: BackingPolicy,
 }

@@ -36,6 +36,8 @@ pub enum VmmError {
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
     #[error(transparent)]
+    State(#[from] crate::vmstate::StateError),
+    #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("{what}: {source}")]
     Io {

@@ -21,6 +21,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The guest kernel reported a panic through pvpanic.
     GuestPanic,
+    /// The VM was saved to its state file (`vmlab suspend`) and ended.
+    Suspended,
     /// A vCPU triple-faulted.
     TripleFault { vcpu: u8, registers: String },
     /// KVM could not run the guest (internal error or failed entry).
@@ -40,7 +42,8 @@ impl ExitReason {
             ExitReason::PowerOff
             | ExitReason::Reset
             | ExitReason::Halted
-            | ExitReason::UserQuit => 0,
+            | ExitReason::UserQuit
+            | ExitReason::Suspended => 0,
             // The shell convention for "ended by signal N".
             ExitReason::Signal(num) => 128 + num,
             ExitReason::GuestPanic
@@ -59,6 +62,7 @@ impl fmt::Display for ExitReason {
             ExitReason::UserQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             ExitReason::Signal(num) => write!(f, "stopped by signal {num}"),
             ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
+            ExitReason::Suspended => write!(f, "suspended (the VM's state is saved)"),
             ExitReason::TripleFault { vcpu, registers } => {
                 write!(f, "vCPU {vcpu} triple-faulted\n  registers: {registers}")
             }

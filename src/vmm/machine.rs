@@ -29,6 +29,7 @@ use super::pause::VcpuGate;
 use super::power_button::PowerButton;
 use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
+use super::suspend::{SuspendDevice, Suspender, VcpuCaptures};
 use super::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuShared};
 use crate::arch::x86_64::acpi::VirtioMmioSlot;
 use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
@@ -46,6 +47,7 @@ use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
 use crate::devices::virtio::events::QueueEvents;
+use crate::devices::virtio::events::QueueHandler;
 use crate::devices::virtio::io_thread::IoThread;
 use crate::devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use crate::devices::virtio::net::{Net, NetEvents};
@@ -54,6 +56,7 @@ use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
 use crate::net::{NatSnapshot, NatView};
 use crate::seccomp::ThreadClass;
+use crate::vmstate::{spec::VMLAB_VERSION, MachineSpec, SavedState, StateError};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -78,7 +81,7 @@ pub struct Vm {
     events: EventManager<Subscriber>,
     /// Device I/O threads (one per disk), stopped once the vCPUs are.
     io_threads: Vec<IoThread>,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
     console_input: InputSource,
@@ -91,6 +94,7 @@ pub struct Vm {
     /// Where the vCPUs park while the guest is paused.
     gate: Arc<VcpuGate>,
     live_disks: Arc<LiveDisks>,
+    suspender: Arc<Suspender>,
 }
 
 impl Vm {
@@ -99,9 +103,31 @@ impl Vm {
         if let BootSource::Linux { kernel, initrd, .. } = &config.boot {
             check_images(kernel, initrd.as_deref()).map_err(BootError::from)?;
         }
+        // A state to resume is read and checked before anything is built.
+        let saved = config.resume.as_deref().map(SavedState::open).transpose()?;
         // Disks before anything else: a missing or locked image fails at
         // once, before the guest starts.
         let disks = open_disks(&config.name, &config.disks, &config.backing_policy)?;
+        let mut devices = vec!["virtio-rng".to_string()];
+        for (spec, disk) in config.disks.iter().zip(&disks) {
+            devices.push(format!(
+                "virtio-blk {} bytes{}",
+                disk.worker().lock().map_or(0, |w| w.backend().size()),
+                if spec.read_only { " read-only" } else { "" }
+            ));
+        }
+        if config.net.is_some() {
+            devices.push("virtio-net".into());
+        }
+        let spec = MachineSpec {
+            vmlab_version: VMLAB_VERSION.into(),
+            cpus: config.cpus,
+            mem_size: config.mem_size,
+            devices,
+        };
+        if let Some(saved) = &saved {
+            spec.check(&saved.state.spec)?;
+        }
         let gate = Arc::new(VcpuGate::new());
         let live_disks = Arc::new(LiveDisks::new(
             gate.clone(),
@@ -142,6 +168,9 @@ impl Vm {
             .map_err(VmmError::kvm("create the in-kernel PIT"))?;
 
         let mem = memory::create(config.mem_size)?;
+        if let Some(saved) = &saved {
+            crate::vmstate::memory::map(&mem, &saved.file, saved.memory_offset)?;
+        }
         memory::register(&vm, &mem)?;
         let ram = ram_regions(config.mem_size);
 
@@ -158,7 +187,8 @@ impl Vm {
         }
         let slots = virtio_slots(virtio.len())?;
 
-        let (entry, cr3) = match &config.boot {
+        let boot = match &config.boot {
+            _ if saved.is_some() => None,
             BootSource::Linux {
                 kernel,
                 initrd,
@@ -183,9 +213,9 @@ impl Vm {
                     config.cpus,
                     config.mem_size >> 20
                 );
-                (setup.entry, setup.cr3)
+                Some((setup.entry, setup.cr3))
             }
-            BootSource::Flat { image, load_addr } => load_flat(&mem, image, *load_addr)?,
+            BootSource::Flat { image, load_addr } => Some(load_flat(&mem, image, *load_addr)?),
         };
 
         let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
@@ -203,13 +233,15 @@ impl Vm {
             EventManager::new().map_err(|e| VmmError::device("event loop")(format!("{e:?}")))?;
         let mut mmio = Bus::new();
         let mut io_threads = Vec::new();
+        let mut attached = Vec::new();
         for (index, (device, slot)) in virtio.into_iter().zip(&slots).enumerate() {
-            let io = attach_virtio(&vm, &mem, &mut mmio, &mut events, *slot, device)?;
-            if let Some(handler) = io.own_thread {
+            let mut io = attach_virtio(&vm, &mem, &mut mmio, &mut events, *slot, device)?;
+            if let Some(handler) = io.own_thread.take() {
                 let thread = IoThread::spawn(&format!("virtio{index}-io"), handler)
                     .map_err(VmmError::io("start a device I/O thread"))?;
                 io_threads.push(thread);
             }
+            attached.push(io);
         }
         let mmio = Arc::new(mmio);
 
@@ -218,22 +250,62 @@ impl Vm {
             .map_err(VmmError::kvm("report supported CPUID"))?;
         let power_button = PowerButton::new(&vm)?;
         let exits = ExitCounter::default();
-        let vcpus = create_vcpus(
-            &vm,
-            config.cpus,
-            &supported,
-            &entry,
-            cr3,
-            &VcpuShared {
-                pio,
-                mmio,
-                exit: exit.clone(),
-                timeline: timeline.clone(),
-                exits: exits.clone(),
-                gate: gate.clone(),
-            },
-        )?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(VmmError::kvm("list the MSRs to save"))?
+            .as_slice()
+            .to_vec();
+        let captures = Arc::new(VcpuCaptures::new(msr_indices));
+        let shared = VcpuShared {
+            pio,
+            mmio,
+            exit: exit.clone(),
+            timeline: timeline.clone(),
+            exits: exits.clone(),
+            gate: gate.clone(),
+            captures: captures.clone(),
+        };
+        let vcpus = match (&saved, &boot) {
+            (Some(saved), _) => {
+                let vcpus = resume_vcpus(&vm, config.cpus, &supported, saved, &shared)?;
+                resume_devices(&vm, saved, &serial, &attached)?;
+                vcpus
+            }
+            (None, Some((entry, cr3))) => {
+                create_vcpus(&vm, config.cpus, &supported, entry, *cr3, &shared)?
+            }
+            (None, None) => unreachable!("a VM not resumed is booted"),
+        };
         timeline.record_vmm_ready();
+
+        let vm = Arc::new(vm);
+        let suspender = Arc::new(Suspender {
+            vm: vm.clone(),
+            gate: gate.clone(),
+            captures,
+            memory: mem.clone(),
+            serial: serial.clone(),
+            devices: attached
+                .iter()
+                .map(|a| SuspendDevice {
+                    transport: a.transport.clone(),
+                    device: a.device.clone(),
+                    io_handler: a.io_handler.clone(),
+                })
+                .collect(),
+            spec,
+            resumed_from: match &saved {
+                Some(saved) => Some(
+                    saved
+                        .file
+                        .try_clone()
+                        .map_err(VmmError::io("keep the state file open"))?,
+                ),
+                None => None,
+            },
+            exit: exit.clone(),
+            done: Mutex::new(false),
+        });
 
         Ok(Vm {
             vcpus,
@@ -250,7 +322,13 @@ impl Vm {
             nat_view,
             gate,
             live_disks,
+            suspender,
         })
+    }
+
+    /// What `vmlab suspend` calls to save this VM and end it.
+    pub fn suspender(&self) -> Arc<Suspender> {
+        self.suspender.clone()
     }
 
     /// The VM's disks, for live snapshots from the control socket.
@@ -530,10 +608,15 @@ enum Attached {
     Net(Arc<Mutex<Net>>),
 }
 
-/// What attaching a device left to do.
+/// An attached device, and what attaching it left to do.
 struct Attachment {
     /// Queue events for the device's own I/O thread, if it wants one.
     own_thread: Option<Subscriber>,
+    transport: Arc<Mutex<MmioTransport>>,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    io_handler: Option<Arc<Mutex<dyn QueueHandler>>>,
+    /// The queue notifiers' other ends: a resume notifies every queue once.
+    notifiers: Vec<EventFd>,
 }
 
 /// Puts a virtio device on the MMIO bus with its interrupt (irqfd) and
@@ -569,17 +652,34 @@ fn attach_virtio(
         .map_err(VmmError::kvm("register a queue notifier"))?;
         notifiers.push(notifier);
     }
+    let kicks = notifiers
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(VmmError::io("create a queue notifier"))?;
     let interrupt = Arc::new(VirtioInterrupt::new(irq));
-    let transport = MmioTransport::new(device.clone(), interrupt, mem.clone());
-    mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device.clone(),
+        interrupt,
+        mem.clone(),
+    )));
+    mmio.insert(transport.clone(), slot.base, slot.len)
         .map_err(|e| VmmError::device("virtio-mmio")(e.to_string()))?;
+    let mut attachment = Attachment {
+        own_thread: None,
+        transport,
+        device: device.clone(),
+        io_handler: None,
+        notifiers: kicks,
+    };
     let subscriber: Subscriber = match attached {
         Attached::Queues(device) => {
             let own = lock(&device).io_thread_handler();
             if let Some(handler) = own {
-                return Ok(Attachment {
-                    own_thread: Some(Arc::new(Mutex::new(QueueEvents::new(handler, notifiers)))),
-                });
+                attachment.io_handler = Some(handler.clone());
+                attachment.own_thread =
+                    Some(Arc::new(Mutex::new(QueueEvents::new(handler, notifiers))));
+                return Ok(attachment);
             }
             Arc::new(Mutex::new(QueueEvents::new(device, notifiers)))
         }
@@ -588,7 +688,7 @@ fn attach_virtio(
         )),
     };
     events.add_subscriber(subscriber);
-    Ok(Attachment { own_thread: None })
+    Ok(attachment)
 }
 
 /// Copies a flat binary to `load_addr` with the long-mode scaffolding it
@@ -630,6 +730,88 @@ fn create_vcpus(
             Ok(vcpu)
         })
         .collect()
+}
+
+/// Creates the vCPUs of a resumed VM and gives each its saved state, once
+/// its saved CPUID is checked against what this host would give it now.
+fn resume_vcpus(
+    vm: &VmFd,
+    cpus: u8,
+    supported: &CpuId,
+    saved: &SavedState,
+    shared: &VcpuShared,
+) -> Result<Vec<Vcpu>, VmmError> {
+    if saved.state.vcpus.len() != usize::from(cpus) {
+        return Err(StateError::Damaged {
+            what: format!("{} vCPU states for {cpus} vCPU(s)", saved.state.vcpus.len()),
+        }
+        .into());
+    }
+    saved
+        .state
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(index, state)| {
+            let index = index as u8;
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(VmmError::kvm("create a vCPU"))?;
+            let vcpu = Vcpu::new(index, fd, shared);
+            // Configured as at boot, then overwritten: what KVM gives such a
+            // vCPU here is what the saved CPUID must match.
+            vcpu.configure(supported, cpus, None)?;
+            let here = vcpu
+                .fd()
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(VmmError::kvm("read the vCPU's CPUID"))?;
+            crate::vmstate::spec::check_cpuid(index, &state.cpuid, here.as_slice())?;
+            state.restore(vcpu.fd())?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+/// Gives a resumed VM's chips and devices their saved state, then raises
+/// the interrupts the devices still show and notifies every queue once
+/// (what the guest posted before the save is served now).
+fn resume_devices(
+    vm: &VmFd,
+    saved: &SavedState,
+    serial: &Arc<Mutex<Serial>>,
+    attached: &[Attachment],
+) -> Result<(), VmmError> {
+    let state = &saved.state;
+    state.platform.restore(vm)?;
+    lock(serial)
+        .restore_state(&state.serial)
+        .map_err(|source| StateError::Io {
+            what: "restore the UART",
+            source,
+        })?;
+    if state.virtio.len() != attached.len() {
+        return Err(StateError::Damaged {
+            what: format!(
+                "{} virtio devices saved for {}",
+                state.virtio.len(),
+                attached.len()
+            ),
+        }
+        .into());
+    }
+    for (slot, (saved, device)) in state.virtio.iter().zip(attached).enumerate() {
+        let mut transport = lock(&device.transport);
+        transport
+            .restore_state(saved)
+            .map_err(|source| StateError::Virtio { slot, source })?;
+        transport.raise_pending_interrupt();
+    }
+    for device in attached {
+        for kick in &device.notifiers {
+            kick.write(1).map_err(VmmError::io("notify a queue"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The control socket's view of a running VM's NAT (`vmlab nat show`): a

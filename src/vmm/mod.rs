@@ -15,6 +15,7 @@ pub mod power_button;
 pub mod progress;
 pub mod run_report;
 pub mod signals;
+pub mod suspend;
 pub mod vcpu;
 
 pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
@@ -24,6 +25,7 @@ pub use live_snapshot::{LiveDisks, LiveSnapshotError};
 pub use machine::Vm;
 pub use power_button::PowerButton;
 pub use run_report::RunReport;
+pub use suspend::{SuspendReport, Suspender};
 
 /// Builds and runs a VM to its end.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {

@@ -81,13 +81,23 @@ impl VcpuGate {
     /// Called by a vCPU thread between two `KVM_RUN`s: waits here while the
     /// guest is paused.
     pub fn checkpoint(&self) {
+        self.checkpoint_then(|| {});
+    }
+
+    /// As `checkpoint`, and when the thread parks, runs `on_park` first:
+    /// the pause is not complete until it has returned (a suspend reads the
+    /// vCPU's state there, on the thread that owns it).
+    pub fn checkpoint_then(&self, on_park: impl FnOnce()) {
         if !self.requested.load(Ordering::Acquire) {
             return;
         }
-        let mut st = self.lock();
+        let st = self.lock();
         if !st.paused || st.closed {
             return;
         }
+        drop(st);
+        on_park();
+        let mut st = self.lock();
         st.parked += 1;
         self.changed.notify_all();
         while st.paused && !st.closed {

@@ -16,6 +16,7 @@ use super::exit::{ExitReason, ExitSignal};
 use super::kvm::{is_pvm_host, PVM_HINT};
 use super::pause::VcpuGate;
 use super::progress::ExitCounter;
+use super::suspend::VcpuCaptures;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs, BootEntry};
 use crate::arch::x86_64::{cpuid, msrs};
 use crate::devices::Bus;
@@ -60,6 +61,8 @@ pub struct VcpuShared {
     pub exits: ExitCounter,
     /// Where the vCPUs park while the guest is paused.
     pub gate: Arc<VcpuGate>,
+    /// Where a suspend asks parked vCPUs for their state.
+    pub captures: Arc<VcpuCaptures>,
 }
 
 pub struct Vcpu {
@@ -71,6 +74,7 @@ pub struct Vcpu {
     timeline: Arc<BootTimeline>,
     exits: ExitCounter,
     gate: Arc<VcpuGate>,
+    captures: Arc<VcpuCaptures>,
 }
 
 /// What to do after one exit, decided while the exit borrows the vCPU.
@@ -92,7 +96,17 @@ impl Vcpu {
             timeline: shared.timeline.clone(),
             exits: shared.exits.clone(),
             gate: shared.gate.clone(),
+            captures: shared.captures.clone(),
         }
+    }
+
+    /// The vCPU's fd, to give it a saved state before it runs.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
     }
 
     /// Sets CPUID, MSRs, FPU and LAPIC for vCPU `index` of `cpus`; the boot
@@ -260,12 +274,14 @@ impl Vcpu {
     pub fn run(mut self) {
         let gate = self.gate.clone();
         let _at_gate = gate.register();
+        let captures = self.captures.clone();
         if self.index == 0 {
             self.timeline.record_first_entry();
         }
         while !self.exit.is_requested() {
-            // Parks here while the guest is paused (a live snapshot).
-            gate.checkpoint();
+            // Parks here while the guest is paused (a live snapshot, a
+            // suspend, which reads the vCPU's state as it parks).
+            gate.checkpoint_then(|| captures.capture_if_asked(self.index, &mut self.fd));
             if self.exit.is_requested() {
                 break;
             }

@@ -105,16 +105,55 @@ impl Program {
         self
     }
 
-    fn jump_back(mut self, opcode: u8, target: usize) -> Self {
-        let rel = target as isize - (self.code.len() as isize + 2);
-        let rel = i8::try_from(rel).expect("backward jump out of rel8 range");
-        self.code.extend_from_slice(&[opcode, rel as u8]);
+    /// inc dword [addr32] (absolute, through a SIB byte)
+    pub fn inc_mem32(mut self, addr: u32) -> Self {
+        self.code.extend_from_slice(&[0xff, 0x04, 0x25]);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+
+    /// inc ebx
+    pub fn inc_ebx(mut self) -> Self {
+        self.code.extend_from_slice(&[0xff, 0xc3]);
+        self
+    }
+
+    /// cmp eax, ebx
+    pub fn cmp_eax_ebx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x39, 0xd8]);
+        self
+    }
+
+    /// test eax, imm32
+    pub fn test_eax(mut self, mask: u32) -> Self {
+        self.code.push(0xa9);
+        self.code.extend_from_slice(&mask.to_le_bytes());
+        self
+    }
+
+    /// jne over the next `len` bytes of code.
+    pub fn jne_over(mut self, len: usize) -> Self {
+        let rel = u8::try_from(len).expect("forward jump out of rel8 range");
+        self.code.extend_from_slice(&[0x75, rel]);
         self
     }
 
     /// jmp to an earlier offset.
     pub fn jmp_back(self, target: usize) -> Self {
         self.jump_back(0xeb, target)
+    }
+
+    /// Appends another program's code.
+    pub fn then(mut self, more: Program) -> Self {
+        self.code.extend_from_slice(&more.code);
+        self
+    }
+
+    fn jump_back(mut self, opcode: u8, target: usize) -> Self {
+        let rel = target as isize - (self.code.len() as isize + 2);
+        let rel = i8::try_from(rel).expect("backward jump out of rel8 range");
+        self.code.extend_from_slice(&[opcode, rel as u8]);
+        self
     }
 
     /// jz to an earlier offset.

@@ -310,6 +310,7 @@ pub fn restore(vm_name: &str, name: &str) -> Result<Compaction> {
             "VM {vm_name} is running: stop it before restoring a snapshot (vmlab stop {vm_name})"
         )));
     }
+    vm.refuse_if_suspended("restoring a snapshot")?;
     let _run_lock = lock_stopped(&vm, "the snapshot was being restored")?;
     // Every overlay written before any disk changes: a full host disk fails
     // here with nothing changed.

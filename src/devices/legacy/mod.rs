@@ -10,4 +10,4 @@ pub use acpi_pm::AcpiPmRegisters;
 pub use boot_timer::BootTimerPort;
 pub use i8042::I8042;
 pub use pvpanic::PvPanic;
-pub use serial::{EventFdTrigger, Serial};
+pub use serial::{EventFdTrigger, Serial, SerialSnapshot};

@@ -38,6 +38,9 @@ impl vm_superio::serial::SerialEvents for InputRoom {
     }
 }
 
+/// The 16550A's receive FIFO (vm-superio's size).
+const FIFO_SIZE: usize = 64;
+
 type Uart = vm_superio::Serial<EventFdTrigger, InputRoom, Box<dyn Write + Send>>;
 
 pub struct Serial {
@@ -85,6 +88,86 @@ impl Serial {
     pub fn interrupt_event(&self) -> &EventFd {
         &self.uart.interrupt_evt().0
     }
+
+    /// The registers and receive FIFO, for a VM snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes back a snapshot's registers and FIFO (same interrupt, same
+    /// output); an interrupt the guest had pending is raised again.
+    pub fn restore_state(&mut self, saved: &SerialSnapshot) -> std::io::Result<()> {
+        // Checked before the UART is taken apart, so a bad snapshot leaves
+        // it as it was.
+        if saved.in_buffer.len() > FIFO_SIZE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes saved in a {FIFO_SIZE}-byte receive FIFO",
+                    saved.in_buffer.len()
+                ),
+            ));
+        }
+        let trigger = || -> std::io::Result<EventFdTrigger> {
+            Ok(EventFdTrigger(self.uart.interrupt_evt().0.try_clone()?))
+        };
+        let placeholder = vm_superio::Serial::with_events(
+            trigger()?,
+            InputRoom(self.input_room.clone()),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let trigger = trigger()?;
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let bad = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e:?}"));
+        self.uart = vm_superio::Serial::from_state(
+            &state,
+            trigger,
+            InputRoom(self.input_room.clone()),
+            out,
+        )
+        .map_err(bad)?;
+        Ok(())
+    }
+}
+
+/// vm-superio's `SerialState`, serialisable: the 8250's registers and the
+/// bytes in its receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for Serial {
@@ -163,6 +246,40 @@ mod tests {
         s.read(0x3f8, LSR, &mut lsr);
         assert_eq!(lsr[0] & 1, 0, "FIFO drained");
         assert_eq!(s.input_room_event().read().unwrap(), 1, "room signalled");
+    }
+
+    #[test]
+    fn registers_and_fifo_survive_a_save_and_restore() {
+        let (mut s, _) = serial();
+        s.write(0x3f8, 3, &[0x83]); // LCR: DLAB on, 8 bits
+        s.write(0x3f8, 0, &[0x0c]); // divisor low
+        s.write(0x3f8, 3, &[0x03]); // DLAB off
+        s.write(0x3f8, 7, &[0x5a]); // scratch
+        s.write(0x3f8, IER, &[0x1]);
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let saved = s.save_state();
+
+        let (mut t, out) = serial();
+        let _ = t.interrupt_event().read();
+        t.restore_state(&saved).unwrap();
+        assert_eq!(t.save_state(), saved);
+        assert_eq!(
+            t.interrupt_event().read().unwrap(),
+            1,
+            "pending receive interrupt raised again"
+        );
+        let mut byte = [0];
+        t.read(0x3f8, THR, &mut byte);
+        assert_eq!(byte, [b'a']);
+        let mut scratch = [0];
+        t.read(0x3f8, 7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        // Output still goes where it went.
+        t.write(0x3f8, THR, b"z");
+        assert_eq!(&*out.0.lock().unwrap(), b"z");
+        let mut damaged = saved.clone();
+        damaged.in_buffer = vec![0; 1000];
+        assert!(t.restore_state(&damaged).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use virtio_queue::Queue;
 use super::events::QueueHandler;
 use super::interrupt::VirtioInterrupt;
 use super::queue::QueueService;
+use super::state::QueueSnapshot;
 use crate::vmm::memory::GuestMemoryMmap;
 
 /// Everything a device needs to start serving its queues.
@@ -77,6 +78,13 @@ pub trait VirtioDevice: Send {
     fn io_thread_handler(&self) -> Option<Arc<Mutex<dyn QueueHandler>>> {
         None
     }
+
+    /// The queues the device serves while it runs, where they stand now
+    /// (for a VM snapshot, taken with the device and its I/O thread
+    /// handler locked); None while the driver has not started it. A device
+    /// with an I/O thread handler holds its queues there, and the snapshot
+    /// asks the handler ([`QueueHandler::running_queues`]).
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>>;
 }
 
 /// Copies `data` (the bytes of a configuration structure) into `out` at

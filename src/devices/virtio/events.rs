@@ -8,16 +8,27 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VirtioDevice;
+use super::state::QueueSnapshot;
 use crate::devices::bus::lock;
 
 /// What an event loop calls when the guest notifies a queue.
 pub trait QueueHandler: Send {
     fn handle_queue(&mut self, index: usize);
+
+    /// The running queues this handler serves, for a VM snapshot (see
+    /// [`VirtioDevice::running_queues`]); None when it serves none.
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        None
+    }
 }
 
 impl QueueHandler for dyn VirtioDevice {
     fn handle_queue(&mut self, index: usize) {
         self.process_queue(index);
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        VirtioDevice::running_queues(self)
     }
 }
 

@@ -62,6 +62,20 @@ impl VirtioInterrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// An edge on the GSI for the bits already pending (after a restore).
+    pub fn raise_again(&self) {
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio: cannot raise an interrupt: {e}");
+        }
+    }
+
+    /// Takes back a snapshot's ISR bits and needs-reset flag, raising
+    /// nothing (the machine re-raises once the guest is restored).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Back to the initial state (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);

@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::device::{ActivateContext, VirtioDevice};
 use super::interrupt::VirtioInterrupt;
+use super::state::{QueueSnapshot, TransportState, TransportStateError};
 use super::{
     F_RING_EVENT_IDX, F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
     STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
@@ -291,6 +292,87 @@ impl MmioTransport {
         }
     }
 
+    /// The device as a VM snapshot keeps it; `running_queues` are the
+    /// device's own (see `VirtioDevice::running_queues`), read by the
+    /// caller with the device held still.
+    pub fn save_state(&self, running_queues: Option<Vec<QueueSnapshot>>) -> TransportState {
+        TransportState {
+            device_type: self.device_type,
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            running_queues,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+        }
+    }
+
+    /// Takes back `state` in a new VM: the registers, and for a device the
+    /// driver had started, the device itself, running on queues that go on
+    /// from the saved positions. The interrupt is not raised again here
+    /// (see `pending_interrupt`).
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), TransportStateError> {
+        if state.device_type != self.device_type || state.queues.len() != self.queues.len() {
+            return Err(TransportStateError::OtherDevice {
+                saved: state.device_type,
+                saved_queues: state.queues.len(),
+                here: self.device_type,
+                here_queues: self.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| q.to_queue())
+            .collect::<Result<Vec<_>, _>>()?;
+        if state.driver_features & !self.device_features != 0 {
+            return Err(TransportStateError::Features(state.driver_features));
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        let Some(running) = &state.running_queues else {
+            return Ok(());
+        };
+        if state.status & STATUS_DRIVER_OK == 0 || running.len() != self.queues.len() {
+            return Err(TransportStateError::NotStarted);
+        }
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues: running
+                .iter()
+                .map(|q| q.to_queue())
+                .collect::<Result<Vec<_>, _>>()?,
+            interrupt: self.interrupt.clone(),
+            features: self.driver_features,
+        };
+        lock(&self.device).activate(ctx)?;
+        Ok(())
+    }
+
+    /// Whether the driver has unacknowledged interrupt bits: after a
+    /// restore the machine raises the interrupt again, since an edge that
+    /// fired while the snapshot was taken may not be in the saved APIC.
+    pub fn pending_interrupt(&self) -> bool {
+        self.interrupt.status() != 0
+    }
+
+    /// Raises the device's interrupt again if the driver has bits pending
+    /// (see `pending_interrupt`).
+    pub fn raise_pending_interrupt(&self) {
+        if self.pending_interrupt() {
+            self.interrupt.raise_again();
+        }
+    }
+
     fn reset(&mut self) {
         if self.status & STATUS_DRIVER_OK != 0 {
             lock(&self.device).reset();
@@ -381,6 +463,9 @@ mod tests {
             self.resets += 1;
         }
         fn process_queue(&mut self, _index: usize) {}
+        fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+            None
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Probe>>) {
@@ -461,6 +546,53 @@ mod tests {
             p.activations,
             vec![(F_VERSION_1 | F_RING_EVENT_IDX, vec![true, false], true)]
         );
+    }
+
+    #[test]
+    fn a_saved_transport_restores_into_a_new_one_and_restarts_its_device() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, F_VERSION_1 | F_RING_EVENT_IDX);
+        setup_queue(&mut t, 0, 16);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        let mut running: Vec<QueueSnapshot> = t.queues.iter().map(QueueSnapshot::of).collect();
+        // As the device holds them: event_idx on, as negotiated, and moved on.
+        for q in &mut running {
+            q.event_idx_enabled = true;
+        }
+        running[0].next_avail = 5;
+        running[0].next_used = 4;
+        let saved = t.save_state(Some(running.clone()));
+        assert_eq!(saved.running_queues.as_deref(), Some(&running[..]));
+
+        let (mut back, probe) = transport();
+        back.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut back, REG_STATUS), ALL_OK);
+        assert_eq!(back.save_state(Some(running.clone())), saved);
+        assert_eq!(
+            probe.lock().unwrap().activations,
+            vec![(F_VERSION_1 | F_RING_EVENT_IDX, vec![true, false], true)],
+            "restarted as the driver had started it"
+        );
+
+        // A queue the device cannot have, or running queues for a device
+        // never started: refused, nothing started.
+        let (mut fresh, probe) = transport();
+        let mut bad = saved.clone();
+        bad.queues[0].size = 1000;
+        assert!(matches!(
+            fresh.restore_state(&bad),
+            Err(TransportStateError::BadQueue(_))
+        ));
+        let mut bad = saved.clone();
+        bad.status = STATUS_ACKNOWLEDGE;
+        assert!(matches!(
+            fresh.restore_state(&bad),
+            Err(TransportStateError::NotStarted)
+        ));
+        let mut bad = saved;
+        bad.device_type = 2;
+        assert!(fresh.restore_state(&bad).is_err());
+        assert!(probe.lock().unwrap().activations.is_empty());
     }
 
     #[test]

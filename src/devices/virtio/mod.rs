@@ -18,6 +18,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod state;
 #[cfg(test)]
 mod test_support;
 

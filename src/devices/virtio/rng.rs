@@ -10,6 +10,7 @@ use vm_memory::Bytes;
 use super::device::{ActivateContext, ActivateError, VirtioDevice};
 use super::fault::{DeviceFault, DriverFault, HostFault};
 use super::queue::{Chain, QueueService};
+use super::state::QueueSnapshot;
 use super::TYPE_RNG;
 
 const QUEUE_SIZE: u16 = 256;
@@ -90,6 +91,11 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let active = self.active.as_ref()?;
+        Some(vec![QueueSnapshot::of(&active.queue)])
     }
 
     fn process_queue(&mut self, _index: usize) {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use super::device::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
 use super::events::QueueHandler;
+use super::state::QueueSnapshot;
 use super::{F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, TYPE_BLOCK};
 use crate::devices::bus::lock;
 use crate::disk::BlockBackend;
@@ -160,5 +161,9 @@ impl VirtioDevice for Block {
 
     fn io_thread_handler(&self) -> Option<Arc<Mutex<dyn QueueHandler>>> {
         Some(self.worker.clone())
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        QueueHandler::running_queues(&*lock(&self.worker))
     }
 }

@@ -16,6 +16,7 @@ use crate::devices::virtio::events::QueueHandler;
 use crate::devices::virtio::fault::DriverFault;
 use crate::devices::virtio::interrupt::VirtioInterrupt;
 use crate::devices::virtio::queue::QueueService;
+use crate::devices::virtio::state::QueueSnapshot;
 use crate::disk::BlockBackend;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -133,6 +134,11 @@ impl BlockWorker {
 impl QueueHandler for BlockWorker {
     fn handle_queue(&mut self, _index: usize) {
         self.process();
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let active = self.active.as_ref()?;
+        Some(vec![QueueSnapshot::of(&active.queue)])
     }
 }
 

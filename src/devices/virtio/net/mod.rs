@@ -31,6 +31,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::device::{read_config_bytes, ActivateContext, ActivateError};
 use super::queue::QueueService;
+use super::state::QueueSnapshot;
 use super::{VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, TYPE_NET};
 use crate::cli::MacAddress;
 use crate::net::{ForwardListeners, Nat, NatConfig, NatView, Offloads, SocketRegistry};
@@ -285,6 +286,14 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let active = self.active.as_ref()?;
+        Some(vec![
+            QueueSnapshot::of(&active.rx),
+            QueueSnapshot::of(&active.tx),
+        ])
     }
 
     fn process_queue(&mut self, index: usize) {

@@ -1,0 +1,106 @@
+//! `vmlab suspend` and `vmlab resume` of a named VM: the running VM saves
+//! itself to `vm.state` in its directory and ends (see `vmm::suspend`); a
+//! resume starts it in the background from that file (`vm-daemon` finds
+//! it there), and the file's name goes once the VM runs again (the VM
+//! keeps the file open and mapped, so its pages stay).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::client;
+use super::error::{ControlError, Result};
+use super::protocol::{Request, Response};
+use super::state::VmDir;
+
+/// How long a suspended VM's process may take to end once saved.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a suspend wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct Suspended {
+    pub ram_bytes: u64,
+    pub written_bytes: u64,
+    pub file_bytes: u64,
+    /// From the request to the state being durable, in the VM.
+    pub took: Duration,
+}
+
+/// Suspends the running VM `name`; returns once its process has ended.
+pub fn suspend(name: &str) -> Result<Suspended> {
+    let vm = VmDir::existing(name)?;
+    if !vm.is_running()? {
+        if vm.is_suspended() {
+            return Err(ControlError::Refused(format!(
+                "VM {name} is already suspended (vmlab resume {name})"
+            )));
+        }
+        return Err(ControlError::NotRunning(name.to_string()));
+    }
+    let answer = client::request(
+        &vm,
+        &Request::Suspend {
+            path: vm.state_path(),
+        },
+    )?;
+    let Response::Suspended {
+        ram_bytes,
+        written_bytes,
+        file_bytes,
+        took_us,
+    } = answer
+    else {
+        return Err(ControlError::Protocol {
+            name: name.to_string(),
+            message: match answer {
+                Response::Error { message } => message,
+                other => format!("unexpected answer {other:?} to suspend"),
+            },
+        });
+    };
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while vm.is_running()? {
+        if Instant::now() > deadline {
+            return Err(ControlError::Refused(format!(
+                "VM {name} saved its state but its process (pid {:?}) did not end: check it",
+                vm.pid()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Suspended {
+        ram_bytes,
+        written_bytes,
+        file_bytes,
+        took: Duration::from_micros(took_us),
+    })
+}
+
+/// Resumes the suspended VM `name` in the background (`exe` is vmlab's
+/// binary; `no_seccomp` runs it without its filters); returns its pid once it
+/// runs.
+pub fn resume(name: &str, exe: &Path, verbose: u8, no_seccomp: bool) -> Result<u32> {
+    let vm = VmDir::existing(name)?;
+    if vm.is_running()? {
+        return Err(ControlError::Running(name.to_string()));
+    }
+    if !vm.is_suspended() {
+        return Err(ControlError::Refused(format!(
+            "VM {name} is not suspended: nothing to resume (start it with vmlab run --name {name} --detach)"
+        )));
+    }
+    super::daemon::spawn_detached(exe, &vm, verbose, no_seccomp)
+}
+
+/// For the daemon of a resumed VM: the state to resume from, if any.
+pub fn saved_state(vm: &VmDir) -> Option<std::path::PathBuf> {
+    let path = vm.state_path();
+    path.exists().then_some(path)
+}
+
+/// Once the resumed VM is built: its state file's name goes (the VM holds
+/// the file itself), so the VM counts as running, not suspended, and a
+/// later `run` boots it cold.
+pub fn forget_saved_state(vm: &VmDir) -> Result<()> {
+    let path = vm.state_path();
+    std::fs::remove_file(&path).map_err(ControlError::io("cannot remove", &path))
+}
