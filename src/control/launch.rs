@@ -41,8 +41,8 @@ pub fn vm_config(
         cpus: settings.cpus,
         mem_size: settings.mem.bytes(),
         boot: BootSource::Linux {
-            kernel,
-            initrd,
+            kernel: kernel.into(),
+            initrd: initrd.map(Into::into),
             cmdline: settings.cmdline.clone(),
         },
         console,
@@ -77,8 +77,8 @@ fn debian_config(
         cpus: settings.cpus,
         mem_size: settings.mem.bytes(),
         boot: BootSource::Linux {
-            kernel: settings.kernel.clone().unwrap_or(guest.kernel),
-            initrd: settings.initrd.clone(),
+            kernel: settings.kernel.clone().unwrap_or(guest.kernel).into(),
+            initrd: settings.initrd.clone().map(Into::into),
             cmdline,
         },
         console,

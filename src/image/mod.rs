@@ -5,6 +5,7 @@
 //! (ssh_key.rs).
 
 mod debian;
+mod disk_boot;
 mod identity;
 mod lock;
 mod recipe;
@@ -17,6 +18,7 @@ pub use debian::{
     boot_params, build_image, cached_image, debian_guest, image as debian_image, image_dir,
     recipe_hash, BuildOutcome, DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
 };
+pub use disk_boot::{read_disk_boot, DiskBoot, DiskBootError, INITRD_LINK, KERNEL_LINK};
 pub use identity::{check_hostname, cmdline_param, GuestIdentity};
 pub use recipe::{Recipe, RECIPE_HASH};
 pub use ssh_key::{ssh_dir, user_key, UserKey};

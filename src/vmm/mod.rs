@@ -15,7 +15,7 @@ pub mod run_report;
 pub mod signals;
 pub mod vcpu;
 
-pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
+pub use config::{BootFile, BootSource, ConsoleConfig, ConsoleInput, VmConfig};
 pub use error::VmmError;
 pub use exit::ExitReason;
 pub use machine::Vm;
