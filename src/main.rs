@@ -12,8 +12,9 @@ use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
+use vmlab::image::{Flavor, ImageSpec};
 use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
-use vmlab::vmm::{ConsoleConfig, RunReport};
+use vmlab::vmm::{ConsoleConfig, LastBoot, OnReboot, RunReport, Vm};
 
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
@@ -83,12 +84,20 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ImageCommand {
-    /// Build the Debian base image (needs root: debootstrap) unless this
+    /// Build a Debian base image (needs root: debootstrap) unless this
     /// recipe's is cached; prints its path.
     Build {
         /// Rebuild even if cached (refused while a VM uses the image).
         #[arg(long)]
         force: bool,
+        /// `lean` (vmlab's kernel and init, the fastest boot) or `full`
+        /// (systemd, Debian's cloud kernel and modules).
+        #[arg(long, value_name = "FLAVOR", default_value = "lean")]
+        flavor: Flavor,
+        /// Extra Debian packages baked into a full image, comma-separated
+        /// (e.g. docker.io); each package set is its own cached image.
+        #[arg(long, value_name = "LIST", value_parser = package_list)]
+        packages: Option<PackageList>,
     },
 }
 
@@ -185,6 +194,19 @@ struct RunArgs {
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
+    /// The Debian guest of a new named VM: `lean` (vmlab's kernel and init)
+    /// or `full` (systemd, Debian's kernel from the VM's own /boot); chosen
+    /// at its first run [default: lean].
+    #[arg(long, value_name = "FLAVOR")]
+    flavor: Option<Flavor>,
+    /// Extra packages of a new full VM's image (built first if needed),
+    /// comma-separated, as `vmlab image build --packages` takes them.
+    #[arg(long, value_name = "LIST", value_parser = package_list)]
+    packages: Option<PackageList>,
+    /// What a guest reboot does: `restart` it in place (a named VM's
+    /// default) or `exit` vmlab (an unnamed VM's default).
+    #[arg(long, value_name = "WHAT")]
+    on_reboot: Option<OnReboot>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,7 +359,11 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::SshConfig { name } => ssh_config(&name),
         Command::VmDaemon { name } => vm_daemon(&name, started),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
-        Command::Image(ImageCommand::Build { force }) => image_build(force),
+        Command::Image(ImageCommand::Build {
+            force,
+            flavor,
+            packages,
+        }) => image_build(force, flavor, packages.unwrap_or_default()),
     }
 }
 
@@ -348,6 +374,9 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
                 "--detach needs --name NAME: a VM in the background is reached by its name"
             )
         }
+        None if args.flavor.is_some() || args.packages.is_some() => anyhow::bail!(
+            "--flavor and --packages need --name NAME: a Debian VM keeps its own disk"
+        ),
         None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
         Some(name) => run_named(args, &name, verbose, started),
     }
@@ -363,7 +392,12 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     } else {
         vm.load_settings()?
     };
+    choose_image(&args, name, created, &base)?;
     let mut settings = merge_settings(base, &args)?;
+    if created {
+        settings.flavor = args.flavor.unwrap_or_default();
+        settings.packages = args.packages.clone().unwrap_or_default().0;
+    }
     if vm.is_running()? {
         return Err(ControlError::Running(name.to_string()).into());
     }
@@ -411,6 +445,44 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     result
 }
 
+/// Checks `--flavor` and `--packages` against the VM: they pick the image
+/// of a new Debian VM, and may only repeat an existing VM's choice.
+fn choose_image(args: &RunArgs, name: &str, created: bool, saved: &VmSettings) -> Result<()> {
+    if args.flavor.is_none() && args.packages.is_none() {
+        return Ok(());
+    }
+    if created {
+        anyhow::ensure!(
+            args.kernel.is_none(),
+            "--flavor and --packages pick a Debian image and its kernel, --kernel boots one of your own: drop one of them"
+        );
+        return Ok(());
+    }
+    anyhow::ensure!(
+        saved.debian,
+        "VM {name} boots a kernel of its own, not a Debian image: drop --flavor and --packages"
+    );
+    let asked = ImageSpec::new(
+        args.flavor.unwrap_or(saved.flavor),
+        &args
+            .packages
+            .clone()
+            .map_or_else(|| saved.packages.clone(), |p| p.0),
+    )?;
+    let has = saved.image_spec()?;
+    anyhow::ensure!(
+        asked == has,
+        "VM {name} is a {} Debian VM{} (chosen at its first run, its disk is a clone of that image): drop --flavor and --packages, or make a new VM with another --name",
+        has.flavor(),
+        if has.packages().is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", has.packages().join(","))
+        }
+    );
+    Ok(())
+}
+
 /// The command line's settings over `base` (a named VM's saved ones).
 fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings> {
     let absolute =
@@ -438,6 +510,9 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     }
     if let Some(net) = args.net {
         settings.no_net = net == NetMode::None;
+    }
+    if let Some(policy) = args.on_reboot {
+        settings.on_reboot = Some(policy);
     }
     if !args.disks.is_empty() {
         settings.disks = args
@@ -467,25 +542,30 @@ fn run_vm(
         Some(_) => settings,
         None => merge_settings(settings, &args)?,
     };
-    let (timeline, (reason, footprint)) = match named {
+    // A reboot's boot is timed from its own start.
+    let mut build = |console, boot: u32| {
+        let origin = if boot == 0 { started } else { Instant::now() };
+        control::launch::vm_config(name, &settings, console, args.boot_timer, origin)
+    };
+    let last = match named {
         None => {
-            let config = control::launch::vm_config(
-                name,
-                &settings,
-                ConsoleConfig::stdio(),
-                args.boot_timer,
-                started,
-            )?;
-            let vm = vmlab::vmm::Vm::build(config)?;
-            (vm.timeline(), vm.run_measured()?)
+            let first = Vm::build(build(ConsoleConfig::stdio(), 0)?)?;
+            let policy = settings.on_reboot.unwrap_or(OnReboot::Exit);
+            vmlab::vmm::run_rebooting(policy, first, |boot| {
+                eprintln!("vmlab: guest rebooted: starting it again");
+                Ok::<_, anyhow::Error>(Some(Vm::build(build(ConsoleConfig::stdio(), boot)?)?))
+            })?
         }
         Some(dir) => {
-            let vm = control::start_named(dir, &settings, Attach::Terminal, |console| {
-                control::launch::vm_config(name, &settings, console, args.boot_timer, started)
-            })?;
-            (vm.vm.timeline(), vm.run_measured()?)
+            control::start_named(dir, &settings, Attach::Terminal, &mut build)?.run(&mut build)?
         }
     };
+    let LastBoot {
+        reason,
+        footprint,
+        timeline,
+        ..
+    } = last;
     if args.boot_timer || verbose > 0 {
         eprintln!("vmlab: {}", timeline.summary());
         if let Some(footprint) = &footprint {
@@ -506,13 +586,15 @@ fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
     control::daemon::detach_from_terminal();
     let vm = VmDir::existing(name)?;
     let settings = vm.load_settings()?;
-    let named = control::start_named(&vm, &settings, Attach::Detached, |console| {
-        control::launch::vm_config(name, &settings, console, false, started)
-    })?;
+    let mut build = |console, boot: u32| {
+        let origin = if boot == 0 { started } else { Instant::now() };
+        control::launch::vm_config(name, &settings, console, false, origin)
+    };
+    let named = control::start_named(&vm, &settings, Attach::Detached, &mut build)?;
     control::daemon::signal_ready();
-    let (reason, _) = named.run_measured()?;
-    eprintln!("vmlab: {reason}");
-    Ok(reason.exit_code())
+    let last = named.run(&mut build)?;
+    eprintln!("vmlab: {}", last.reason);
+    Ok(last.reason.exit_code())
 }
 
 fn ps() -> Result<i32> {
@@ -694,12 +776,14 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn image_build(force: bool) -> Result<i32> {
-    let outcome = vmlab::image::build_image(force)?;
+fn image_build(force: bool, flavor: Flavor, packages: PackageList) -> Result<i32> {
+    let spec = ImageSpec::new(flavor, &packages.0)?;
+    let outcome = vmlab::image::build(&spec, force)?;
     let index = &outcome.image.index;
     if outcome.built {
         eprintln!(
-            "vmlab: built the Debian {} image in {:.1} s: {} MiB on disk, {} GiB virtual",
+            "vmlab: built the {} Debian {} image in {:.1} s: {} MiB on disk, {} GiB virtual",
+            index.flavor,
             index.suite,
             outcome.elapsed.as_secs_f64(),
             index.file_size >> 20,
@@ -710,6 +794,14 @@ fn image_build(force: bool) -> Result<i32> {
     }
     println!("{}", outcome.image.base.display());
     Ok(0)
+}
+
+/// A comma-separated list of Debian packages, as `--packages` takes it.
+#[derive(Clone, Debug, Default)]
+struct PackageList(Vec<String>);
+
+fn package_list(text: &str) -> Result<PackageList, String> {
+    Ok(PackageList(vmlab::image::parse_package_list(text)))
 }
 
 /// The VM a clone argument names: a bare word (no '/') that is an existing

@@ -288,6 +288,8 @@ mod tests {
             index: crate::image::ImageIndex {
                 recipe: "r".into(),
                 suite: "bookworm".into(),
+                flavor: "lean".into(),
+                packages: Vec::new(),
                 base: "base.qcow2".into(),
                 virtual_size: 1 << 30,
                 file_size: 1 << 20,

@@ -42,6 +42,8 @@ pub enum ControlError {
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Net(#[from] crate::net::NatError),
+    #[error(transparent)]
+    DiskBoot(#[from] crate::image::DiskBootError),
     /// A request the state of things refuses, worded completely by the caller.
     #[error("{0}")]
     Refused(String),

@@ -59,6 +59,11 @@ impl ControlContext {
         }
     }
 
+    /// Whether `vmlab stop` has pressed the power button.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     fn answer(&self, request: &Request) -> Response {
         match request {
             Request::Status => Response::Status(VmStatus {

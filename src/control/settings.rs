@@ -7,6 +7,10 @@
 //! mem = 1G
 //! forward = tcp:127.0.0.1:2222:22
 //! disk = /home/me/.local/share/vmlab/vms/vm1/disk.qcow2
+//! guest = debian
+//! flavor = full
+//! packages = docker.io
+//! on-reboot = restart
 //! ```
 
 use std::fmt::Write as _;
@@ -14,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::image::{Flavor, ImageSpec};
+use crate::vmm::OnReboot;
 
 /// Guest memory when neither the user nor the file says.
 pub const DEFAULT_MEM: u64 = 512 << 20;
@@ -34,6 +40,13 @@ pub struct VmSettings {
     /// Boots the default Debian image (its kernel, `root=/dev/vda` on the
     /// VM's own overlay, identity on the command line) instead of `kernel`.
     pub debian: bool,
+    /// Which Debian image the VM's disk was cloned from (with `debian`):
+    /// chosen at the first run, fixed afterwards.
+    pub flavor: Flavor,
+    /// The extra packages of that (full) image.
+    pub packages: Vec<String>,
+    /// What a guest reboot does; None: the default, a restart in place.
+    pub on_reboot: Option<OnReboot>,
     /// No network card (`--net none`).
     pub no_net: bool,
 }
@@ -50,6 +63,9 @@ impl Default for VmSettings {
             initrd: None,
             cmdline: String::new(),
             debian: false,
+            flavor: Flavor::Lean,
+            packages: Vec::new(),
+            on_reboot: None,
             no_net: false,
         }
     }
@@ -81,6 +97,13 @@ impl VmSettings {
         }
         if self.debian {
             let _ = writeln!(out, "guest = debian");
+            let _ = writeln!(out, "flavor = {}", self.flavor);
+        }
+        if !self.packages.is_empty() {
+            let _ = writeln!(out, "packages = {}", self.packages.join(","));
+        }
+        if let Some(policy) = self.on_reboot {
+            let _ = writeln!(out, "on-reboot = {policy}");
         }
         if self.no_net {
             let _ = writeln!(out, "net = none");
@@ -132,6 +155,9 @@ impl VmSettings {
                 "cmdline" => settings.cmdline = value.to_string(),
                 "guest" if value == "debian" => settings.debian = true,
                 "guest" => return Err(err(format!("guest '{value}' is not 'debian'"))),
+                "flavor" => settings.flavor = value.parse().map_err(err)?,
+                "packages" => settings.packages = crate::image::parse_package_list(value),
+                "on-reboot" => settings.on_reboot = Some(value.parse().map_err(err)?),
                 "net" if value == "none" => settings.no_net = true,
                 "net" if value == "user" => settings.no_net = false,
                 "net" => return Err(err(format!("net '{value}' is not 'user' or 'none'"))),
@@ -139,6 +165,16 @@ impl VmSettings {
             }
         }
         Ok(settings)
+    }
+
+    /// The Debian image the VM's disk comes from.
+    pub fn image_spec(&self) -> Result<ImageSpec> {
+        ImageSpec::new(self.flavor, &self.packages).map_err(Into::into)
+    }
+
+    /// What a guest reboot does: the saved policy, else a restart in place.
+    pub fn reboot_policy(&self) -> OnReboot {
+        self.on_reboot.unwrap_or(OnReboot::Restart)
     }
 
     /// The MAC the VM's network card uses.
@@ -194,6 +230,9 @@ mod tests {
             initrd: Some(PathBuf::from("/k/initrd.cpio")),
             cmdline: "quiet loglevel=3 a=b".into(),
             debian: true,
+            flavor: Flavor::Full,
+            packages: vec!["docker.io".into(), "linux-image-amd64".into()],
+            on_reboot: Some(OnReboot::Exit),
             no_net: true,
         }
     }
@@ -208,6 +247,27 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_debian_vm_from_before_flavors_is_lean_and_restarts_on_reboot() {
+        let s = VmSettings::parse("guest = debian\n", Path::new("vm.conf")).unwrap();
+        assert!(s.debian);
+        assert_eq!(s.flavor, Flavor::Lean);
+        assert!(s.packages.is_empty());
+        assert_eq!(s.on_reboot, None);
+        assert_eq!(s.reboot_policy(), OnReboot::Restart);
+        assert_eq!(s.image_spec().unwrap(), ImageSpec::lean());
+        let full = VmSettings::parse(
+            "guest = debian\nflavor = full\npackages = docker.io\non-reboot = exit\n",
+            Path::new("vm.conf"),
+        )
+        .unwrap();
+        assert_eq!(full.reboot_policy(), OnReboot::Exit);
+        assert_eq!(
+            full.image_spec().unwrap(),
+            ImageSpec::new(Flavor::Full, &["docker.io".into()]).unwrap()
+        );
     }
 
     #[test]
@@ -226,6 +286,11 @@ mod tests {
             ("forward = tcp:99999:22", "invalid forward"),
             ("mac = 52:54", "mac '52:54'"),
             ("colour = blue", "unknown key 'colour'"),
+            ("flavor = fat", "flavor 'fat' is not 'lean' or 'full'"),
+            (
+                "on-reboot = halt",
+                "on-reboot 'halt' is not 'restart' or 'exit'",
+            ),
             ("just words", "expected 'key = value'"),
         ] {
             let err = VmSettings::parse(&format!("# c\n{text}\n"), Path::new("/v/vm.conf"))

@@ -1,11 +1,13 @@
 //! The default guests, built from the recipes in guest/ on first use and
 //! cached under the XDG cache directory: vmlab's own kernel and initramfs
-//! (this file), the Debian base image booted from a disk (debian.rs), the
-//! identity each VM gets at boot (identity.rs) and the user's SSH key
-//! (ssh_key.rs).
+//! (this file), the Debian base images booted from a disk (debian.rs) in
+//! their two flavors (flavor.rs), the full flavor's kernel read from the
+//! VM's own disk (disk_boot.rs), the identity each VM gets at boot
+//! (identity.rs) and the user's SSH key (ssh_key.rs).
 
 mod debian;
 mod disk_boot;
+mod flavor;
 mod identity;
 mod lock;
 mod recipe;
@@ -15,10 +17,12 @@ mod step;
 use std::path::PathBuf;
 
 pub use debian::{
-    boot_params, build_image, cached_image, debian_guest, image as debian_image, image_dir,
-    recipe_hash, BuildOutcome, DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
+    boot_params, boot_params_for, build, build_image, cached_image, cached_image_for, debian_guest,
+    image as debian_image, image_dir, image_dir_for, image_for, recipe_hash, BuildOutcome,
+    DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
 };
 pub use disk_boot::{read_disk_boot, DiskBoot, DiskBootError, INITRD_LINK, KERNEL_LINK};
+pub use flavor::{parse_package_list, Flavor, ImageSpec};
 pub use identity::{check_hostname, cmdline_param, GuestIdentity};
 pub use recipe::{Recipe, RECIPE_HASH};
 pub use ssh_key::{ssh_dir, user_key, UserKey};
@@ -49,6 +53,8 @@ pub enum ImageError {
     },
     #[error("{0}")]
     InvalidIdentity(String),
+    #[error("{0}")]
+    InvalidPackages(String),
     // Not a #[source]: the message already includes it, and error chains
     // printed with their sources would say it twice.
     #[error("the Debian base image: {0}")]

@@ -11,6 +11,7 @@ pub mod machine;
 pub mod memory;
 pub mod power_button;
 pub mod progress;
+pub mod reboot;
 pub mod run_report;
 pub mod signals;
 pub mod vcpu;
@@ -20,6 +21,7 @@ pub use error::VmmError;
 pub use exit::ExitReason;
 pub use machine::Vm;
 pub use power_button::PowerButton;
+pub use reboot::{run_rebooting, LastBoot, OnReboot};
 pub use run_report::RunReport;
 
 /// Builds and runs a VM to its end.
