@@ -142,6 +142,11 @@ struct BenchBootArgs {
     /// Leave out the ssh-ready contenders (listed as missing).
     #[arg(long)]
     no_ssh: bool,
+    /// `full`: time vmlab and QEMU microvm to ssh-ready (split at init) on
+    /// the full Debian image, each booting the kernel and initrd it carries
+    /// [default: lean, all six contenders].
+    #[arg(long, value_name = "FLAVOR", default_value = "lean")]
+    flavor: Flavor,
 }
 
 #[derive(Args, Debug)]
@@ -822,7 +827,15 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
     for path in args.json.iter().chain(&args.plot) {
         vmlab::bench::check_output_path(path)?;
     }
+    if args.flavor == Flavor::Full {
+        anyhow::ensure!(
+            !args.no_ssh && args.kernel.is_none() && args.initrd.is_none(),
+            "--flavor full times the full image, kernel and initrd its own, to ssh-ready: drop --no-ssh, --kernel and --initrd"
+        );
+    }
     let (kernel, initrd) = match (args.kernel, args.initrd) {
+        // The full image's VMs boot its own kernel: no lean guest needed.
+        _ if args.flavor == Flavor::Full => (PathBuf::new(), PathBuf::new()),
         (Some(kernel), Some(initrd)) => (kernel, initrd),
         (kernel, initrd) => {
             let guest = vmlab::image::default_guest()?;
@@ -834,7 +847,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
     };
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
         anyhow::ensure!(
-            path.is_file(),
+            args.flavor == Flavor::Full || path.is_file(),
             "{what} {} not found: give an existing file",
             path.display()
         );
@@ -853,6 +866,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
             (_, true) => SshPeers::Off,
             _ => SshPeers::Auto,
         },
+        flavor: args.flavor,
     };
     let report = bench.run(&Progress::stderr())?;
     print!("{}", vmlab::bench::table::render(&report));
