@@ -57,6 +57,12 @@ enum Command {
     },
     /// Attach to a running VM's serial console (Ctrl-A x detaches).
     Console { name: String },
+    /// Snapshots of a VM's disks: create (running or stopped), ls, restore
+    /// (stopped), rm.
+    Snapshot {
+        #[command(subcommand)]
+        action: control::snapshot::command::SnapshotCommand,
+    },
     /// Delete stopped VMs: their settings, disks and logs.
     Rm {
         #[arg(required = true, value_name = "NAME")]
@@ -184,6 +190,10 @@ struct RunArgs {
     /// named VM's saved disks).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskSpec>,
+    /// Grow the named VM's first disk to SIZE, e.g. 20G (never shrinks; the
+    /// Debian guest grows its root filesystem to match at boot).
+    #[arg(long, value_name = "SIZE")]
+    disk_size: Option<ByteSize>,
     /// Print milliseconds to the first vCPU entry and to the guest's
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
@@ -338,12 +348,25 @@ fn main() {
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
         Err(err) => {
-            // One line: the error and its causes, joined.
-            eprintln!("vmlab: error: {err:#}");
+            eprintln!("vmlab: error: {}", one_line(&err));
             1
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes joined in one line, leaving out a cause whose
+/// text the message before it already says (library errors name theirs).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
@@ -360,6 +383,10 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::Stop { names, timeout } => stop(&names, timeout),
         Command::Console { name } => console(&name),
         Command::Rm { names } => rm(&names),
+        Command::Snapshot { action } => {
+            control::snapshot::command::run(action)?;
+            Ok(0)
+        }
         Command::Ssh { name, command } => ssh(&name, &command),
         Command::SshConfig { name } => ssh_config(&name),
         Command::VmDaemon { name } => vm_daemon(&name, started),
@@ -382,6 +409,11 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
         None if args.flavor.is_some() || args.packages.is_some() => anyhow::bail!(
             "--flavor and --packages need --name NAME: a Debian VM keeps its own disk"
         ),
+        None if args.disk_size.is_some() => {
+            anyhow::bail!(
+                "--disk-size needs --name NAME: it grows a named VM's first disk for good"
+            )
+        }
         None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
         Some(name) => run_named(args, &name, verbose, started),
     }
@@ -416,6 +448,14 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     } else {
         control::launch::boot_images(&settings).map(drop)
     };
+    let prepared = prepared.and_then(|()| match args.disk_size {
+        Some(size) => {
+            // The disk that grows is the one a cut-short restore leaves.
+            control::snapshot::finish_restore(&vm)?;
+            control::launch::grow_first_disk(name, &settings, size.bytes())
+        }
+        None => Ok(()),
+    });
     if let Err(e) = prepared {
         if created {
             if let Ok(held) = vm.lock_exclusive() {

@@ -11,9 +11,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use support::tiny_guest::Program;
+use support::wait_for;
 
 struct Lab {
     dir: tempfile::TempDir,
@@ -128,14 +128,6 @@ fn alive(pid: u32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(false)
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn serial_log(lab: &Lab, name: &str) -> String {

@@ -33,6 +33,11 @@ log "installing vmlab's init and configuration, trimming (step 2/3)"
 debian_overlay "$here/rootfs"
 chmod 0755 "$root/etc/vmlab"
 debian_trim
+# vmlab-init grows the root filesystem to its disk (vmlab run --disk-size)
+# when the disk's size differs from the one it last grew to: the base's own
+# size, so that a VM whose disk never grew skips resize2fs.
+[ -x "$root/usr/sbin/resize2fs" ] || [ -x "$root/sbin/resize2fs" ] || die "resize2fs is missing from the tree (e2fsprogs)"
+echo $(($(numfmt --from=iec "$size") / 512)) >"$root/etc/vmlab/disk-sectors"
 
 log "making the ext4 filesystem ($size, sparse) from the tree (step 3/3)"
 debian_mkfs "$out" "$size"

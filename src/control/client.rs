@@ -37,22 +37,38 @@ fn send(vm: &VmDir, request: &Request) -> Result<(UnixStream, BufReader<UnixStre
         .map_err(|e| protocol(format!("cannot send the request: {e}")))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| protocol(e.to_string()))?);
     let answer = read_message(&mut reader).map_err(protocol)?;
-    if let Response::Error { message } = answer {
-        return Err(protocol(message));
-    }
     Ok((stream, reader, answer))
 }
 
 /// Sends one request and returns the VM's answer (an error answer becomes
 /// an error).
 pub fn request(vm: &VmDir, request: &Request) -> Result<Response> {
+    let answer = request_answer(vm, request)?;
+    if let Response::Error { message } = answer {
+        return Err(ControlError::Protocol {
+            name: vm.name().to_string(),
+            message,
+        });
+    }
+    Ok(answer)
+}
+
+/// Sends one request and returns whatever the VM answered, an error answer
+/// included: for callers that must tell "the VM said no" from "no answer".
+pub fn request_answer(vm: &VmDir, request: &Request) -> Result<Response> {
     send(vm, request).map(|(_, _, answer)| answer)
 }
 
 /// Attaches this terminal to the VM's serial console until Ctrl-A x (the
 /// VM keeps running) or until the VM ends. Returns true if the VM ended.
 pub fn attach_console(vm: &VmDir) -> Result<bool> {
-    let (mut stream, reader, _) = send(vm, &Request::Console)?;
+    let (mut stream, reader, answer) = send(vm, &Request::Console)?;
+    if let Response::Error { message } = answer {
+        return Err(ControlError::Protocol {
+            name: vm.name().to_string(),
+            message,
+        });
+    }
     let _ = stream.set_read_timeout(None);
     let io = |e: std::io::Error| ControlError::Protocol {
         name: vm.name().to_string(),

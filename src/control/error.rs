@@ -44,6 +44,12 @@ pub enum ControlError {
     Net(#[from] crate::net::NatError),
     #[error(transparent)]
     DiskBoot(#[from] crate::image::DiskBootError),
+    #[error("invalid snapshot name '{name}': {why} (e.g. before-upgrade)")]
+    BadSnapshotName { name: String, why: String },
+    #[error("VM {vm} already has a snapshot named {name} (see vmlab snapshot ls {vm}; remove it with vmlab snapshot rm {vm} {name})")]
+    SnapshotExists { vm: String, name: String },
+    #[error("VM {vm} has no snapshot named {name} (see vmlab snapshot ls {vm})")]
+    NoSnapshot { vm: String, name: String },
     /// A request the state of things refuses, worded completely by the caller.
     #[error("{0}")]
     Refused(String),

@@ -150,6 +150,39 @@ pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
     Ok(())
 }
 
+/// `run --disk-size`: grows the VM's first disk to `size` bytes (the image
+/// keeps its new size); refuses to shrink it.
+pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<()> {
+    let Some(disk) = settings.disks.first() else {
+        return Err(ControlError::Refused(format!(
+            "VM {name} has no disk to grow: --disk-size applies to its first --disk"
+        )));
+    };
+    let path = &disk.path;
+    if disk.read_only {
+        return Err(ControlError::Refused(format!(
+            "VM {name}'s first disk {} is attached read-only: it cannot grow",
+            path.display()
+        )));
+    }
+    let disk_err = |source| ControlError::Disk {
+        vm: name.to_string(),
+        source,
+    };
+    let current = crate::disk::image_info(path).map_err(disk_err)?[0].virtual_size;
+    if size < current {
+        return Err(ControlError::Refused(format!(
+            "VM {name}'s first disk is {} ({current} bytes): --disk-size {} would shrink it, and disks only grow",
+            crate::disk::human_size(current),
+            crate::cli::ByteSize(size)
+        )));
+    }
+    if size > current {
+        crate::disk::resize_image(path, size).map_err(disk_err)?;
+    }
+    Ok(())
+}
+
 /// The VM's network card behind the NAT, or none. Binds the forwarded host
 /// ports now, before anything else is built: a port in use fails the start
 /// at once, with the port named.

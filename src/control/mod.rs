@@ -1,7 +1,7 @@
 //! Named VMs: their state directory and configuration, the per-VM control
 //! socket (status, stop, console, NAT table), and the commands built on
 //! them (`run --name --detach`, `ps`, `stop`, `console`, `rm`, `ssh`,
-//! `clone` of a VM).
+//! `clone` of a VM, `snapshot`).
 //!
 //! A VM without a name (`vmlab run` alone) uses none of this: it lives and
 //! dies with its terminal.
@@ -17,6 +17,7 @@ pub mod ps;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod snapshot;
 pub mod ssh;
 pub mod state;
 pub mod stop;

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,11 @@ pub enum Request {
     Console,
     /// The NAT's flow table, forwards and counters.
     Nat,
+    /// A live snapshot's switch: each path is one of the VM's disks, where a
+    /// new overlay over the image the VM has open now lies. Pause the guest,
+    /// drain and flush those disks, switch them to their overlays, resume.
+    /// All or nothing: an error answer means no disk switched.
+    SnapshotDisks { disks: Vec<PathBuf> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +43,10 @@ pub enum Response {
     /// Raw console bytes follow.
     Console,
     Nat(NatSnapshot),
+    /// Every disk asked for switched; the guest stood still this long.
+    DisksSwitched {
+        paused_us: u64,
+    },
     Error {
         message: String,
     },
@@ -213,6 +223,9 @@ mod tests {
             Request::Stop,
             Request::Console,
             Request::Nat,
+            Request::SnapshotDisks {
+                disks: vec!["/v/vm1/disk.qcow2".into()],
+            },
         ] {
             assert_eq!(round_trip(&request), request);
         }
@@ -231,7 +244,14 @@ mod tests {
         let error = Response::Error {
             message: "no".into(),
         };
-        for answer in [status, error, Response::Stopping, Response::Console] {
+        let switched = Response::DisksSwitched { paused_us: 1234 };
+        for answer in [
+            status,
+            error,
+            switched,
+            Response::Stopping,
+            Response::Console,
+        ] {
             assert_eq!(round_trip(&answer), answer);
         }
     }

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,11 +15,26 @@ use super::console_hub::ConsoleHub;
 use super::protocol::{encode, read_message, NatSnapshot, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
+use crate::vmm::{LiveDisks, LiveSnapshotError};
 
 /// The NAT's state, as the running machine exposes it (implemented by
 /// whatever owns the NAT; see `Vm::nat_view`).
 pub trait NatView: Send + Sync {
     fn snapshot(&self) -> NatSnapshot;
+}
+
+/// A running VM's disks as a live snapshot switches them (implemented by
+/// `vmm::LiveDisks`; see `Vm::live_disks`).
+pub trait DiskSwitch: Send + Sync {
+    /// Switches the disks at `paths` to the overlays now there; returns how
+    /// long the guest was paused. An error means no disk switched.
+    fn switch_to_overlays(&self, paths: &[PathBuf]) -> Result<Duration, LiveSnapshotError>;
+}
+
+impl DiskSwitch for LiveDisks {
+    fn switch_to_overlays(&self, paths: &[PathBuf]) -> Result<Duration, LiveSnapshotError> {
+        LiveDisks::switch_to_overlays(self, paths)
+    }
 }
 
 /// How long a client may take to send its request line.
@@ -33,6 +49,8 @@ pub struct ControlContext {
     pub forwards: Vec<ForwardRule>,
     pub power_button: PressButton,
     pub nat: Option<Arc<dyn NatView>>,
+    /// The disks a live snapshot switches; None in tests without a VM.
+    pub disks: Option<Arc<dyn DiskSwitch>>,
     pub hub: Arc<ConsoleHub>,
     /// Where console clients' keystrokes go (the UART's input pipe); None
     /// when the VM reads its terminal directly.
@@ -53,6 +71,7 @@ impl ControlContext {
             forwards,
             power_button,
             nat: None,
+            disks: None,
             hub,
             console_input: None,
             stopping: AtomicBool::new(false),
@@ -92,6 +111,22 @@ impl ControlContext {
                     .as_ref()
                     .map_or_else(NatSnapshot::default, |nat| nat.snapshot()),
             ),
+            Request::SnapshotDisks { disks } => match &self.disks {
+                None => Response::Error {
+                    message: "this VM's disks cannot be switched".into(),
+                },
+                Some(switch) => match switch.switch_to_overlays(disks) {
+                    Ok(paused) => {
+                        log::info!("live snapshot: the guest paused for {paused:?}");
+                        Response::DisksSwitched {
+                            paused_us: paused.as_micros().try_into().unwrap_or(u64::MAX),
+                        }
+                    }
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                },
+            },
             Request::Console if self.console_input.is_none() => Response::Error {
                 message: "its console is the terminal it was started on".into(),
             },

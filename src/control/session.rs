@@ -8,16 +8,19 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
 use super::error::{ControlError, Result};
 use super::protocol::NatSnapshot;
-use super::server::{self, ControlContext, NatView};
+use super::server::{self, ControlContext, DiskSwitch, NatView};
 use super::settings::VmSettings;
 use super::state::{RunLock, VmDir};
 use crate::devices::bus::lock;
-use crate::vmm::{ConsoleConfig, ConsoleInput, LastBoot, OnReboot, PowerButton, Vm, VmConfig};
+use crate::vmm::{
+    ConsoleConfig, ConsoleInput, LastBoot, LiveDisks, LiveSnapshotError, OnReboot, PowerButton, Vm,
+    VmConfig,
+};
 
 /// Where a named VM's console is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +38,7 @@ pub enum Attach {
 pub struct NamedVm {
     pub vm: Vm,
     _lock: RunLock,
+    dir: VmDir,
     console: ConsoleWiring,
     ctx: Arc<ControlContext>,
     current: Arc<CurrentBoot>,
@@ -67,17 +71,48 @@ impl ConsoleWiring {
     }
 }
 
-/// The running boot's power button and NAT, which the control socket
-/// reaches through this (a reboot makes a new machine).
+/// The running boot's power button, NAT and disks, which the control
+/// socket reaches through this (a reboot makes a new machine).
 struct CurrentBoot {
     power_button: Mutex<PowerButton>,
     nat: Mutex<Option<Arc<dyn NatView>>>,
+    /// None between two boots: the ended boot's disks are closed before
+    /// the next opens them (their write locks would refuse it).
+    disks: Mutex<Option<Arc<LiveDisks>>>,
 }
 
 impl CurrentBoot {
+    fn new(vm: &Vm) -> Self {
+        CurrentBoot {
+            power_button: Mutex::new(vm.power_button()),
+            nat: Mutex::new(vm.nat_view()),
+            disks: Mutex::new(Some(vm.live_disks())),
+        }
+    }
+
     fn set(&self, vm: &Vm) {
         *lock(&self.power_button) = vm.power_button();
         *lock(&self.nat) = vm.nat_view();
+        *lock(&self.disks) = Some(vm.live_disks());
+    }
+
+    /// Lets go of the boot that ended.
+    fn ended(&self) {
+        *lock(&self.disks) = None;
+    }
+}
+
+impl DiskSwitch for CurrentBoot {
+    fn switch_to_overlays(
+        &self,
+        paths: &[PathBuf],
+    ) -> std::result::Result<Duration, LiveSnapshotError> {
+        // A boot that ended meanwhile refuses the pause (its vCPU gate is
+        // closed): the snapshot fails whole, nothing switched.
+        let disks = lock(&self.disks)
+            .clone()
+            .ok_or(LiveSnapshotError::Rebooting)?;
+        disks.switch_to_overlays(paths)
     }
 }
 
@@ -102,6 +137,8 @@ pub fn start_named(
     build: &mut impl BuildBoot,
 ) -> Result<NamedVm> {
     let lock = dir.lock_exclusive()?;
+    // Never boot disks a killed `snapshot restore` left half-restored.
+    super::snapshot::finish_restore(dir)?;
     let log_path = dir.serial_log();
     let log = File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
     let hub = ConsoleHub::new(Some(log), attach == Attach::Terminal);
@@ -131,10 +168,7 @@ pub fn start_named(
         &socket,
     ))?;
     lock.write_pid()?;
-    let current = Arc::new(CurrentBoot {
-        power_button: Mutex::new(vm.power_button()),
-        nat: Mutex::new(vm.nat_view()),
-    });
+    let current = Arc::new(CurrentBoot::new(&vm));
     let button = current.clone();
     let mut ctx = ControlContext::new(
         dir.name().to_string(),
@@ -146,12 +180,14 @@ pub fn start_named(
     if vm.nat_view().is_some() {
         ctx.nat = Some(current.clone());
     }
+    ctx.disks = Some(current.clone());
     ctx.console_input = keystroke_writer;
     let ctx = Arc::new(ctx);
     server::spawn(listener, ctx.clone()).map_err(ControlError::io("cannot serve", &socket))?;
     Ok(NamedVm {
         vm,
         _lock: lock,
+        dir: dir.clone(),
         console,
         ctx,
         current,
@@ -167,6 +203,7 @@ impl NamedVm {
         let NamedVm {
             vm,
             _lock,
+            dir,
             console,
             ctx,
             current,
@@ -179,6 +216,12 @@ impl NamedVm {
             eprintln!(
                 "vmlab: guest rebooted: starting it again (--on-reboot exit ends it instead)"
             );
+            // `snapshot create` holds this lock from freezing the disks to
+            // switching the running boot onto its overlays: the new boot
+            // opens its disks (and reads its kernel) either before the
+            // freeze, and is the one switched, or after it is whole.
+            let _snapshots = super::snapshot::book::lock_book(&dir)?;
+            current.ended();
             let vm = Vm::build(build(console.config()?, boot)?)?;
             current.set(&vm);
             Ok(Some(vm))

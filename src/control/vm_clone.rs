@@ -2,18 +2,20 @@
 //! from deleting a disk layer another VM still reads.
 //!
 //! A linked clone must not sit on top of a disk that keeps changing, so the
-//! source's overlay is frozen first: renamed (in its own directory, so its
-//! own backing reference stays valid) and made read-only; then the source
-//! and the clone each get a fresh overlay over it. Both steps are constant
-//! time whatever the disk's size.
+//! source's overlay is frozen first (`disk::freeze_top`: renamed in its own
+//! directory, so its own backing reference stays valid, made read-only, a
+//! fresh overlay at its path); then the clone gets an overlay over it too.
+//! Both steps are constant time whatever the disk's size, and a kill at any
+//! point leaves the source's disk whole.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::{ControlError, Result};
+use super::snapshot::frozen_layer;
 use super::state::VmDir;
 use crate::cli::DiskSpec;
-use crate::disk::{clone_image, CloneOptions};
+use crate::disk::{clone_image, freeze_top, unfreeze_top, CloneOptions};
 
 /// Creates VM `dst` from the stopped VM `src`: same settings, its own disk
 /// overlays, and no MAC of its own (derived from the new name).
@@ -38,14 +40,19 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
             disk.path.display()
         )));
     }
+    // Never branch disks a killed `snapshot restore` left half-restored.
+    super::snapshot::finish_restore(&src)?;
     let dst_lock = dst.lock_exclusive()?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let result = (|| {
         let mut new = settings.clone();
         new.mac = None;
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
-                path: branch_disk(&src, &disk.path, dst.path())?,
+                path: branch_disk(&src, &disk.path, dst.path(), stamp)?,
                 read_only: disk.read_only,
             });
         }
@@ -59,7 +66,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
 
 /// Freezes `disk` and puts a new overlay over it for the source (at the
 /// same path) and for the clone (in `dst_dir`, same file name).
-fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path) -> Result<PathBuf> {
+fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path, stamp: u128) -> Result<PathBuf> {
     let disk_err = |source| ControlError::Disk {
         vm: src.name().to_string(),
         source,
@@ -67,30 +74,14 @@ fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path) -> Result<PathBuf> {
     let file_name = disk
         .file_name()
         .expect("owned disks are files in the VM directory");
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let stem = Path::new(file_name)
-        .file_stem()
-        .unwrap_or(file_name)
-        .to_string_lossy();
-    let frozen = disk.with_file_name(format!("{stem}.frozen-{stamp}.qcow2"));
-    std::fs::rename(disk, &frozen).map_err(ControlError::io("cannot freeze the disk", disk))?;
-    let undo = || {
-        let _ = std::fs::remove_file(disk);
-        let _ = std::fs::rename(&frozen, disk);
-    };
-    if let Err(e) = clone_image(&frozen, disk, &CloneOptions::default()) {
-        undo();
-        return Err(disk_err(e));
-    }
+    let frozen = freeze_top(disk, &frozen_layer(disk, stamp)).map_err(disk_err)?;
     let target = dst_dir.join(file_name);
-    if let Err(e) = clone_image(&frozen, &target, &CloneOptions::default()) {
-        undo();
+    if let Err(e) = clone_image(&frozen.layer, &target, &CloneOptions::default()) {
+        if let Err(undo) = unfreeze_top(&frozen) {
+            log::error!("cannot undo the freeze of {}: {undo}", disk.display());
+        }
         return Err(disk_err(e));
     }
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&frozen, std::fs::Permissions::from_mode(0o444));
     Ok(target)
 }
 

@@ -102,6 +102,23 @@ pub trait BlockBackend: Send + Sync {
     /// The backing image reads fall through to, if any.
     fn backing(&self) -> Option<&dyn BlockBackend>;
 
+    /// Makes every write durable, then refuses further writes and trades
+    /// the image's write lock for a shared read lock, so that the open image
+    /// can serve as the backing file of a new overlay (a live snapshot).
+    /// Formats that cannot say so.
+    fn freeze(&self) -> Result<()> {
+        Err(super::error::DiskError::unsupported(
+            self.path(),
+            format!("freezing an open {} image", self.format()),
+        ))
+    }
+
+    /// Device and inode of the file this backend has open, to tell whether
+    /// a path names that same file.
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read_vectored_at(offset, &mut [IoSliceMut::new(buf)])

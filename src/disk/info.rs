@@ -66,7 +66,8 @@ fn describe(img: &dyn BlockBackend) -> Result<ImageInfo> {
     })
 }
 
-fn human(bytes: u64) -> String {
+/// A byte count for people: `12.3 MiB`.
+pub fn human_size(bytes: u64) -> String {
     let units = [
         (1u64 << 40, "TiB"),
         (1 << 30, "GiB"),
@@ -96,13 +97,13 @@ impl fmt::Display for ImageInfo {
         writeln!(
             f,
             "virtual size: {} ({} bytes)",
-            human(self.virtual_size),
+            human_size(self.virtual_size),
             self.virtual_size
         )?;
         writeln!(
             f,
             "allocated: {} ({} bytes)",
-            human(self.allocated),
+            human_size(self.allocated),
             self.allocated
         )?;
         if let Some(b) = &self.backing_name {

@@ -57,15 +57,24 @@ impl LockMode {
     }
 }
 
-fn lock_byte(file: &File, offset: i64) -> nix::Result<()> {
+/// Sets (`F_RDLCK`) or releases (`F_UNLCK`) our OFD lock on one byte.
+fn set_byte(file: &File, offset: i64, l_type: libc::c_int) -> nix::Result<()> {
     let req = libc::flock {
-        l_type: libc::F_RDLCK as i16,
+        l_type: l_type as i16,
         l_whence: libc::SEEK_SET as i16,
         l_start: offset,
         l_len: 1,
         l_pid: 0,
     };
     fcntl(file, FcntlArg::F_OFD_SETLK(&req)).map(|_| ())
+}
+
+fn lock_byte(file: &File, offset: i64) -> nix::Result<()> {
+    set_byte(file, offset, libc::F_RDLCK)
+}
+
+fn unlock_byte(file: &File, offset: i64) -> nix::Result<()> {
+    set_byte(file, offset, libc::F_UNLCK)
 }
 
 /// True when another open file holds a lock on `offset`.
@@ -138,6 +147,28 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
             holder: describe_holder(file, offset, i),
         }),
     }
+}
+
+/// Trades the locks of `LockMode::Write` held on `file` for those of
+/// `LockMode::SharedRead`: the writer becomes a reader of a backing file
+/// that nobody may write. Dropping locks cannot conflict with anyone.
+pub fn downgrade_to_shared_read(file: &File, path: &Path) -> Result<()> {
+    let (write_perm, write_shared) = LockMode::Write.perms();
+    let (read_perm, read_shared) = LockMode::SharedRead.perms();
+    for i in 0..PERM_BITS {
+        let bit = 1 << i;
+        let release = [
+            (write_perm & bit != 0 && read_perm & bit == 0, PERM_BASE + i),
+            (
+                write_shared & bit == 0 && read_shared & bit != 0,
+                SHARED_BASE + i,
+            ),
+        ];
+        for (_, offset) in release.iter().filter(|(drop, _)| *drop) {
+            unlock_byte(file, *offset).map_err(|e| DiskError::io(path, std::io::Error::from(e)))?;
+        }
+    }
+    Ok(())
 }
 
 /// True when some other process holds `path` open for writing (QEMU's or

@@ -72,7 +72,7 @@ pub(crate) enum Opened {
     Qcow2(Box<Qcow2Image>),
 }
 
-fn open_file(path: &Path, read_only: bool) -> Result<File> {
+pub(crate) fn open_file(path: &Path, read_only: bool) -> Result<File> {
     let meta = std::fs::metadata(path).map_err(|e| DiskError::io(path, e))?;
     let ft = meta.file_type();
     // FIFOs and character devices could block or never end.
@@ -89,7 +89,7 @@ fn open_file(path: &Path, read_only: bool) -> Result<File> {
         .map_err(|e| DiskError::io(path, e))
 }
 
-fn probe(file: &File, path: &Path) -> Result<ImageFormat> {
+pub(crate) fn probe(file: &File, path: &Path) -> Result<ImageFormat> {
     let mut magic = [0u8; 4];
     let mut reader = file;
     let mut got = 0;

@@ -23,11 +23,13 @@ use super::error::VmmError;
 use super::exit::{ExitReason, ExitSignal};
 use super::footprint::{self, Footprint};
 use super::kvm;
+use super::live_snapshot::{LiveDisk, LiveDisks};
 use super::memory::{self, GuestMemoryMmap};
+use super::pause::VcpuGate;
 use super::power_button::PowerButton;
 use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
-use super::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use super::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuShared};
 use crate::arch::x86_64::acpi::VirtioMmioSlot;
 use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
@@ -85,6 +87,9 @@ pub struct Vm {
     power_button: PowerButton,
     /// What `vmlab nat show` reads; set when a network card is attached.
     nat_view: Option<Arc<dyn NatView>>,
+    /// Where the vCPUs park while the guest is paused.
+    gate: Arc<VcpuGate>,
+    live_disks: Arc<LiveDisks>,
 }
 
 impl Vm {
@@ -96,6 +101,20 @@ impl Vm {
         // Disks before anything else: a missing or locked image fails at
         // once, before the guest starts.
         let disks = open_disks(&config.name, &config.disks)?;
+        let gate = Arc::new(VcpuGate::new());
+        let live_disks = Arc::new(LiveDisks::new(
+            gate.clone(),
+            config
+                .disks
+                .iter()
+                .zip(&disks)
+                .map(|(spec, block)| LiveDisk {
+                    path: spec.path.clone(),
+                    read_only: spec.read_only,
+                    worker: block.worker(),
+                })
+                .collect(),
+        ));
         let kvm = kvm::open()?;
         let max = kvm::max_vcpus(&kvm);
         if usize::from(config.cpus) > max || config.cpus == 0 {
@@ -208,6 +227,7 @@ impl Vm {
                 exit: exit.clone(),
                 timeline: timeline.clone(),
                 exits: exits.clone(),
+                gate: gate.clone(),
             },
         )?;
         timeline.record_vmm_ready();
@@ -225,7 +245,14 @@ impl Vm {
             exits,
             power_button,
             nat_view,
+            gate,
+            live_disks,
         })
+    }
+
+    /// The VM's disks, for live snapshots from the control socket.
+    pub fn live_disks(&self) -> Arc<LiveDisks> {
+        self.live_disks.clone()
     }
 
     /// The ACPI power button, to ask the guest to power off.
@@ -309,6 +336,8 @@ impl Vm {
                 });
             }
         }
+        // Parked vCPUs must see the stop too.
+        self.gate.close();
         stop_vcpus(threads);
         // In-flight disk requests finish; the images close (qcow2 metadata
         // written back) when the devices drop with this Vm.
@@ -543,15 +572,6 @@ fn load_flat(
     Ok((entry, cr3))
 }
 
-/// What every vCPU thread shares.
-struct VcpuShared {
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    exit: ExitSignal,
-    timeline: Arc<BootTimeline>,
-    exits: ExitCounter,
-}
-
 fn create_vcpus(
     vm: &VmFd,
     cpus: u8,
@@ -565,15 +585,7 @@ fn create_vcpus(
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(VmmError::kvm("create a vCPU"))?;
-            let vcpu = Vcpu::new(
-                index,
-                fd,
-                shared.pio.clone(),
-                shared.mmio.clone(),
-                shared.exit.clone(),
-                shared.timeline.clone(),
-                shared.exits.clone(),
-            );
+            let vcpu = Vcpu::new(index, fd, shared);
             vcpu.configure(supported, cpus, (index == 0).then_some((entry, cr3)))?;
             Ok(vcpu)
         })

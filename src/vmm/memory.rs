@@ -1,9 +1,26 @@
 //! Guest RAM: anonymous host memory mapped into the VM as KVM memory slots,
 //! split around the MMIO hole, after checking the host can provide it.
+//!
+//! One host mapping per region, one KVM slot per region, for the VM's whole
+//! life. Inside a region, page ranges may be backed by a file instead of
+//! anonymous memory (`map_file_pages`: the ELF kernel's segments, mapped
+//! copy-on-write so that pages the guest never touches cost nothing and the
+//! ones it only reads stay shared with the host's page cache). Such a range
+//! is a separate VMA of the same address range: the region's address, size
+//! and KVM slot do not change, guest and VMM see the same bytes through it,
+//! and the region's vm-memory flags still say anonymous. Whoever reads guest
+//! RAM (footprint, a memory snapshot) reads all of it as one range and gets
+//! the file's bytes where the guest has not written; whoever needs to know
+//! which pages are file-backed finds them in /proc/self/maps. The file must
+//! not be truncated while the VM runs (its pages would fault with SIGBUS):
+//! a kernel is replaced by renaming a new file over it, as builds do.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::error::VmmError;
 use crate::arch::x86_64::layout::ram_regions;
@@ -80,9 +97,109 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// The host's base page size on x86-64: the granule of `map_file_pages`.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Why part of guest RAM could not be backed by a file's pages.
+#[derive(Debug, thiserror::Error)]
+pub enum FileMapError {
+    #[error("guest range {addr:#x}+{len:#x} is not page-aligned or not inside one RAM region")]
+    Range { addr: u64, len: u64 },
+    #[error("file offset {0:#x} is not page-aligned")]
+    Offset(u64),
+    #[error("mmap failed: {0}")]
+    Mmap(std::io::Error),
+}
+
+/// The host address of guest range `addr..addr+len`, checked to be
+/// page-aligned and inside one region (so one host mapping).
+fn host_range(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+) -> Result<*mut u8, FileMapError> {
+    let bad = FileMapError::Range { addr: addr.0, len };
+    if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        return Err(bad);
+    }
+    let region = mem
+        .find_region(addr)
+        .ok_or(FileMapError::Range { addr: addr.0, len })?;
+    let offset = addr.0 - region.start_addr().0;
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad);
+    }
+    region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|_| bad)
+}
+
+/// Replaces guest pages `addr..addr+len` of the region's mapping with a new
+/// mapping at the same address (so everything holding the region's address,
+/// KVM included, goes on seeing guest RAM there).
+fn remap(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    offset: u64,
+) -> Result<(), FileMapError> {
+    let host = host_range(mem, addr, len)?;
+    // SAFETY: `host..host+len` lies inside a mapping that `mem` owns (checked
+    // by `host_range`) and that stays mapped until `mem`'s last clone drops;
+    // MAP_FIXED replaces exactly those pages with readable, writable ones of
+    // the same extent, in one step, so every pointer into guest RAM stays
+    // valid. vm-memory and KVM reach guest RAM only through raw pointers
+    // (volatile accesses), never Rust references, so no reference sees its
+    // bytes change under it; the new contents are what the caller asks for.
+    let mapped = unsafe {
+        libc::mmap(
+            host.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(FileMapError::Mmap(std::io::Error::last_os_error()));
+    }
+    debug_assert_eq!(mapped.cast::<u8>(), host);
+    Ok(())
+}
+
+/// Backs guest pages `addr..addr+len` with `file`'s bytes from `offset`,
+/// copy-on-write: reads see the file (through the host's page cache,
+/// shared, loaded on first touch), the first write to a page gives the
+/// guest its own copy, and the file never changes. Everything must be
+/// page-aligned, the range inside one region, and the file at least
+/// `offset + len` bytes long (pages past its end would fault with SIGBUS).
+pub fn map_file_pages(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> Result<(), FileMapError> {
+    if offset % PAGE_SIZE != 0 || i64::try_from(offset).is_err() {
+        return Err(FileMapError::Offset(offset));
+    }
+    remap(mem, addr, len, 0, file.as_raw_fd(), offset)
+}
+
+/// Gives guest pages `addr..addr+len` fresh zero-filled anonymous memory,
+/// whatever backed them before (nothing is touched until the guest is).
+pub fn zero_pages(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), FileMapError> {
+    remap(mem, addr, len, libc::MAP_ANONYMOUS, -1, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use vm_memory::Bytes;
 
     #[test]
     fn reads_available_memory_and_swap() {
@@ -105,5 +222,87 @@ mod tests {
         let mem = create(64 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        file
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn file_pages_read_as_the_file_and_writes_stay_in_the_guest() {
+        let bytes: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let file = file_of(&bytes);
+        let mem = create(MIN_MEM_SIZE).unwrap();
+        mem.write_slice(&[7u8; 16], GuestAddress(0x1_0000 - 16))
+            .unwrap();
+        map_file_pages(
+            &mem,
+            GuestAddress(0x1_0000),
+            &file,
+            PAGE_SIZE,
+            2 * PAGE_SIZE,
+        )
+        .unwrap();
+        assert_eq!(
+            read(&mem, 0x1_0000, 2 * PAGE_SIZE as usize),
+            &bytes[PAGE_SIZE as usize..]
+        );
+        // The neighbours are untouched.
+        assert_eq!(read(&mem, 0x1_0000 - 16, 16), [7u8; 16]);
+        assert_eq!(read(&mem, 0x1_0000 + 2 * PAGE_SIZE, 16), [0u8; 16]);
+        // A guest write is the guest's own: the file keeps its bytes.
+        mem.write_slice(b"guest", GuestAddress(0x1_0000)).unwrap();
+        assert_eq!(read(&mem, 0x1_0000, 5), b"guest");
+        let mut back = vec![0u8; 5];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, PAGE_SIZE).unwrap();
+        assert_eq!(back, &bytes[PAGE_SIZE as usize..PAGE_SIZE as usize + 5]);
+        // And back to zero pages.
+        zero_pages(&mem, GuestAddress(0x1_0000), 2 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            read(&mem, 0x1_0000, 2 * PAGE_SIZE as usize),
+            vec![0u8; 2 * PAGE_SIZE as usize]
+        );
+    }
+
+    #[test]
+    fn file_pages_are_refused_outside_one_region_or_unaligned() {
+        let file = file_of(&[1u8; 2 * PAGE_SIZE as usize]);
+        let mem = create(MIN_MEM_SIZE).unwrap();
+        let map = |addr: u64, offset: u64, len: u64| {
+            map_file_pages(&mem, GuestAddress(addr), &file, offset, len)
+        };
+        assert!(matches!(
+            map(0x1001, 0, PAGE_SIZE),
+            Err(FileMapError::Range { .. })
+        ));
+        assert!(matches!(
+            map(0x1000, 0, 100),
+            Err(FileMapError::Range { .. })
+        ));
+        assert!(matches!(map(0x1000, 0, 0), Err(FileMapError::Range { .. })));
+        assert!(matches!(
+            map(0x1000, 12, PAGE_SIZE),
+            Err(FileMapError::Offset(12))
+        ));
+        assert!(matches!(
+            map(MIN_MEM_SIZE - PAGE_SIZE, 0, 2 * PAGE_SIZE),
+            Err(FileMapError::Range { .. })
+        ));
+        assert!(matches!(
+            map(MIN_MEM_SIZE, 0, PAGE_SIZE),
+            Err(FileMapError::Range { .. })
+        ));
+        assert!(matches!(
+            map(!(PAGE_SIZE - 1), 0, PAGE_SIZE),
+            Err(FileMapError::Range { .. })
+        ));
     }
 }

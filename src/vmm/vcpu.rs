@@ -14,6 +14,7 @@ use super::boot_timer::BootTimeline;
 use super::error::VmmError;
 use super::exit::{ExitReason, ExitSignal};
 use super::kvm::{is_pvm_host, PVM_HINT};
+use super::pause::VcpuGate;
 use super::progress::ExitCounter;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs, BootEntry};
 use crate::arch::x86_64::{cpuid, msrs};
@@ -50,6 +51,17 @@ pub fn install_kick_handler() -> Result<(), VmmError> {
         })
 }
 
+/// What every vCPU thread of a VM shares.
+pub struct VcpuShared {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: ExitSignal,
+    pub timeline: Arc<BootTimeline>,
+    pub exits: ExitCounter,
+    /// Where the vCPUs park while the guest is paused.
+    pub gate: Arc<VcpuGate>,
+}
+
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
@@ -58,6 +70,7 @@ pub struct Vcpu {
     exit: ExitSignal,
     timeline: Arc<BootTimeline>,
     exits: ExitCounter,
+    gate: Arc<VcpuGate>,
 }
 
 /// What to do after one exit, decided while the exit borrows the vCPU.
@@ -69,23 +82,16 @@ enum Next {
 }
 
 impl Vcpu {
-    pub fn new(
-        index: u8,
-        fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        exit: ExitSignal,
-        timeline: Arc<BootTimeline>,
-        exits: ExitCounter,
-    ) -> Self {
+    pub fn new(index: u8, fd: VcpuFd, shared: &VcpuShared) -> Self {
         Vcpu {
             index,
             fd,
-            pio,
-            mmio,
-            exit,
-            timeline,
-            exits,
+            pio: shared.pio.clone(),
+            mmio: shared.mmio.clone(),
+            exit: shared.exit.clone(),
+            timeline: shared.timeline.clone(),
+            exits: shared.exits.clone(),
+            gate: shared.gate.clone(),
         }
     }
 
@@ -252,10 +258,17 @@ impl Vcpu {
 
     /// Runs until the VM is asked to stop, or this vCPU ends it.
     pub fn run(mut self) {
+        let gate = self.gate.clone();
+        let _at_gate = gate.register();
         if self.index == 0 {
             self.timeline.record_first_entry();
         }
         while !self.exit.is_requested() {
+            // Parks here while the guest is paused (a live snapshot).
+            gate.checkpoint();
+            if self.exit.is_requested() {
+                break;
+            }
             match self.step() {
                 Next::Continue => {}
                 Next::Stop(reason) => self.exit.request(reason),

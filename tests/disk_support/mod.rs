@@ -119,3 +119,39 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn vmlab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmlab"))
 }
+
+/// Options that open an image to read it whatever else holds it.
+pub fn unlocked() -> vmlab::disk::OpenOptions {
+    vmlab::disk::OpenOptions {
+        read_only: true,
+        lock: vmlab::disk::LockMode::None,
+        format: None,
+        cache_bytes: None,
+    }
+}
+
+/// Everything the image at `path` (and its chain) reads, taking no lock.
+pub fn read_image(path: &Path) -> Vec<u8> {
+    let img = vmlab::disk::open_image(path, &unlocked())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// Every image of the chains behind the qcow2 files in `dir` passes
+/// `qemu-img check`.
+pub fn check_chains_in(dir: &Path) {
+    let mut images = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            images.extend(vmlab::disk::backing_chain(&path).unwrap());
+        }
+    }
+    images.sort();
+    images.dedup();
+    for image in &images {
+        qemu_check(image);
+    }
+}

@@ -10,7 +10,7 @@ use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::acpi::{self, AcpiError, VirtioMmioSlot};
 use super::e820::memory_map;
@@ -24,6 +24,7 @@ use super::paging;
 use super::pvh;
 use super::regs::{gdt_bytes, BootEntry};
 use super::zero_page::{build_zero_page, ZeroPageConfig};
+use crate::vmm::memory::GuestMemoryMmap;
 
 /// What the boot needs.
 pub struct BootConfig<'a> {
@@ -77,10 +78,7 @@ pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, BootError> {
 }
 
 /// Loads and lays out everything for the boot vCPU's first instruction.
-pub fn setup_boot<M: GuestMemoryBackend>(
-    mem: &M,
-    config: &BootConfig,
-) -> Result<BootSetup, BootError> {
+pub fn setup_boot(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootSetup, BootError> {
     let loaded = kernel::load_kernel(mem, config.kernel)?;
     let low_ram_end = config.ram.first().map_or(0, |r| r.0 + r.1);
     let initrd = config

@@ -3,6 +3,10 @@
 //! The format is decided by content, never by file name: an ELF `vmlinux`
 //! (entered through its PVH note when it has one, else at its 64-bit entry)
 //! or a `bzImage` (entered at its 64-bit entry, 0x200 past the load address).
+//! A vmlinux is mapped into guest RAM copy-on-write by vmlab's own loader
+//! (`elf`); a bzImage, whose payload sits at an offset no page boundary
+//! matches and is decompressed over itself anyway, is copied by
+//! linux-loader.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -10,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::elf::PvhBootCapability;
-use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::elf::{self, ElfError};
 use super::gdt::EntryMode;
 use super::layout::HIMEM_START;
+use crate::vmm::memory::GuestMemoryMmap;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_HDR_OFFSET: u64 = 0x202;
@@ -78,6 +83,12 @@ pub enum KernelError {
         path: PathBuf,
         mem_mib: u64,
         source: linux_loader::loader::Error,
+    },
+    #[error("kernel '{}' could not be loaded into {mem_mib} MiB of guest memory ({source}): check the image, or raise --mem", path.display())]
+    ElfLoad {
+        path: PathBuf,
+        mem_mib: u64,
+        source: ElfError,
     },
     #[error("initrd '{}' does not exist: check the --initrd path", .0.display())]
     InitrdMissing(PathBuf),
@@ -217,10 +228,7 @@ pub fn check_images(
 }
 
 /// Loads `kernel` into `mem`.
-pub fn load_kernel<M: GuestMemoryBackend>(
-    mem: &M,
-    kernel: &BootFile,
-) -> Result<LoadedKernel, KernelError> {
+pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &BootFile) -> Result<LoadedKernel, KernelError> {
     let path = kernel.name();
     let mut file = kernel.open(KernelError::KernelMissing, kernel_read_error)?;
     let format = detect_format(&mut file, path)?;
@@ -229,31 +237,39 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         .map(vm_memory::GuestMemoryRegion::len)
         .sum::<u64>()
         >> 20;
-    let load_error = |source| KernelError::KernelLoad {
-        path: path.to_path_buf(),
-        mem_mib,
-        source,
-    };
-    let himem = Some(GuestAddress(HIMEM_START));
     match format {
         KernelFormat::Elf | KernelFormat::ElfPvh => {
-            let result = Elf::load(mem, None, &mut file, himem).map_err(load_error)?;
-            let (format, mode, entry_point) = match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(entry) => {
-                    (KernelFormat::ElfPvh, EntryMode::Protected32, entry.0)
-                }
-                _ => (KernelFormat::Elf, EntryMode::Long, result.kernel_load.0),
+            let kernel =
+                elf::load(mem, &mut file, HIMEM_START).map_err(|source| KernelError::ElfLoad {
+                    path: path.to_path_buf(),
+                    mem_mib,
+                    source,
+                })?;
+            log::debug!(
+                "kernel: {} KiB of segments mapped copy-on-write",
+                kernel.mapped_bytes >> 10
+            );
+            let (format, mode, entry_point) = match kernel.pvh_entry {
+                Some(entry) => (KernelFormat::ElfPvh, EntryMode::Protected32, entry),
+                None => (KernelFormat::Elf, EntryMode::Long, kernel.entry),
             };
             Ok(LoadedKernel {
                 format,
                 mode,
                 entry_point,
-                end: result.kernel_end,
+                end: kernel.end,
                 setup_header: None,
             })
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(mem, None, &mut file, himem).map_err(load_error)?;
+            let himem = Some(GuestAddress(HIMEM_START));
+            let result = BzImage::load(mem, None, &mut file, himem).map_err(|source| {
+                KernelError::KernelLoad {
+                    path: path.to_path_buf(),
+                    mem_mib,
+                    source,
+                }
+            })?;
             let header = result
                 .setup_header
                 .ok_or_else(|| KernelError::NotAKernel(path.to_path_buf()))?;
@@ -392,7 +408,7 @@ mod tests {
         let path = BootFile::path(temp_file("truncated", b"\x7fELF\x02\x01\x01\x00"));
         assert!(matches!(
             load_kernel(&mem(16 << 20), &path),
-            Err(KernelError::KernelLoad { .. })
+            Err(KernelError::ElfLoad { .. })
         ));
     }
 

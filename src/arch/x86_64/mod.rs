@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod e820;
+pub mod elf;
 pub mod gdt;
 pub mod kernel;
 pub mod layout;

@@ -80,7 +80,7 @@ impl State {
     /// The mapping at `guest` and how many bytes from there (at most
     /// `max_len`, within one L2 table) continue it: same kind and, for data,
     /// contiguous on the host.
-    fn map_run(&mut self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
+    pub(super) fn map_run(&mut self, guest: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let in_cluster = guest & (self.cs - 1);
         let l2_index = self.l2_index(guest);
         let room = (self.l2_entries - l2_index as u64) * self.cs - in_cluster;

@@ -7,6 +7,7 @@
 //! clusters are only counted down once the tables no longer naming them are
 //! durable. A crash may leak clusters, never corrupt the image.
 
+mod allocation;
 mod cache;
 mod create;
 mod header;
@@ -18,8 +19,10 @@ use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use allocation::Allocation;
 pub use create::format_new;
 pub use header::{Header, QCOW2_MAGIC};
 
@@ -61,6 +64,9 @@ pub struct Qcow2Image {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Written to no more: the image became a backing file while open (see
+    /// [`BlockBackend::freeze`]).
+    frozen: AtomicBool,
     backing: Option<Arc<dyn BlockBackend>>,
 }
 
@@ -165,6 +171,7 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             size: state.hdr.size,
             read_only,
+            frozen: AtomicBool::new(false),
             backing,
             state: Mutex::new(state),
         })
@@ -176,8 +183,13 @@ impl Qcow2Image {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Opened read-only, or frozen since.
+    fn writes_refused(&self) -> bool {
+        self.read_only || self.frozen.load(Ordering::SeqCst)
+    }
+
     fn check_write(&self) -> Result<()> {
-        if self.read_only {
+        if self.writes_refused() {
             return Err(DiskError::ReadOnly {
                 path: self.path.clone(),
             });
@@ -286,7 +298,7 @@ impl BlockBackend for Qcow2Image {
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.writes_refused()
     }
 
     fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
@@ -303,7 +315,7 @@ impl BlockBackend for Qcow2Image {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.writes_refused() {
             return Ok(());
         }
         self.lock().flush()
@@ -336,11 +348,27 @@ impl BlockBackend for Qcow2Image {
     fn backing(&self) -> Option<&dyn BlockBackend> {
         self.backing.as_deref()
     }
+
+    fn freeze(&self) -> Result<()> {
+        self.check_write()?;
+        let mut st = self.lock();
+        // Everything durable, the last refcount decrements included, before
+        // anything may read this image as a backing file.
+        st.close()?;
+        self.frozen.store(true, Ordering::SeqCst);
+        super::lock::downgrade_to_shared_read(&st.file, &self.path)
+    }
+
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.lock().file.metadata().ok()?;
+        Some((meta.dev(), meta.ino()))
+    }
 }
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.read_only {
+        if self.writes_refused() {
             return;
         }
         let mut st = self.lock();

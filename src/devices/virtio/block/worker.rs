@@ -87,6 +87,21 @@ impl BlockWorker {
         self.active = None;
     }
 
+    /// The image requests go to.
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        self.backend.clone()
+    }
+
+    /// Sends later requests to `backend` (same size: a live snapshot's new
+    /// overlay over the old image); returns the old one.
+    pub fn replace_backend(&mut self, backend: Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend> {
+        debug_assert_eq!(
+            backend.size() / SECTOR_SIZE * SECTOR_SIZE,
+            self.capacity_bytes
+        );
+        std::mem::replace(&mut self.backend, backend)
+    }
+
     /// Serves every available request and interrupts the driver if it
     /// wants to hear of it; a broken chain stops the device until reset.
     pub fn process(&mut self) {

@@ -1,0 +1,152 @@
+//! `vmlab snapshot ...`: the subcommands, their arguments and what they
+//! print.
+
+use super::{Created, SnapshotRow};
+use crate::control::error::Result;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot every writable disk of a VM, running (a short pause) or
+    /// stopped.
+    Create { vm: String, name: String },
+    /// List a VM's snapshots: name, when taken, disks, space on the host.
+    Ls { vm: String },
+    /// Put a stopped VM's disks back to a snapshot (their present state is
+    /// lost; later snapshots stay).
+    Restore { vm: String, name: String },
+    /// Delete a snapshot; layers nothing else needs are merged or deleted.
+    Rm { vm: String, name: String },
+}
+
+/// Runs one `vmlab snapshot` subcommand.
+pub fn run(command: SnapshotCommand) -> Result<()> {
+    match command {
+        SnapshotCommand::Create { vm, name } => {
+            let created = super::create(&vm, &name)?;
+            println!("{}", created_line(&vm, &name, &created));
+        }
+        SnapshotCommand::Ls { vm } => print!("{}", render(&super::list(&vm)?)),
+        SnapshotCommand::Restore { vm, name } => {
+            super::restore(&vm, &name)?;
+            println!("{vm}: disks restored to snapshot {name}");
+        }
+        SnapshotCommand::Rm { vm, name } => {
+            let done = super::remove(&vm, &name)?;
+            let mut line = format!("{vm}: snapshot {name} removed");
+            if done.merged + done.deleted > 0 {
+                line.push_str(&format!(
+                    " ({} layer(s) merged, {} deleted)",
+                    done.merged, done.deleted
+                ));
+            }
+            if done.in_use > 0 {
+                line.push_str("; layers the running VM reads merge at a later snapshot command");
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn created_line(vm: &str, name: &str, created: &Created) -> String {
+    let disks = match created.disks {
+        1 => "1 disk".to_string(),
+        n => format!("{n} disks"),
+    };
+    match created.paused {
+        Some(paused) => format!(
+            "{vm}: snapshot {name} of {disks}, taken live (guest paused {:.1} ms; crash-consistent)",
+            paused.as_secs_f64() * 1000.0
+        ),
+        None => format!("{vm}: snapshot {name} of {disks}"),
+    }
+}
+
+/// The table `vmlab snapshot ls` prints.
+pub fn render(rows: &[SnapshotRow]) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(4);
+    let mut out = format!(
+        "{:<width$}  {:<20}  {:>5}  {:>10}\n",
+        "NAME", "CREATED", "DISKS", "SIZE"
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "{:<width$}  {:<20}  {:>5}  {:>10}\n",
+            row.name,
+            utc(row.created),
+            row.disks,
+            crate::disk::human_size(row.size)
+        ));
+    }
+    out
+}
+
+/// `secs` since the epoch as `YYYY-MM-DD HH:MM:SSZ` (UTC).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to a civil date (the proleptic Gregorian calendar), after Howard
+    // Hinnant's "chrono-compatible low-level date algorithms".
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn utc_dates_are_right_across_leap_years() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20Z");
+        assert_eq!(utc(4_107_542_399), "2100-02-28 23:59:59Z");
+    }
+
+    #[test]
+    fn the_table_has_the_four_columns() {
+        let rows = [SnapshotRow {
+            name: "before-upgrade".into(),
+            created: 1_700_000_000,
+            disks: 2,
+            size: 3 << 20,
+            live: false,
+        }];
+        let text = render(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("NAME            CREATED"), "{text}");
+        assert!(lines[0].ends_with("DISKS        SIZE"), "{text}");
+        assert!(
+            lines[1].contains("before-upgrade  2023-11-14 22:13:20Z"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("2     3.0 MiB"), "{text}");
+        assert_eq!(render(&[]).lines().count(), 1);
+    }
+
+    #[test]
+    fn a_live_snapshot_says_how_long_the_guest_paused() {
+        let created = Created {
+            disks: 1,
+            paused: Some(Duration::from_micros(2500)),
+        };
+        assert_eq!(
+            created_line("vm1", "s1", &created),
+            "vm1: snapshot s1 of 1 disk, taken live (guest paused 2.5 ms; crash-consistent)"
+        );
+    }
+}
