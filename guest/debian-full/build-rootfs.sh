@@ -50,7 +50,11 @@ debian_overlay "$here/rootfs"
 ln -sfn /dev/null "$root/etc/systemd/network/99-default.link"
 
 log "installing systemd, ssh, $kernel${extra:+ and $extra} with apt in the new tree (step 3/4)"
-# No daemon starts inside the build's chroot.
+# No daemon starts inside the build's chroot. After the install: no timers
+# that reach for a network a lab may not have, and no boot-time work a VM
+# never needs (pstore and EFI, DRM, device mapper; each a process at boot,
+# seconds under emulation): they stay installed, `systemctl unmask` or
+# `enable` brings one back.
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod 0755 "$root/usr/sbin/policy-rc.d"
 mount -t proc proc "$root/proc"
@@ -62,7 +66,9 @@ in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DE
             -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $packages ${extra//,/ } &&
         in_root systemctl enable systemd-networkd.service systemd-resolved.service \
             vmlab-identity.service vmlab-ssh-ready.service &&
-        in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer
+        in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer \
+            e2scrub_reap.service systemd-pstore.service &&
+        in_root systemctl mask modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service
 } >"$work/apt.log" 2>&1 || {
     tail -n 25 "$work/apt.log" >&2
     die "installing $kernel${extra:+,$extra} failed (is every package name right? mirror $mirror)"

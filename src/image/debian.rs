@@ -156,14 +156,19 @@ pub fn boot_params(identity: &GuestIdentity) -> Vec<String> {
 
 /// The command line parameters booting a `flavor` image as `identity`: the
 /// lean image's own init, or the full image's systemd (its initrd mounts
-/// the root read-write).
+/// the root read-write), quiet.
 pub fn boot_params_for(flavor: super::Flavor, identity: &GuestIdentity) -> Vec<String> {
     let mut params: Vec<String> = ["root=/dev/vda", "rootfstype=ext4", "rw"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if flavor == super::Flavor::Lean {
-        params.push(format!("init={GUEST_INIT}"));
+    match flavor {
+        super::Flavor::Lean => params.push(format!("init={GUEST_INIT}")),
+        // Every byte on the serial console is a VM exit: the kernel's and
+        // systemd's boot messages cost seconds under emulation. Errors
+        // still show; `--cmdline "loglevel=7 systemd.show_status=1"`
+        // brings the rest back (later parameters win).
+        super::Flavor::Full => params.push("quiet".to_string()),
     }
     params.extend(identity.cmdline_params());
     params
