@@ -168,7 +168,11 @@ pub fn boot_params_for(flavor: super::Flavor, identity: &GuestIdentity) -> Vec<S
         // systemd's boot messages cost seconds under emulation. Errors
         // still show; `--cmdline "loglevel=7 systemd.show_status=1"`
         // brings the rest back (later parameters win).
-        super::Flavor::Full => params.push("quiet".to_string()),
+        // AppArmor is on in Debian's kernels but its userspace is not in
+        // the image: Docker then refuses every container ("the
+        // docker-default profile could not be loaded"). `apparmor=1` in
+        // `--cmdline` turns it back on once `apparmor` is installed.
+        super::Flavor::Full => params.extend(["quiet".to_string(), "apparmor=0".to_string()]),
     }
     params.extend(identity.cmdline_params());
     params
@@ -402,6 +406,7 @@ mod tests {
             "rw",
             "vmlab.hostname=node1",
             "vmlab.instance=node1",
+            "apparmor=0",
         ] {
             assert!(params.iter().any(|p| p == want), "{want} in {params:?}");
         }
