@@ -29,6 +29,16 @@ pub fn vms_dir() -> PathBuf {
     data_dir().join("vms")
 }
 
+/// vmlab's built guest images (the Debian base image and its index).
+pub fn images_dir() -> PathBuf {
+    cache_dir().join("images")
+}
+
+/// vmlab's SSH key pair and known_hosts.
+pub fn ssh_dir() -> PathBuf {
+    data_dir().join("ssh")
+}
+
 /// Sockets and other things that must not outlive a login: control sockets.
 /// `$XDG_RUNTIME_DIR/vmlab`, or a private directory under /tmp when the
 /// variable is unset (as under `sudo` or in a container).

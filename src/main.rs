@@ -11,10 +11,19 @@ use clap::{Args, Parser, Subcommand};
 use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
-use vmlab::disk::{self, CloneMode, CloneOptions, CreateOptions, ImageFormat};
+use vmlab::disk::{self, BackingPolicy, CloneMode, CloneOptions, CreateOptions, ImageFormat};
 use vmlab::image::{Flavor, ImageSpec};
-use vmlab::net::{ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
+use vmlab::net::{ForwardListeners, HostLoopback, Nat, NatConfig, Outbound, Tap, TapNat};
 use vmlab::vmm::{ConsoleConfig, LastBoot, OnReboot, RunReport, Vm};
+
+/// `print!` and `println!` that return [`vmlab::cli::stdout::StdoutError`]
+/// instead of panicking when stdout is a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { vmlab::cli::stdout::print(format_args!($($arg)*))? };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { out!("{}\n", format_args!($($arg)*)) };
+}
 
 /// A small hypervisor for virtualization labs.
 #[derive(Parser, Debug)]
@@ -79,7 +88,17 @@ enum Command {
     SshConfig { name: String },
     /// Runs a named VM in the background (started by run --detach).
     #[command(name = "vm-daemon", hide = true)]
-    VmDaemon { name: String },
+    VmDaemon {
+        name: String,
+        #[arg(long)]
+        no_seccomp: bool,
+    },
+    /// Lab networks that VMs and network namespaces share.
+    #[command(subcommand)]
+    Network(vmlab::network::NetworkCommand),
+    /// A lab network's process (started by its first member).
+    #[command(name = "network-daemon", hide = true)]
+    NetworkDaemon { name: String },
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -105,6 +124,13 @@ enum ImageCommand {
         #[arg(long, value_name = "LIST", value_parser = package_list)]
         packages: Option<PackageList>,
     },
+    /// Get the default guests' kernel: `lean` compiles vmlab's own (minutes;
+    /// the default guests boot it from then on), `debian` fetches Debian's
+    /// current packaged kernel (seconds); prints the kernel's path.
+    Kernel {
+        #[arg(value_name = "lean|debian")]
+        which: vmlab::image::GuestKernel,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,15 +138,31 @@ enum BenchCommand {
     /// Boot time to the guest's init and to ssh-ready: vmlab, QEMU microvm
     /// and runc, interleaved, with vmlab's own CPU and memory cost.
     Boot(BenchBootArgs),
+    /// Lab network throughput and round-trip time between two network
+    /// namespaces, against a Linux bridge with veth pairs (root).
+    Net(BenchNetArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchNetArgs {
+    /// Measured rounds per contender, interleaved.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Seconds of each iperf3 run.
+    #[arg(long, value_name = "S", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=600))]
+    seconds: u32,
 }
 
 #[derive(Args, Debug)]
 struct BenchBootArgs {
-    /// Guest kernel to boot [default: the default guest's].
+    /// Guest kernel to boot [default: vmlab's lean kernel, built first if
+    /// need be].
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initramfs for the VMs, unpacked as the container's root filesystem
-    /// [default: the default guest's].
+    /// [default: the lean guest's].
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Measured boots per contender.
@@ -202,10 +244,15 @@ struct RunArgs {
     /// as JSON (for benchmarks).
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
-    /// Network: `user` (a NIC behind vmlab's NAT) or `none` (no NIC)
-    /// [default: user, or the named VM's].
-    #[arg(long, value_name = "MODE")]
-    net: Option<NetMode>,
+    /// Network: `user` (a NIC behind vmlab's own NAT), `none` (no NIC),
+    /// or a lab network's name (vmlab network create) [default: user, or
+    /// the named VM's].
+    #[arg(long, value_name = "user|none|NETWORK")]
+    net: Option<control::settings::NetChoice>,
+    /// The VM's address on its lab network (reserved for its MAC)
+    /// [default: a lease from the network's pool, kept per MAC].
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<std::net::Ipv4Addr>,
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
@@ -222,14 +269,60 @@ struct RunArgs {
     /// default) or `exit` vmlab (an unnamed VM's default).
     #[arg(long, value_name = "WHAT")]
     on_reboot: Option<OnReboot>,
+    #[command(flatten)]
+    reach: ReachArgs,
+    #[command(flatten)]
+    backing: BackingArgs,
+    /// Run without vmlab's per-thread seccomp filters (for debugging: a
+    /// VM "killed by its seccomp filter" runs on with this, and strace
+    /// shows the syscall).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum NetMode {
-    /// virtio-net behind the userspace NAT (10.0.2.15, gateway 10.0.2.2).
-    User,
-    /// No network card.
-    None,
+/// Backing files an image may name beyond vmlab's rule (its own directory,
+/// vmlab's image and VM directories).
+#[derive(Args, Debug)]
+struct BackingArgs {
+    /// Let disk images name PATH as a backing file: a file, or a directory
+    /// and everything below it (repeatable; a named VM keeps the list).
+    #[arg(long = "allow-backing", value_name = "PATH")]
+    allow_backing: Vec<PathBuf>,
+}
+
+impl BackingArgs {
+    /// The paths given, made absolute; each must exist.
+    fn paths(&self) -> Result<Vec<PathBuf>> {
+        self.allow_backing
+            .iter()
+            .map(|p| {
+                anyhow::ensure!(
+                    p.exists(),
+                    "--allow-backing {}: no such file or directory",
+                    p.display()
+                );
+                std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+            })
+            .collect()
+    }
+
+    fn policy(&self) -> Result<BackingPolicy> {
+        Ok(BackingPolicy::vmlab().allowing(self.paths()?))
+    }
+}
+
+/// What a guest behind the NAT may reach on the host and beyond.
+#[derive(Args, Debug)]
+struct ReachArgs {
+    /// What the gateway (10.0.2.2) reaches on the host's 127.0.0.1: all
+    /// ports, none, or a list like 22,8080 [default: all, or the named VM's].
+    #[arg(long, value_name = "all|none|PORT,...")]
+    host_loopback: Option<HostLoopback>,
+    /// Where else the guest's flows may go: any (whatever the host reaches)
+    /// or host (the gateway and the DNS relay only) [default: any, or the
+    /// named VM's].
+    #[arg(long, value_name = "any|host")]
+    outbound: Option<Outbound>,
 }
 
 #[derive(Args, Debug)]
@@ -253,9 +346,11 @@ struct NatArgs {
     /// Most flows at once; the oldest idle flow is evicted beyond it.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_flows: u64,
-    /// Only let the namespace reach the host itself (10.0.2.2 and the DNS relay).
-    #[arg(long)]
+    /// Only let the namespace reach the host itself (same as --outbound host).
+    #[arg(long, conflicts_with = "outbound")]
     host_only: bool,
+    #[command(flatten)]
+    reach: ReachArgs,
 }
 
 #[derive(Args, Debug)]
@@ -291,11 +386,22 @@ enum DiskCommand {
         /// Replace PATH if it exists (never an image in use).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        allow: BackingArgs,
     },
     /// Show format, virtual size, allocated bytes and backing chain.
-    Info { path: PathBuf },
+    Info {
+        path: PathBuf,
+        #[command(flatten)]
+        allow: BackingArgs,
+    },
     /// Grow an image to SIZE (e.g. 20G).
-    Resize { path: PathBuf, size: ByteSize },
+    Resize {
+        path: PathBuf,
+        size: ByteSize,
+        #[command(flatten)]
+        allow: BackingArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -314,20 +420,23 @@ struct CloneArgs {
     /// Replace DST if it exists (never an image in use).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    allow: BackingArgs,
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr, or for a VM in the background to its capped vmm.log.
+fn init_logging(verbose: u8, command: &Command) {
     let level = match verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp_millis()
-        .parse_env("VMLAB_LOG")
-        .init();
+    let file = match command {
+        Command::VmDaemon { name, .. } => control::daemon::vmm_log(name),
+        _ => None,
+    };
+    vmlab::logging::init(level, file);
 }
 
 fn main() {
@@ -344,11 +453,20 @@ fn main() {
         }
         Err(err) => err.exit(),
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, &cli.command);
+    // A NAT with thousands of flows needs more than the usual soft limit.
+    if let Err(e) = vmlab::fds::raise_open_file_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
     let code = match dispatch(cli.command, cli.verbose, started) {
         Ok(code) => code,
+        // The reader of our output left (`| head -1`): stop quietly.
+        Err(err) if vmlab::cli::stdout::is_closed(&*err) => 0,
         Err(err) => {
-            eprintln!("vmlab: error: {}", one_line(&err));
+            // One line: the error and its causes, joined. Not eprintln!,
+            // which panics when stderr is a closed pipe too.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "vmlab: error: {}", one_line(&err));
             1
         }
     };
@@ -389,13 +507,24 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         }
         Command::Ssh { name, command } => ssh(&name, &command),
         Command::SshConfig { name } => ssh_config(&name),
-        Command::VmDaemon { name } => vm_daemon(&name, started),
+        Command::VmDaemon { name, no_seccomp } => vm_daemon(&name, no_seccomp, started),
+        Command::Network(command) => Ok(vmlab::network::command::run(command)?),
+        Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Bench(BenchCommand::Net(args)) => {
+            let bench = vmlab::bench::net::NetBench {
+                runs: args.runs,
+                seconds: args.seconds,
+            };
+            bench.run()?;
+            Ok(0)
+        }
         Command::Image(ImageCommand::Build {
             force,
             flavor,
             packages,
         }) => image_build(force, flavor, packages.unwrap_or_default()),
+        Command::Image(ImageCommand::Kernel { which }) => image_kernel(which),
     }
 }
 
@@ -467,17 +596,17 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     vm.save_settings(&settings)?;
     let result = if args.detach {
         let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
-        control::daemon::spawn_detached(&exe, &vm, verbose)
-            .map(|pid| {
-                println!("{name} is running in the background (pid {pid})");
-                println!("  console: vmlab console {name}   (Ctrl-A x detaches)");
-                if control::ssh::ssh_address(name, &settings).is_ok() {
-                    println!("  ssh:     vmlab ssh {name}");
-                }
-                println!("  stop:    vmlab stop {name}");
-                0
-            })
+        control::daemon::spawn_detached(&exe, &vm, verbose, args.no_seccomp)
             .map_err(anyhow::Error::from)
+            .and_then(|pid| {
+                outln!("{name} is running in the background (pid {pid})");
+                outln!("  console: vmlab console {name}   (Ctrl-A x detaches)");
+                if control::ssh::ssh_address(name, &settings).is_ok() {
+                    outln!("  ssh:     vmlab ssh {name}");
+                }
+                outln!("  stop:    vmlab stop {name}");
+                Ok(0)
+            })
     } else {
         run_vm(args, settings, name, Some(&vm), verbose, started)
     };
@@ -553,8 +682,21 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if let Some(mac) = args.mac {
         settings.mac = Some(mac.octets());
     }
-    if let Some(net) = args.net {
-        settings.no_net = net == NetMode::None;
+    if let Some(net) = &args.net {
+        settings.net = net.clone();
+        settings.ip = None;
+    }
+    if let Some(ip) = args.ip {
+        settings.ip = Some(ip);
+    }
+    if let Some(host_loopback) = &args.reach.host_loopback {
+        settings.host_loopback = host_loopback.clone();
+    }
+    if let Some(outbound) = args.reach.outbound {
+        settings.outbound = outbound;
+    }
+    if !args.backing.allow_backing.is_empty() {
+        settings.allow_backing = args.backing.paths()?;
     }
     if let Some(policy) = args.on_reboot {
         settings.on_reboot = Some(policy);
@@ -587,6 +729,9 @@ fn run_vm(
         Some(_) => settings,
         None => merge_settings(settings, &args)?,
     };
+    if !args.no_seccomp {
+        vmlab::seccomp::prepare()?;
+    }
     // A reboot's boot is timed from its own start.
     let mut build = |console, boot: u32| {
         let origin = if boot == 0 { started } else { Instant::now() };
@@ -627,8 +772,11 @@ fn run_vm(
 }
 
 /// The background process of `run --detach`.
-fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
+fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     control::daemon::detach_from_terminal();
+    if !no_seccomp {
+        vmlab::seccomp::prepare()?;
+    }
     let vm = VmDir::existing(name)?;
     let settings = vm.load_settings()?;
     let mut build = |console, boot: u32| {
@@ -643,7 +791,7 @@ fn vm_daemon(name: &str, started: Instant) -> Result<i32> {
 }
 
 fn ps() -> Result<i32> {
-    print!("{}", control::ps::render(&control::ps::rows()?));
+    out!("{}", control::ps::render(&control::ps::rows()?));
     Ok(0)
 }
 
@@ -658,12 +806,13 @@ fn stop(names: &[String], timeout: u64) -> Result<i32> {
         .zip(control::stop_all(&vms, Duration::from_secs(timeout)))
     {
         match result {
-            Ok(StopOutcome::PoweredOff) => println!("{}: powered off", vm.name()),
-            Ok(StopOutcome::Killed) => println!(
+            Ok(StopOutcome::PoweredOff) => outln!("{}: powered off", vm.name()),
+            Ok(StopOutcome::Killed) => outln!(
                 "{}: killed (the guest did not power off within {timeout} s)",
                 vm.name()
             ),
-            Ok(StopOutcome::NotRunning) => println!("{}: was not running", vm.name()),
+            Ok(StopOutcome::NotRunning) => outln!("{}: was not running", vm.name()),
+            Ok(StopOutcome::SeccompKilled(why)) => outln!("{}: {why}", vm.name()),
             Err(e) => {
                 eprintln!("vmlab: error: {e}");
                 failed = true;
@@ -690,7 +839,12 @@ fn rm(names: &[String]) -> Result<i32> {
 fn nat_show(name: &str) -> Result<i32> {
     let vm = VmDir::existing(name)?;
     match control::client::request(&vm, &control::Request::Nat)? {
-        control::Response::Nat(snapshot) => print!("{}", snapshot.render()),
+        control::Response::Nat {
+            nat: Some(snapshot),
+        } => out!("{}", snapshot.render()),
+        control::Response::Nat { nat: None } => {
+            outln!("no network card (the VM runs without a NAT)")
+        }
         other => anyhow::bail!("VM {name} answered {other:?} to a NAT request"),
     }
     Ok(0)
@@ -720,7 +874,7 @@ fn ssh(name: &str, command: &[String]) -> Result<i32> {
 
 fn ssh_config(name: &str) -> Result<i32> {
     let (addr, key, known_hosts) = ssh_target(name)?;
-    print!(
+    out!(
         "{}",
         control::ssh::ssh_config(name, addr, &key, &known_hosts)
     );
@@ -746,8 +900,9 @@ fn nat(args: NatArgs) -> Result<i32> {
         outbound: if args.host_only {
             Outbound::HostOnly
         } else {
-            Outbound::Any
+            args.reach.outbound.unwrap_or(Outbound::Any)
         },
+        host_loopback: args.reach.host_loopback.unwrap_or(HostLoopback::All),
         ..NatConfig::with_host_resolvers()
     };
     log::info!("nat: serving tap {} (mtu {})", tap.name(), config.mtu);
@@ -766,6 +921,7 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             format,
             cluster_size,
             force,
+            allow,
         } => {
             let opts = CreateOptions {
                 size: size.map(ByteSize::bytes),
@@ -773,19 +929,22 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
                 cluster_size: cluster_size.bytes(),
                 backing,
                 force,
+                backing_policy: allow.policy()?,
             };
             disk::create_image(&path, &opts)?;
         }
-        DiskCommand::Info { path } => {
-            let chain = disk::image_info(&path)?;
+        DiskCommand::Info { path, allow } => {
+            let chain = disk::image_info(&path, &allow.policy()?)?;
             for (depth, info) in chain.iter().enumerate() {
                 if depth > 0 {
-                    println!("\nbacking image {depth}:");
+                    outln!("\nbacking image {depth}:");
                 }
-                print!("{info}");
+                out!("{info}");
             }
         }
-        DiskCommand::Resize { path, size } => disk::resize_image(&path, size.bytes())?,
+        DiskCommand::Resize { path, size, allow } => {
+            disk::resize_image(&path, size.bytes(), &allow.policy()?)?
+        }
     }
     Ok(0)
 }
@@ -793,8 +952,8 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
 fn clone_cmd(args: CloneArgs) -> Result<i32> {
     if let Some(src) = vm_name_of(&args.src) {
         anyhow::ensure!(
-            !args.full && args.format.is_none() && !args.force,
-            "--full, --format and --force are for disk images; {src} is a VM (give a path like ./{src} for a file)"
+            !args.full && args.format.is_none() && !args.force && args.allow.allow_backing.is_empty(),
+            "--full, --format, --force and --allow-backing are for disk images; {src} is a VM (give a path like ./{src} for a file)"
         );
         let dst = args.dst.to_str().unwrap_or_default();
         control::clone_vm(&src, dst)?;
@@ -809,6 +968,7 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
         },
         format: args.format,
         force: args.force,
+        backing_policy: args.allow.policy()?,
     };
     let outcome = disk::clone_image(&args.src, &args.dst, &opts)?;
     log::info!(
@@ -837,7 +997,13 @@ fn image_build(force: bool, flavor: Flavor, packages: PackageList) -> Result<i32
     } else {
         log::info!("the Debian image of recipe {} is cached", index.recipe);
     }
-    println!("{}", outcome.image.base.display());
+    outln!("{}", outcome.image.base.display());
+    Ok(0)
+}
+
+fn image_kernel(which: vmlab::image::GuestKernel) -> Result<i32> {
+    let guest = vmlab::image::refresh_default_guest(which)?;
+    println!("{}", guest.kernel.display());
     Ok(0)
 }
 
@@ -878,7 +1044,8 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         _ if args.flavor == Flavor::Full => (PathBuf::new(), PathBuf::new()),
         (Some(kernel), Some(initrd)) => (kernel, initrd),
         (kernel, initrd) => {
-            let guest = vmlab::image::default_guest()?;
+            // The benchmark's guest is the lean one: built now if need be.
+            let guest = vmlab::image::default_guest_on(vmlab::image::GuestKernel::Lean)?;
             (
                 kernel.unwrap_or(guest.kernel),
                 initrd.unwrap_or(guest.initrd),
@@ -909,7 +1076,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         flavor: args.flavor,
     };
     let report = bench.run(&Progress::stderr())?;
-    print!("{}", vmlab::bench::table::render(&report));
+    out!("{}", vmlab::bench::table::render(&report));
     if let Some(path) = &args.json {
         report
             .write_json(path)

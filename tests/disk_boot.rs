@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use vmlab::arch::x86_64::kernel::check_images;
+use vmlab::disk::BackingPolicy;
 use vmlab::image::{read_disk_boot, DiskBootError};
 
 const VERSION: &str = "6.1.0-50-cloud-amd64";
@@ -122,6 +123,11 @@ fn convert(raw: &Path, image: &Path, backing: Option<&Path>) {
     tool("qemu-img", &args);
 }
 
+/// vmlab's own backing rule, as a VM without --allow-backing has it.
+fn policy() -> BackingPolicy {
+    BackingPolicy::vmlab()
+}
+
 fn one_line(err: &DiskBootError) -> String {
     let text = err.to_string();
     assert_eq!(text.lines().count(), 1, "one line: {text}");
@@ -136,7 +142,7 @@ fn reads_the_linked_kernel_and_initrd_from_qcow2_and_raw() {
     // An older kernel beside it, as after an upgrade: the links decide.
     tree.kernel("6.1.0-49-cloud-amd64", &fake_kernel(9, 5000), b"old");
     for image in [tree.qcow2("disk.qcow2"), tree.ext4("disk.raw")] {
-        let boot = read_disk_boot(&image, 1 << 30).unwrap();
+        let boot = read_disk_boot(&image, 1 << 30, &policy()).unwrap();
         assert_eq!(boot.kernel_path, format!("/boot/vmlinuz-{VERSION}"));
         assert_eq!(boot.initrd_path, format!("/boot/initrd.img-{VERSION}"));
         assert!(boot.kernel.read_all().unwrap() == kernel, "kernel bytes");
@@ -156,7 +162,7 @@ fn reads_the_linked_kernel_and_initrd_from_qcow2_and_raw() {
 fn absolute_links_resolve_inside_the_guest_filesystem() {
     let tree = Tree::debian(&fake_kernel(3, 9000), b"initrd");
     tree.link("vmlinuz", &format!("/boot/vmlinuz-{VERSION}"));
-    let boot = read_disk_boot(&tree.qcow2("abs.qcow2"), 1 << 30).unwrap();
+    let boot = read_disk_boot(&tree.qcow2("abs.qcow2"), 1 << 30, &policy()).unwrap();
     assert_eq!(boot.kernel_path, format!("/boot/vmlinuz-{VERSION}"));
     assert_eq!(boot.kernel.read_all().unwrap(), fake_kernel(3, 9000));
 }
@@ -175,19 +181,38 @@ fn an_overlay_reads_the_kernel_the_guest_switched_to() {
     let new_raw = tree.ext4("new.raw");
     let overlay = tree.dir.path().join("overlay.qcow2");
     convert(&new_raw, &overlay, Some(&base));
-    let boot = read_disk_boot(&overlay, 1 << 30).unwrap();
+    let boot = read_disk_boot(&overlay, 1 << 30, &policy()).unwrap();
     assert_eq!(boot.kernel_path, "/boot/vmlinuz-6.1.0-50-amd64");
     assert_eq!(boot.kernel.read_all().unwrap(), fake_kernel(5, 30_000));
     assert_eq!(boot.initrd.read_all().unwrap(), b"generic initrd");
-    let boot = read_disk_boot(&base, 1 << 30).unwrap();
+    let boot = read_disk_boot(&base, 1 << 30, &policy()).unwrap();
     assert_eq!(boot.kernel_path, format!("/boot/vmlinuz-{VERSION}"));
+}
+
+#[test]
+fn a_backing_file_the_vms_policy_refuses_is_not_read() {
+    let tree = Tree::debian(&fake_kernel(6, 40_000), b"initrd");
+    let base = tree.qcow2("base.qcow2");
+    // The overlay in another directory names the base by its absolute
+    // path: outside the overlay's directory and vmlab's.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let overlay = elsewhere.path().join("overlay.qcow2");
+    convert(&tree.ext4("same.raw"), &overlay, Some(&base));
+    let err = read_disk_boot(&overlay, 1 << 30, &policy()).unwrap_err();
+    assert!(matches!(err, DiskBootError::Open(_)), "{err:?}");
+    let text = one_line(&err);
+    assert!(text.contains("base.qcow2"), "{text}");
+    // --allow-backing of the base's directory lets it through.
+    let allowing = policy().allowing([tree.dir.path().to_path_buf()]);
+    let boot = read_disk_boot(&overlay, 1 << 30, &allowing).unwrap();
+    assert_eq!(boot.kernel.read_all().unwrap(), fake_kernel(6, 40_000));
 }
 
 #[test]
 fn a_missing_kernel_or_initrd_is_one_line_naming_the_link() {
     let empty = Tree::empty();
     let image = empty.qcow2("nokernel.qcow2");
-    let err = read_disk_boot(&image, 1 << 30).unwrap_err();
+    let err = read_disk_boot(&image, 1 << 30, &policy()).unwrap_err();
     assert!(matches!(err, DiskBootError::Missing { .. }), "{err:?}");
     let text = one_line(&err);
     assert!(text.contains("no kernel at /boot/vmlinuz"), "{text}");
@@ -196,7 +221,9 @@ fn a_missing_kernel_or_initrd_is_one_line_naming_the_link() {
 
     let dangling = Tree::debian(&fake_kernel(6, 5000), b"i");
     dangling.link("vmlinuz", "vmlinuz-9.9.9");
-    let text = one_line(&read_disk_boot(&dangling.qcow2("dangling.qcow2"), 1 << 30).unwrap_err());
+    let text = one_line(
+        &read_disk_boot(&dangling.qcow2("dangling.qcow2"), 1 << 30, &policy()).unwrap_err(),
+    );
     assert!(
         text.contains("links to vmlinuz-9.9.9, which does not exist"),
         "{text}"
@@ -204,7 +231,9 @@ fn a_missing_kernel_or_initrd_is_one_line_naming_the_link() {
 
     let no_initrd = Tree::debian(&fake_kernel(7, 5000), b"i");
     std::fs::remove_file(no_initrd.boot().join("initrd.img")).unwrap();
-    let text = one_line(&read_disk_boot(&no_initrd.qcow2("noinitrd.qcow2"), 1 << 30).unwrap_err());
+    let text = one_line(
+        &read_disk_boot(&no_initrd.qcow2("noinitrd.qcow2"), 1 << 30, &policy()).unwrap_err(),
+    );
     assert!(text.contains("no initrd at /boot/initrd.img"), "{text}");
 }
 
@@ -213,18 +242,18 @@ fn not_a_filesystem_not_a_kernel_and_no_image_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let zeros = dir.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
-    let err = read_disk_boot(&zeros, 1 << 30).unwrap_err();
+    let err = read_disk_boot(&zeros, 1 << 30, &policy()).unwrap_err();
     assert!(matches!(err, DiskBootError::NoFilesystem { .. }), "{err:?}");
     assert!(one_line(&err).contains("holds no ext4 filesystem"));
 
-    let err = read_disk_boot(&dir.path().join("absent.qcow2"), 1 << 30).unwrap_err();
+    let err = read_disk_boot(&dir.path().join("absent.qcow2"), 1 << 30, &policy()).unwrap_err();
     assert!(one_line(&err).contains("absent.qcow2"), "{err}");
 
     // The links lead to a file, but not to a kernel: the loader says so
     // and names where on which disk.
     let tree = Tree::debian(b"#!/bin/sh\necho I am not a kernel\n", b"i");
     let image = tree.qcow2("text.qcow2");
-    let boot = read_disk_boot(&image, 1 << 30).unwrap();
+    let boot = read_disk_boot(&image, 1 << 30, &policy()).unwrap();
     let err = check_images(&boot.kernel, Some(&boot.initrd))
         .unwrap_err()
         .to_string();
@@ -241,12 +270,12 @@ fn a_link_loop_and_an_oversized_initrd_are_refused() {
     let tree = Tree::debian(&fake_kernel(8, 5000), &vec![7u8; 200_000]);
     tree.link("vmlinuz", "vmlinuz.a");
     tree.link("vmlinuz.a", "vmlinuz");
-    let err = read_disk_boot(&tree.qcow2("loop.qcow2"), 1 << 30).unwrap_err();
+    let err = read_disk_boot(&tree.qcow2("loop.qcow2"), 1 << 30, &policy()).unwrap_err();
     assert!(matches!(err, DiskBootError::Unreadable { .. }), "{err:?}");
     one_line(&err);
 
     let tree = Tree::debian(&fake_kernel(8, 5000), &vec![7u8; 200_000]);
-    let err = read_disk_boot(&tree.qcow2("big.qcow2"), 100_000).unwrap_err();
+    let err = read_disk_boot(&tree.qcow2("big.qcow2"), 100_000, &policy()).unwrap_err();
     assert!(matches!(err, DiskBootError::TooLarge { .. }), "{err:?}");
     let text = one_line(&err);
     assert!(
@@ -277,7 +306,7 @@ fn corrupt_metadata_is_an_error_not_a_panic_or_garbage() {
         *b = 0xa5 ^ i as u8;
     }
     std::fs::write(&raw, &bytes).unwrap();
-    match read_disk_boot(&raw, 1 << 30) {
+    match read_disk_boot(&raw, 1 << 30, &policy()) {
         Err(err) => {
             assert!(matches!(err, DiskBootError::Unreadable { .. }), "{err:?}");
             one_line(&err);

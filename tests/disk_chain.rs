@@ -13,8 +13,8 @@ use std::time::Duration;
 use disk_support::*;
 use vmlab::disk::{
     backing_chain, commit_image, create_image, freeze_top, merge_into_backing, open_image,
-    open_overlay_over, overlay_onto, unfreeze_top, BlockBackend, CreateOptions, DiskError,
-    ImageFormat, OpenOptions,
+    open_overlay_over, overlay_onto, unfreeze_top, BackingPolicy, BlockBackend, CreateOptions,
+    DiskError, ImageFormat, OpenOptions,
 };
 
 const MIB: u64 = 1 << 20;
@@ -29,7 +29,7 @@ fn qcow2(path: &Path, size: u64, cluster: u64, backing: Option<&Path>) {
         format: ImageFormat::Qcow2,
         cluster_size: cluster,
         backing: backing.map(Path::to_path_buf),
-        force: false,
+        ..CreateOptions::qcow2(size)
     };
     create_image(path, &opts).unwrap();
 }
@@ -105,7 +105,7 @@ fn commit_writes_what_qemu_img_commit_writes() {
         qemu_scribble(&top, size, cluster.max(4096));
         scribble(&top, 2);
         if grow {
-            vmlab::disk::resize_image(&top, size + 5 * MIB).unwrap();
+            vmlab::disk::resize_image(&top, size + 5 * MIB, &BackingPolicy::vmlab()).unwrap();
             let img = open_image(&top, &OpenOptions::read_write()).unwrap();
             img.write_at(size + MIB, &pattern(3, 0, 70_000)).unwrap();
         }
@@ -131,7 +131,7 @@ fn commit_writes_what_qemu_img_commit_writes() {
             s(&qtop),
         ]);
 
-        let outcome = commit_image(&top).unwrap();
+        let outcome = commit_image(&top, &BackingPolicy::vmlab()).unwrap();
         assert_eq!(outcome.backing, base, "{tag}");
         // (2 MiB clusters: every zeroing here is partial, written as data.)
         let zeroed = outcome.bytes_zeroed > 0 || cluster == 2 << 20;
@@ -175,7 +175,10 @@ fn merge_leaves_one_image_under_the_top_name() {
     std::fs::set_permissions(&mid, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
     let expected = read_image(&top);
 
-    assert_eq!(merge_into_backing(&top).unwrap(), mid);
+    assert_eq!(
+        merge_into_backing(&top, &BackingPolicy::vmlab()).unwrap(),
+        mid
+    );
     assert!(!mid.exists(), "the middle layer is gone");
     assert_eq!(
         backing_chain(&top).unwrap(),
@@ -192,12 +195,16 @@ fn merge_leaves_one_image_under_the_top_name() {
     assert!(info.contains("base.qcow2"), "{info}");
 
     // Nothing to merge with, or a layer elsewhere: one clear error each.
-    let err = merge_into_backing(&base).unwrap_err().to_string();
+    let err = merge_into_backing(&base, &BackingPolicy::vmlab())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("has no backing file"), "{err}");
     let other = tempdir();
     let far = other.path().join("far.qcow2");
     qcow2(&far, 8 * MIB, 65536, Some(&top));
-    let err = merge_into_backing(&far).unwrap_err().to_string();
+    let err = merge_into_backing(&far, &BackingPolicy::vmlab())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("another directory"), "{err}");
 }
 
@@ -215,7 +222,7 @@ fn merge_refuses_a_backing_file_another_process_reads() {
     let before = read_image(&base);
     // A reader of the shared base (as a running clone would be).
     let reader = open_image(&sibling, &OpenOptions::read_only()).unwrap();
-    let err = merge_into_backing(&top).unwrap_err();
+    let err = merge_into_backing(&top, &BackingPolicy::vmlab()).unwrap_err();
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop(reader);
     assert_eq!(read_image(&base), before, "nothing written");
@@ -271,7 +278,7 @@ fn an_overlay_onto_a_layer_restores_it_and_replaces_the_top() {
     scribble(&top, 2);
     assert_ne!(read_image(&top), at_snapshot);
 
-    overlay_onto(&top, &layer).unwrap();
+    overlay_onto(&top, &layer, &BackingPolicy::vmlab()).unwrap();
     assert_eq!(read_image(&top), at_snapshot);
     assert_eq!(
         backing_chain(&top).unwrap(),
@@ -280,7 +287,7 @@ fn an_overlay_onto_a_layer_restores_it_and_replaces_the_top() {
     qemu_check(&top);
     // Not while a process writes the top.
     let writer = open_image(&top, &OpenOptions::read_write()).unwrap();
-    let err = overlay_onto(&top, &layer).unwrap_err();
+    let err = overlay_onto(&top, &layer, &BackingPolicy::vmlab()).unwrap_err();
     assert!(matches!(err, DiskError::Locked { .. }), "{err}");
     drop(writer);
 }
@@ -304,7 +311,7 @@ fn a_live_image_is_stacked_under_a_new_overlay_without_closing_it() {
     qcow2(&stranger, 6 * MIB, 65536, None);
     let wrong = d.join("wrong.qcow2");
     qcow2(&wrong, 6 * MIB, 65536, Some(&stranger));
-    let err = open_overlay_over(&wrong, live.clone())
+    let err = open_overlay_over(&wrong, live.clone(), &BackingPolicy::vmlab())
         .err()
         .unwrap()
         .to_string();
@@ -314,7 +321,7 @@ fn a_live_image_is_stacked_under_a_new_overlay_without_closing_it() {
     // another: the new overlay reaches the open image through the first.
     let unswitched = d.join("disk.frozen-2.qcow2");
     freeze_top(&top, &unswitched).unwrap();
-    let new = open_overlay_over(&top, live.clone()).unwrap();
+    let new = open_overlay_over(&top, live.clone(), &BackingPolicy::vmlab()).unwrap();
     assert_eq!(
         backing_chain(&top).unwrap(),
         vec![top.clone(), unswitched.clone(), layer.clone()]
@@ -371,9 +378,9 @@ fn chain_crash_child() {
     let top = PathBuf::from(std::env::var(CHILD_TOP).expect("run by the crash test"));
     std::fs::write(std::env::var(CHILD_STARTED).unwrap(), b"").unwrap();
     if std::env::var(CHILD_MERGE).is_ok() {
-        merge_into_backing(&top).unwrap();
+        merge_into_backing(&top, &BackingPolicy::vmlab()).unwrap();
     } else {
-        commit_image(&top).unwrap();
+        commit_image(&top, &BackingPolicy::vmlab()).unwrap();
     }
     // Done: wait to be killed like the others.
     std::thread::sleep(Duration::from_secs(60));
@@ -405,7 +412,7 @@ fn kill_during_commit_or_merge_loses_nothing() {
     // How long one takes here, so that the kills land inside it.
     let (_, top) = crash_pair(d, 99);
     let started = std::time::Instant::now();
-    commit_image(&top).unwrap();
+    commit_image(&top, &BackingPolicy::vmlab()).unwrap();
     let span = started.elapsed().as_millis().max(1) as u64;
     let (mut partial, mut whole) = (0, 0);
     for round in 0..16u64 {
@@ -452,7 +459,7 @@ fn kill_during_commit_or_merge_loses_nothing() {
         }
         if !merge && !done {
             // An interrupted commit can be run again to the end.
-            commit_image(&top).unwrap();
+            commit_image(&top, &BackingPolicy::vmlab()).unwrap();
             assert_eq!(read_image(&base), expected, "round {round}");
         }
     }

@@ -65,6 +65,12 @@ fn create_info_resize() {
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);
     assert_eq!(json_number(&q, "virtual-size"), Some(10 << 30));
     assert_eq!(qemu_check(&d.join("a.qcow2")), 0);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("a.qcow2"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a disk is its owner's only");
 
     ok(d, &["disk", "resize", "a.qcow2", "20G"]);
     let q = qemu_img_ok(&["info", "--output=json", s(&d.join("a.qcow2"))]);
@@ -290,4 +296,94 @@ fn raw_images_are_never_reinterpreted() {
     let img = open_image(&d.join("plain.raw"), &OpenOptions::read_write()).unwrap();
     assert!(img.write_at(0, b"QFI\xfb\0\0\0\x03").is_err());
     img.write_at(0, b"ordinary").unwrap();
+}
+
+#[test]
+fn a_backing_file_outside_the_image_directory_needs_allow_backing() {
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("lab")).unwrap();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/id_ed25519"), vec![b'k'; 1 << 20]).unwrap();
+    let secret = d.join("secrets/id_ed25519").canonicalize().unwrap();
+    unchecked_overlay(&d.join("lab/evil.qcow2"), "../secrets/id_ed25519", "raw");
+    let before = listing(d);
+    let refused = format!("backing file {}", secret.display());
+    let allow = format!("--allow-backing {}", secret.display());
+    for args in [
+        &["disk", "info", "lab/evil.qcow2"][..],
+        &["disk", "resize", "lab/evil.qcow2", "2M"],
+        &["clone", "lab/evil.qcow2", "copy.qcow2"],
+        &["clone", "--full", "lab/evil.qcow2", "copy.qcow2"],
+        &[
+            "disk",
+            "create",
+            "over.qcow2",
+            "--backing",
+            "lab/evil.qcow2",
+        ],
+    ] {
+        fails(d, args, &refused);
+        fails(d, args, &allow);
+    }
+    assert_eq!(listing(d), before, "a refused command left files behind");
+    fails(
+        d,
+        &["disk", "info", "lab/evil.qcow2", "--allow-backing", "nope"],
+        "--allow-backing nope: no such file",
+    );
+
+    let allowing = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--allow-backing", "secrets"]);
+        ok(d, &all)
+    };
+    let info = allowing(&["disk", "info", "lab/evil.qcow2"]);
+    assert!(
+        info.contains("backing file: ../secrets/id_ed25519"),
+        "{info}"
+    );
+    allowing(&["disk", "resize", "lab/evil.qcow2", "2M"]);
+    allowing(&["clone", "--full", "lab/evil.qcow2", "copy.qcow2"]);
+    allowing(&[
+        "disk",
+        "create",
+        "over.qcow2",
+        "--backing",
+        "lab/evil.qcow2",
+    ]);
+    assert!(d.join("copy.qcow2").is_file() && d.join("over.qcow2").is_file());
+}
+
+#[test]
+fn names_an_image_chose_are_shown_escaped() {
+    let dir = tempdir();
+    let d = dir.path();
+    // A backing file whose name would retitle the terminal and clear it.
+    let name = "base\u{1b}]0;pwned\u{7}\u{1b}[2J.raw";
+    std::fs::write(d.join(name), vec![0u8; 1 << 20]).unwrap();
+    for (top, backing) in [("top.qcow2", name), ("gone.qcow2", "gone\u{1b}[2J\u{9b}1A")] {
+        unchecked_overlay(&d.join(top), backing, "raw");
+    }
+    let raw = |text: &str| text.chars().any(|c| c.is_control() && c != '\n');
+    let info = ok(d, &["disk", "info", "top.qcow2"]);
+    assert!(
+        !raw(&info),
+        "control characters reached the terminal: {info:?}"
+    );
+    assert!(
+        info.contains("backing file: base\\x1b]0;pwned\\x07\\x1b[2J.raw\n"),
+        "{info}"
+    );
+    assert!(info.contains("image: base\\x1b]0;pwned"), "{info}");
+    // An error quoting a name the image chose.
+    let out = run(d, &["disk", "info", "gone.qcow2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !raw(&err),
+        "control characters reached the terminal: {err:?}"
+    );
+    assert!(err.contains("gone\\x1b[2J\\x9b1A"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }

@@ -115,6 +115,7 @@ fn scenario(dir: &Path, name: &str, cluster: u64, backing: Option<PathBuf>) -> S
         cluster_size: cluster,
         backing,
         force: false,
+        backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     };
     create_image(&image, &opts).unwrap();
     let contents = read_all(&image);

@@ -270,7 +270,7 @@ fn resize_grows_the_l1_table_and_keeps_data() {
     let bytes = pattern(5, 0, 100_000);
     img.write_at(900_000, &bytes).unwrap();
     drop(img);
-    resize_image(&q, 64 << 20).unwrap();
+    resize_image(&q, 64 << 20, &vmlab::disk::BackingPolicy::vmlab()).unwrap();
     let info = qemu_img_ok(&["info", "--output=json", s(&q)]);
     assert_eq!(json_number(&info, "virtual-size"), Some(64 << 20));
     assert_eq!(qemu_check(&q), 0);

@@ -54,7 +54,7 @@ impl QemuWriter {
         // Wait until its write lock is visible, without taking locks that
         // would make qemu-io itself fail.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !image_info(img).unwrap()[0].in_use {
+        while !image_info(img, &vmlab::disk::BackingPolicy::vmlab()).unwrap()[0].in_use {
             assert!(
                 Instant::now() < deadline,
                 "qemu-io never locked {}",

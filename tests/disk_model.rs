@@ -106,6 +106,7 @@ fn run_case(base: Base, cluster: u64, size: u64, tiny_cache: bool, ops: Vec<Op>)
         cluster_size: cluster,
         backing: base_path,
         force: false,
+        backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     };
     create_image(&top, &opts).unwrap();
     let mut img = open_rw(&top, tiny_cache);

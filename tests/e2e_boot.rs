@@ -3,7 +3,7 @@
 //! the guest's console, everything a user sees: the command line, SMP, input
 //! typed into the shell, poweroff and reboot both ending vmlab with status 0,
 //! both kernel formats, a guest panic and a triple fault ending it with an
-//! error, and the boot timer.
+//! error, the boot timer, and the default guest on Debian's packaged kernel.
 
 mod rig;
 mod support;
@@ -52,6 +52,9 @@ fn l1() -> &'static rig::Run {
     RUN.get_or_init(|| {
         let minutes = |m: u64| Duration::from_secs(60 * m);
         let elf = triple_fault_elf();
+        if let Err(e) = rig::debian_guest() {
+            panic!("{e}");
+        }
         rig::Batch::new("e2e_boot")
             .scenario(
                 "vmlinux_smp_poweroff",
@@ -70,6 +73,22 @@ fn l1() -> &'static rig::Run {
                 status=0
                 "$VMLAB" run --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --mem 256M \
                     --cmdline "rdinit=/bin/false" </dev/null >"$RIG_OUT/panic.console" 2>&1 || status=$?
+                echo "vmlab_status=$status"
+                "#,
+            )
+            .scenario(
+                "debian_kernel_default_guest",
+                minutes(8),
+                r#"
+                status=0
+                rig_console_start vm env VMLAB_GUEST_KERNEL=debian "$VMLAB" run --mem 256M --boot-timer
+                rig_console_wait vm 'root@vmlab:.*# ' 420
+                rig_console_send vm 'echo "uname=$(uname -r)"'
+                rig_console_wait vm '^uname=' 30
+                rig_console_send vm 'echo "inet=$(ip -4 addr show eth0 | grep -o "inet [0-9.]*")"'
+                rig_console_wait vm '^inet=' 30
+                rig_console_send vm poweroff
+                rig_console_exit vm 90 || status=$?
                 echo "vmlab_status=$status"
                 "#,
             )
@@ -195,6 +214,31 @@ fn guest_panic_ends_vmlab_with_an_error() {
     let out = console(s, "panic.console");
     assert!(out.contains("Kernel panic"), "{out}");
     assert!(out.contains("vmlab: guest kernel panicked"), "{out}");
+}
+
+#[test]
+fn the_default_guest_boots_to_a_shell_on_debians_packaged_kernel() {
+    let s = l1()
+        .scenario("debian_kernel_default_guest")
+        .assert_success();
+    let out = console(s, "vm.console");
+    let uname = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uname="))
+        .unwrap_or_else(|| panic!("no uname line\n{}", s.diagnostics()));
+    assert!(uname.ends_with("-amd64"), "Debian's kernel: {uname}");
+    assert!(
+        out.contains("\ninet=inet 10.0.2.15"),
+        "virtio-net loaded as a module, DHCP lease: {}",
+        s.diagnostics()
+    );
+    let timer = out
+        .lines()
+        .find(|l| l.starts_with("vmlab: boot timer:"))
+        .unwrap_or_else(|| panic!("no boot timer line\n{}", s.diagnostics()));
+    assert!(timer.contains("userspace started"), "{timer}");
+    assert_eq!(s.value("vmlab_status"), "0", "{}", s.diagnostics());
+    println!("Debian's packaged kernel in the rig: {timer}");
 }
 
 #[test]

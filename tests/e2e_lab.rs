@@ -7,8 +7,11 @@
 //! written before the clone in both; a taken forward port refused; nothing
 //! left behind by `vmlab stop`; snapshots (live ones while the guest
 //! writes, a restore that brings a deleted file back, rm with a clone
-//! sharing the layers) and `--disk-size` growing the root filesystem. One
-//! L1 boot, one scenario.
+//! sharing the layers) and `--disk-size` growing the root filesystem; a
+//! VM on Debian's packaged kernel (what a new user gets before the lean
+//! kernel is built) booting its disk, answering ssh and stopping cleanly;
+//! then vm1 and vm2 on a lab network, by name, by address and through
+//! forwards. One L1 boot, one scenario.
 //!
 //! It also times `vmlab run --detach` to the first successful `ssh true`
 //! beside QEMU microvm (virtio-blk, virtio-net with `-netdev user` and the
@@ -26,7 +29,7 @@ const SCENARIO: &str = r#"
 . "$RIG_REPO/tests/rig/servers.sh"
 rig_servers_start
 # Detached VMs leave the scenario's process group: stop them on any exit.
-rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 vm3 >/dev/null 2>&1'
+rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 vm3 vm4 >/dev/null 2>&1'
 
 facts='echo "hostname=$(hostname)"; echo "machine_id=$(cat /etc/machine-id)";
     echo "hostkey=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)";
@@ -145,6 +148,28 @@ echo "ps_running=$(grep -c ' running ' "$RIG_OUT/ps.txt")"
 echo "stop2_processes=$(vm_processes)"
 echo "sockets_left=$(find "$XDG_RUNTIME_DIR" -name '*.sock' | wc -l)"
 
+# A lab network: vm1 (web) and vm2 (db, a reserved address) on one
+# switch, each reached from L1 through a forward the network's NAT holds.
+"$VMLAB" network create lab >"$RIG_OUT/net-create.out"
+"$VMLAB" run --name vm1 --net lab --forward tcp:2222:22 --detach
+"$VMLAB" run --name vm2 --net lab --ip 192.168.100.20 --forward tcp:2223:22 --detach
+wait_ssh vm1 600
+wait_ssh vm2 600
+"$VMLAB" ssh vm1 -- 'echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")";
+    (ping -c1 -W5 vm2 || busybox ping -c1 -W5 vm2) >/dev/null 2>&1 && echo ping=ok;
+    echo "getent=$(getent hosts vm2.lab | cut -d" " -f1)"' | sed 's/^/lab_vm1_/'
+"$VMLAB" ssh vm2 -- 'echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")";
+    echo "getent=$(getent hosts vm1 | cut -d" " -f1)"' | sed 's/^/lab_vm2_/'
+"$VMLAB" network ls >"$RIG_OUT/net-ls.txt"
+"$VMLAB" network show lab >"$RIG_OUT/net-show.txt"
+"$VMLAB" stop vm1 vm2 >/dev/null
+# The network's process goes with its last member.
+for _ in $(seq 50); do
+    "$VMLAB" network ls | grep -q '^lab .* stopped$' && break
+    sleep 0.1
+done
+echo "net_state_after=$("$VMLAB" network ls | awk '$1 == "lab" {print $5}')"
+
 # The peer: QEMU microvm, a fresh clone of the same base, same forward.
 debian_key
 debian_disk q1
@@ -154,6 +179,16 @@ debian_wait_ssh 2225 600
 echo "qemu_ssh_ready_ms=$(($(rig_ms) - start))"
 debian_qemu_powerdown q1
 rig_console_exit q1 180
+
+# A VM on Debian's packaged kernel, as a new user gets before vmlab's lean
+# kernel is built: its initramfs loads the drivers, mounts the disk and hands
+# over to the image's init; the power button reaches it through acpid.
+start=$(rig_ms)
+VMLAB_GUEST_KERNEL=debian "$VMLAB" run --name vm4 --forward tcp:2226:22 --detach
+wait_ssh vm4 900
+echo "debian_kernel_ssh_ready_ms=$(($(rig_ms) - start))"
+"$VMLAB" ssh vm4 -- 'echo "uname=$(uname -r)"; echo "hostname=$(hostname)"' | sed 's/^/vm4_/'
+"$VMLAB" stop vm4 | tee "$RIG_OUT/stop4.out"
 "#;
 
 fn l1() -> &'static rig::Run {
@@ -169,6 +204,9 @@ fn l1() -> &'static rig::Run {
             String::from_utf8_lossy(&out.stderr)
         );
         let base = String::from_utf8(out.stdout).unwrap();
+        if let Err(e) = rig::debian_guest() {
+            panic!("{e}");
+        }
         rig::Batch::new("e2e_lab")
             .env("VMLAB_DEBIAN_BASE", base.trim())
             .scenario("lab", Duration::from_secs(40 * 60), SCENARIO)
@@ -265,6 +303,58 @@ fn stop_powers_off_and_leaves_no_process_or_socket() {
     assert_eq!(s.value("stop1_processes"), "0");
     assert_eq!(s.value("stop2_processes"), "0", "{}", s.file("stop2.out"));
     assert_eq!(s.value("sockets_left"), "0");
+}
+
+#[test]
+fn a_vm_on_debians_packaged_kernel_boots_its_disk_answers_ssh_and_stops_cleanly() {
+    let s = lab();
+    assert!(
+        s.value("vm4_uname").ends_with("-amd64"),
+        "Debian's kernel: {}",
+        s.diagnostics()
+    );
+    assert_eq!(s.value("vm4_hostname"), "vm4");
+    assert!(
+        s.file("stop4.out").contains("vm4: powered off"),
+        "the power button reached vmlab-init: {}",
+        s.diagnostics()
+    );
+    println!(
+        "ssh-ready on Debian's kernel in the rig: {} ms (lean kernel: {} ms)",
+        s.value("debian_kernel_ssh_ready_ms"),
+        s.value("vmlab_ssh_ready_ms")
+    );
+}
+
+#[test]
+fn two_vms_on_a_lab_network_reach_each_other_by_name_and_through_forwards() {
+    let s = lab();
+    let show = s.file("net-show.txt");
+    assert!(
+        s.file("net-create.out").contains("192.168.100.0/24"),
+        "{}",
+        s.diagnostics()
+    );
+    assert_eq!(s.value("lab_vm2_addr"), "192.168.100.20/24", "{show}");
+    let vm1_addr = s.value("lab_vm1_addr");
+    assert!(vm1_addr.starts_with("192.168.100."), "{vm1_addr}: {show}");
+    assert_eq!(s.value("lab_vm1_ping"), "ok", "{show}");
+    assert_eq!(s.value("lab_vm1_getent"), "192.168.100.20", "{show}");
+    assert_eq!(
+        format!("{}/24", s.value("lab_vm2_getent")),
+        vm1_addr,
+        "{show}"
+    );
+    assert!(
+        show.contains(":2222:22") && show.contains(":2223:22"),
+        "{show}"
+    );
+    assert!(
+        s.file("net-ls.txt").contains("running"),
+        "{}",
+        s.file("net-ls.txt")
+    );
+    assert_eq!(s.value("net_state_after"), "stopped", "{}", s.diagnostics());
 }
 
 /// Reported, not asserted: only the ratio means anything under TCG.

@@ -1,8 +1,11 @@
 //! Self-test of the emulated-SVM rig (tests/rig): one L1 boot checks that L1
 //! offers a hardware-style /dev/kvm and that nested QEMU (microvm, KVM,
 //! `-cpu host`) boots vmlab's guest kernel, as vmlinux and as bzImage, with
-//! the default initramfs to its boot-timer write and to a working shell. This
-//! proves the one kernel config serves both as L1 and as the guest.
+//! the default initramfs to its boot-timer write and to a working shell.
+//! That L1 runs Debian's packaged kernel, its KVM, 9p and virtio-pci loaded
+//! as modules from L1's initramfs: what `tests/rig/l1` boots for a new user
+//! who has not built vmlab's lean kernel (every other batch's L1 runs the
+//! lean one).
 
 mod rig;
 
@@ -45,6 +48,7 @@ fn l1() -> &'static rig::Run {
     RUN.get_or_init(|| {
         let minutes = Duration::from_secs(60);
         rig::Batch::new("e2e_rig")
+            .l1_kernel(rig::L1Kernel::Debian)
             .scenario(
                 "kvm",
                 minutes,
@@ -54,6 +58,7 @@ fn l1() -> &'static rig::Run {
                 echo "svm=$(yes_no grep -qw svm /proc/cpuinfo)"
                 echo "kvm_amd=$(yes_no test -d /sys/module/kvm_amd)"
                 echo "kvm_pvm=$(yes_no test -d /sys/module/kvm_pvm)"
+                echo "l1_release=$(uname -r)"
                 echo "nproc=$(nproc)"
                 # Warm L1's 9p page cache, so the boots below time QEMU, not 9p.
                 qemu-system-x86_64 --version >/dev/null
@@ -161,6 +166,11 @@ fn l1_offers_hardware_style_kvm() {
         s.value("kvm_pvm"),
         "no",
         "L1's KVM is PVM\n{}",
+        s.diagnostics()
+    );
+    assert!(
+        s.value("l1_release").ends_with("-amd64"),
+        "L1 runs Debian's packaged kernel\n{}",
         s.diagnostics()
     );
 }

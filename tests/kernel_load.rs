@@ -26,7 +26,23 @@ fn guest_bytes(mem: &GuestMemoryMmap) -> Vec<u8> {
 #[test]
 fn default_vmlinux_maps_to_the_bytes_a_copy_gives() {
     let artifacts = rig::artifacts().unwrap_or_else(|e| panic!("{e}"));
-    let path = &artifacts.vmlinux;
+    maps_like_a_copy(&artifacts.vmlinux);
+}
+
+/// The ELF guest/debian-kernel.sh extracts from Debian's bzImage: a real
+/// vmlinux, entered through its PVH note.
+#[test]
+fn debians_extracted_vmlinux_maps_to_the_bytes_a_copy_gives() {
+    let vmlinuz = rig::debian_guest().unwrap_or_else(|e| panic!("{e}"));
+    let path = vmlinuz.with_file_name("vmlinux");
+    let kernel = maps_like_a_copy(&path);
+    assert!(
+        kernel.pvh_entry.is_some(),
+        "Debian's kernel has a PVH entry"
+    );
+}
+
+fn maps_like_a_copy(path: &std::path::Path) -> elf::ElfKernel {
     let open = || File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 
     let mapped = memory::create(MEM).unwrap();
@@ -52,4 +68,5 @@ fn default_vmlinux_maps_to_the_bytes_a_copy_gives() {
     if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
         panic!("guest memory differs first at {at:#x}");
     }
+    kernel
 }

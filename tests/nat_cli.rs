@@ -57,14 +57,12 @@ fn bad_forward_rule_is_one_clear_line() {
     );
 }
 
-#[test]
-fn nat_command_serves_a_namespace() {
-    require_root_and_tools(&["ip", "busybox"]);
-    let ns = Netns::new();
-    let tap = "vmlab0";
-    let _nat = Guard(
+/// `vmlab nat` with `args` serving TAP `tap` in `ns`, once the TAP is there.
+fn serve(ns: &Netns, tap: &str, args: &[&str]) -> Guard {
+    let nat = Guard(
         Command::new(VMLAB)
-            .args(["nat", "--tap", tap, "--host-only", "--hostname", "clitest"])
+            .args(["nat", "--tap", tap])
+            .args(args)
             .arg("--netns")
             .arg(ns.path())
             .stdout(Stdio::null())
@@ -81,6 +79,15 @@ fn nat_command_serves_a_namespace() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    nat
+}
+
+#[test]
+fn nat_command_serves_a_namespace() {
+    require_root_and_tools(&["ip", "busybox"]);
+    let ns = Netns::new();
+    let tap = "vmlab0";
+    let _nat = serve(&ns, tap, &["--host-only", "--hostname", "clitest"]);
     ns.sh_ok(&format!(
         "ip link set lo up && ip link set {tap} up && \
          timeout 20 busybox udhcpc -i {tap} -q -f -n -t 5 -T 1 -s /bin/true >/dev/null"
@@ -103,4 +110,58 @@ fn nat_command_serves_a_namespace() {
     });
     t.join().unwrap();
     assert_eq!(got, "hello from the host\n");
+}
+
+#[test]
+fn host_loopback_ports_limit_what_the_gateway_reaches() {
+    require_root_and_tools(&["ip", "busybox"]);
+    let ns = Netns::new();
+    let tap = "vmlab0";
+    let allowed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (allowed_port, other_port) = (
+        allowed.local_addr().unwrap().port(),
+        other.local_addr().unwrap().port(),
+    );
+    let allowed_arg = allowed_port.to_string();
+    let _nat = serve(
+        &ns,
+        tap,
+        &["--outbound", "host", "--host-loopback", &allowed_arg],
+    );
+    ns.sh_ok(&format!(
+        "ip link set lo up && ip link set {tap} up && \
+         ip addr add 10.0.2.15/24 dev {tap} && ip route add default via 10.0.2.2"
+    ));
+    let results = ns.run(move || {
+        [allowed_port, other_port].map(|port| {
+            TcpStream::connect_timeout(&([10, 0, 2, 2], port).into(), Duration::from_secs(5))
+                .map(drop)
+                .map_err(|e| e.kind())
+        })
+    });
+    assert_eq!(results[0], Ok(()), "the allowed port");
+    assert_eq!(
+        results[1],
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "another host port"
+    );
+}
+
+#[test]
+fn bad_reach_policies_are_one_clear_line() {
+    for (args, needle) in [
+        (["--host-loopback", "22;80"], "ports like 22,8080"),
+        (["--outbound", "world"], "'any'"),
+    ] {
+        let out = Command::new(VMLAB)
+            .args(["nat", "--tap", "x"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
 }

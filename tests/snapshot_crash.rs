@@ -92,7 +92,10 @@ fn write_generation(dir: &Path, gen: u64) {
 fn make_vms(home: &Path, kernel: &Path) {
     let dir = vm_dir(home, "vm1");
     std::fs::create_dir_all(&dir).unwrap();
-    let base = home.join("base.qcow2");
+    // Where vmlab's own base images are (its backing policy trusts them).
+    let images = home.join("cache/vmlab/images");
+    std::fs::create_dir_all(&images).unwrap();
+    let base = images.join("base.qcow2");
     create_image(&base, &CreateOptions::qcow2(DISK_SIZE)).unwrap();
     let img = open_image(&base, &OpenOptions::read_write()).unwrap();
     img.write_at(0, &pattern(1, 0, DISK_SIZE as usize)).unwrap();

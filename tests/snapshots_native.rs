@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use disk_support::{check_chains_in, pattern, qemu_img_ok, read_image, unlocked};
+use disk_support::{anywhere, check_chains_in, pattern, qemu_img_ok, read_image, unlocked};
 use support::tiny_guest::Program;
 use support::wait_for;
 use vmlab::disk::{backing_chain, create_image, open_image, CreateOptions, OpenOptions};
@@ -62,6 +62,7 @@ impl Lab {
             .spin()
             .write_elf(&spinning);
         std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        std::fs::create_dir_all(dir.path().join("cache/vmlab/images")).unwrap();
         Lab {
             dir,
             halting,
@@ -105,11 +106,12 @@ impl Lab {
     }
 
     /// A stopped VM with two disks, as `vmlab run --name` would leave one:
-    /// disk.qcow2 over a base image elsewhere, data.qcow2 on its own.
+    /// disk.qcow2 over a base image in vmlab's image cache, data.qcow2 on
+    /// its own.
     fn make_vm(&self, name: &str, kernel: &Path) {
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let base = self.dir.path().join("images/base.qcow2");
+        let base = self.dir.path().join("cache/vmlab/images/base.qcow2");
         if !base.exists() {
             create_image(&base, &CreateOptions::qcow2(DISK_SIZE)).unwrap();
             write(&base, 0, &pattern(1, 0, DISK_SIZE as usize));
@@ -169,7 +171,11 @@ fn text(out: &Output) -> String {
 }
 
 fn write(path: &Path, at: u64, data: &[u8]) {
-    let img = open_image(path, &OpenOptions::read_write()).unwrap();
+    let img = open_image(
+        path,
+        &OpenOptions::read_write().with_backing_policy(anywhere()),
+    )
+    .unwrap();
     img.write_at(at, data).unwrap();
     img.flush().unwrap();
 }
@@ -651,4 +657,98 @@ fn disk_size_grows_the_first_disk_and_refuses_to_shrink() {
     assert_eq!(size(&lab), 8 << 20);
     let data = open_image(&lab.disk("vm1", 1), &unlocked()).unwrap().size();
     assert_eq!(data, DISK_SIZE);
+}
+
+/// Mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn snapshot_files_are_their_owners_only() {
+    let lab = Lab::new();
+    lab.make_vm("vm1", &lab.halting);
+    lab.ok(&["snapshot", "create", "vm1", "s1"]);
+    lab.ok(&["snapshot", "create", "vm1", "s2"]);
+    lab.ok(&["snapshot", "restore", "vm1", "s1"]);
+    lab.ok(&["snapshot", "rm", "vm1", "s2"]);
+    let dir = lab.vm_dir("vm1");
+    for disk in DISKS {
+        assert_eq!(mode(&dir.join(disk)), 0o600, "{disk}");
+        let layer = snapshot_layer(&lab, "vm1", "s1", disk);
+        assert_eq!(mode(&layer), 0o400, "{}", layer.display());
+    }
+    assert_eq!(mode(&dir.join("snapshots.json")), 0o600);
+    assert_eq!(mode(&dir.join("snapshots.lock")), 0o600);
+    lab.ok(&["clone", "vm1", "vm2"]);
+    assert_eq!(mode(&lab.vm_dir("vm2")), 0o700);
+    assert_eq!(mode(&lab.disk("vm2", 0)), 0o600);
+}
+
+/// A chain that leads outside what the VM may name (vmlab's directories,
+/// the disk's own directory, its allow-backing paths) is refused by every
+/// snapshot command, in one line, before anything changes.
+#[test]
+fn snapshot_commands_refuse_a_chain_leading_outside_the_allowed_places() {
+    let lab = Lab::new();
+    lab.make_vm("vm1", &lab.halting);
+    let secret = lab.dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![b's'; DISK_SIZE as usize]).unwrap();
+    lab.ok(&["snapshot", "create", "vm1", "s1"]);
+    // s1's layer of disk.qcow2 replaced by one naming the secret.
+    let layer = snapshot_layer(&lab, "vm1", "s1", DISKS[0]);
+    std::fs::remove_file(&layer).unwrap();
+    let planted = |path: &Path| {
+        let size = DISK_SIZE.to_string();
+        qemu_img_ok(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            secret.to_str().unwrap(),
+            "-F",
+            "raw",
+            path.to_str().unwrap(),
+            &size,
+        ]);
+    };
+    planted(&layer);
+    let names = |lab: &Lab| {
+        let mut n: Vec<_> = std::fs::read_dir(lab.vm_dir("vm1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        n.sort();
+        n
+    };
+    let before = names(&lab);
+    let disk0 = std::fs::read(lab.disk("vm1", 0)).unwrap();
+    let err = lab.fails(&["snapshot", "restore", "vm1", "s1"]);
+    assert!(
+        err.contains("secret.raw") && err.contains("--allow-backing"),
+        "{err}"
+    );
+    assert_eq!(names(&lab), before, "restore left something");
+    assert_eq!(std::fs::read(lab.disk("vm1", 0)).unwrap(), disk0);
+
+    // A disk that itself leads there: create and clone refuse it.
+    std::fs::remove_file(lab.disk("vm1", 0)).unwrap();
+    planted(&lab.disk("vm1", 0));
+    let before = names(&lab);
+    let err = lab.fails(&["snapshot", "create", "vm1", "s2"]);
+    assert!(err.contains("secret.raw"), "{err}");
+    let err = lab.fails(&["clone", "vm1", "vm2"]);
+    assert!(err.contains("secret.raw"), "{err}");
+    assert_eq!(names(&lab), before, "create or clone left something");
+    assert!(!lab.vm_dir("vm2").exists());
+    assert_eq!(
+        backing_chain(&lab.disk("vm1", 0)).unwrap(),
+        [lab.disk("vm1", 0), secret.clone()]
+    );
+    assert_eq!(
+        std::fs::read(&secret).unwrap(),
+        vec![b's'; DISK_SIZE as usize]
+    );
 }

@@ -50,6 +50,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
         boot_timer: false,
         started: Instant::now(),
         net: None,
+        backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     }
 }
 

@@ -166,8 +166,12 @@ impl BootBench {
     /// to `scratch/full-boot/` (QEMU takes files; vmlab gets the same).
     fn with_full_boot(&self, spec: DebianSpec, scratch: &Path) -> Result<DebianSpec, BenchError> {
         let fail = |e: String| BenchError::FullBoot(e);
-        let boot = crate::image::read_disk_boot(&spec.base, self.mem_mib << 20)
-            .map_err(|e| fail(e.to_string()))?;
+        let boot = crate::image::read_disk_boot(
+            &spec.base,
+            self.mem_mib << 20,
+            &crate::disk::BackingPolicy::vmlab(),
+        )
+        .map_err(|e| fail(e.to_string()))?;
         let dir = scratch.join("full-boot");
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
         let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));

@@ -12,6 +12,7 @@ pub mod chart;
 pub mod contender;
 pub mod contenders;
 pub mod host;
+pub mod net;
 pub mod process;
 pub mod report;
 pub mod runner;

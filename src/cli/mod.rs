@@ -5,6 +5,7 @@ mod disk;
 mod forward;
 mod mac;
 mod size;
+pub mod stdout;
 
 pub use disk::{DiskParseError, DiskSpec};
 pub use forward::{ForwardParseError, ForwardRule, Protocol};

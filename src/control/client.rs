@@ -36,7 +36,7 @@ fn send(vm: &VmDir, request: &Request) -> Result<(UnixStream, BufReader<UnixStre
         .write_all(&encode(request))
         .map_err(|e| protocol(format!("cannot send the request: {e}")))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| protocol(e.to_string()))?);
-    let answer = read_message(&mut reader).map_err(protocol)?;
+    let answer = read_message(&mut reader).map_err(|e| protocol(e.to_string()))?;
     Ok((stream, reader, answer))
 }
 
@@ -80,8 +80,9 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
     let mut escape = terminal.is_some().then(EscapeParser::default);
     let mut out = std::io::stdout();
     // Output that arrived with the answer line.
-    out.write_all(reader.buffer()).map_err(io)?;
-    out.flush().map_err(io)?;
+    if !show(&mut out, reader.buffer()).map_err(io)? {
+        return Ok(false);
+    }
     let mut buf = [0u8; 4096];
     let mut stdin_open = true;
     loop {
@@ -105,9 +106,9 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
                 eprintln!("\r\nvmlab: {} stopped", vm.name());
                 return Ok(true);
             }
-            out.write_all(&buf[..n])
-                .and_then(|()| out.flush())
-                .map_err(io)?;
+            if !show(&mut out, &buf[..n]).map_err(io)? {
+                return Ok(false);
+            }
         }
         if stdin_ready {
             let n = stdin.read(&mut buf).map_err(io)?;
@@ -132,5 +133,16 @@ pub fn attach_console(vm: &VmDir) -> Result<bool> {
             }
             stream.write_all(&send).map_err(io)?;
         }
+    }
+}
+
+/// Copies console output to `out`; false when nobody reads it any more
+/// (`vmlab console NAME | head`): then the client detaches quietly and the
+/// VM keeps running.
+fn show(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<bool> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
     }
 }

@@ -5,7 +5,6 @@
 //! client that cannot take the bytes at once misses them (its terminal
 //! lags), and the guest never waits for it.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -20,8 +19,11 @@ struct Client {
     stream: UnixStream,
 }
 
+/// Where the serial log goes: a capped file in a real VM.
+pub type SerialLog = Box<dyn Write + Send>;
+
 pub struct ConsoleHub {
-    log: Mutex<Option<File>>,
+    log: Mutex<Option<SerialLog>>,
     tee_stdout: bool,
     clients: Mutex<Vec<Client>>,
     next_id: Mutex<u64>,
@@ -30,7 +32,7 @@ pub struct ConsoleHub {
 impl ConsoleHub {
     /// `log`: the serial log (None: keep nothing); `tee_stdout`: also
     /// print to this process's stdout (a named VM run in the foreground).
-    pub fn new(log: Option<File>, tee_stdout: bool) -> Arc<ConsoleHub> {
+    pub fn new(log: Option<SerialLog>, tee_stdout: bool) -> Arc<ConsoleHub> {
         Arc::new(ConsoleHub {
             log: Mutex::new(log),
             tee_stdout,
@@ -61,12 +63,16 @@ impl ConsoleHub {
     }
 
     fn publish(&self, bytes: &[u8]) {
-        if let Some(log) = lock(&self.log).as_mut() {
-            if let Err(e) = log.write_all(bytes) {
+        // One guard for the write and the drop: locking again while the
+        // first guard lives would deadlock the vCPU that holds the UART.
+        let mut log = lock(&self.log);
+        if let Some(file) = log.as_mut() {
+            if let Err(e) = file.write_all(bytes) {
                 log::warn!("serial log: {e}; no longer writing it");
-                *lock(&self.log) = None;
+                *log = None;
             }
         }
+        drop(log);
         if self.tee_stdout {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(bytes).and_then(|()| out.flush());
@@ -100,13 +106,15 @@ impl Write for HubWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logging::RotatingFile;
     use std::io::Read;
 
     #[test]
     fn output_reaches_log_and_clients_and_gone_clients_are_dropped() {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/vmlab-hub").unwrap();
         let log_path = dir.as_path().join("serial.log");
-        let hub = ConsoleHub::new(Some(File::create(&log_path).unwrap()), false);
+        let log = RotatingFile::create(&log_path, 1 << 20).unwrap();
+        let hub = ConsoleHub::new(Some(Box::new(log)), false);
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let id = hub.attach(ours);
         let (gone, closed) = UnixStream::pair().unwrap();
@@ -121,6 +129,48 @@ mod tests {
         assert_eq!(hub.clients(), 0);
         hub.writer().write_all(b" world").unwrap();
         assert_eq!(std::fs::read(&log_path).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn a_failing_serial_log_is_dropped_and_output_goes_on() {
+        // ENOSPC on every write, no root needed.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let hub = ConsoleHub::new(Some(Box::new(full)), false);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        hub.attach(ours);
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer_hub = hub.clone();
+        std::thread::spawn(move || {
+            writer_hub.writer().write_all(b"a").unwrap();
+            writer_hub.writer().write_all(b"b").unwrap();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the UART's writer deadlocked on the failed log write");
+        assert!(lock(&hub.log).is_none(), "the failed log is dropped");
+        let mut buf = [0u8; 2];
+        theirs.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ab", "clients still get the output");
+    }
+
+    #[test]
+    fn a_guest_printing_forever_fills_its_log_and_one_previous_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("serial.log");
+        let log = RotatingFile::create(&log_path, 1024).unwrap();
+        let hub = ConsoleHub::new(Some(Box::new(log)), false);
+        // A UART writes a byte at a time.
+        for i in 0..5000u32 {
+            hub.writer().write_all(&[b'a' + (i % 26) as u8]).unwrap();
+        }
+        let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+        assert!(size(&log_path) <= 1024);
+        assert_eq!(size(&dir.path().join("serial.log.1")), 1024);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::error::{ControlError, Result};
-use super::state::VmDir;
+use super::state::{VmDir, VMM_LOG_LIMIT};
+use crate::logging::RotatingFile;
 
 /// The hidden subcommand the daemon runs as.
 pub const DAEMON_COMMAND: &str = "vm-daemon";
@@ -21,17 +22,23 @@ const READY: &str = "ready";
 
 /// Starts the VM `vm` (its settings already saved) in the background with
 /// the vmlab binary `exe`; returns the daemon's pid once the VM runs.
-pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
+/// `no_seccomp` runs it without its seccomp filters.
+pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8, no_seccomp: bool) -> Result<u32> {
     let log_path = vm.vmm_log();
-    let log =
-        std::fs::File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
+    let log = crate::fsutil::create_private(&log_path)
+        .map_err(ControlError::io("cannot create", &log_path))?;
+    // The daemon outlives this process: it inherits nothing but its stdio.
+    crate::fds::close_on_exec_above_stderr()
+        .map_err(ControlError::io("cannot list the descriptors of", exe))?;
     let mut command = Command::new(exe);
     if verbose > 0 {
         command.arg(format!("-{}", "v".repeat(verbose.into())));
     }
+    command.arg(DAEMON_COMMAND).arg(vm.name().as_str());
+    if no_seccomp {
+        command.arg("--no-seccomp");
+    }
     let mut child = command
-        .arg(DAEMON_COMMAND)
-        .arg(vm.name().as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -50,16 +57,33 @@ pub fn spawn_detached(exe: &Path, vm: &VmDir, verbose: u8) -> Result<u32> {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().rev().find(|l| !l.trim().is_empty());
     let message = match last {
-        Some(line) => line
-            .trim_start_matches("vmlab: error: ")
-            .trim_start_matches("vmlab: ")
-            .to_string(),
+        _ if status.code() == Some(crate::seccomp::EXIT_STATUS) => vm
+            .seccomp_violation()
+            .unwrap_or_else(|| crate::seccomp::KILLED.to_string()),
+        // The log may quote what the guest or an image chose.
+        Some(line) => crate::escape::Escaped(
+            line.trim_start_matches("vmlab: error: ")
+                .trim_start_matches("vmlab: "),
+        )
+        .to_string(),
         None => format!("it exited ({status}) without a message"),
     };
     Err(ControlError::StartFailed {
         name: vm.name().to_string(),
         message,
     })
+}
+
+/// The daemon's log: its `vmm.log`, capped and rotated, and its stderr
+/// too (so that a failure to start is still the file's last line). None
+/// when `name` is no VM name or the file cannot be made (logs go to the
+/// stderr the parent gave, uncapped).
+pub fn vmm_log(name: &str) -> Option<RotatingFile> {
+    let path = VmDir::named(name).ok()?.vmm_log();
+    RotatingFile::create(&path, VMM_LOG_LIMIT)
+        .and_then(RotatingFile::as_stderr)
+        .inspect_err(|e| eprintln!("vmlab: cannot cap {}: {e}", path.display()))
+        .ok()
 }
 
 /// The daemon's first step: leave the parent's session and terminal, so

@@ -39,6 +39,8 @@ pub enum ControlError {
     #[error(transparent)]
     Vmm(#[from] crate::vmm::VmmError),
     #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Net(#[from] crate::net::NatError),

@@ -2,15 +2,19 @@
 //! `vmlab run`, named or not, attached or detached, decides what it boots.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::ControlError;
 use super::error::Result;
-use super::settings::VmSettings;
+use super::settings::{NetChoice, VmSettings};
 use crate::cli::{DiskSpec, MacAddress};
 use crate::devices::virtio::net::NetSettings;
 use crate::image::{Flavor, GuestIdentity};
 use crate::net::{ForwardListeners, NatConfig};
+use crate::network::link::{MemberLink, MemberNatView};
+use crate::network::protocol::JoinRequest;
+use crate::network::NetworkDir;
 use crate::vmm::{BootSource, ConsoleConfig, VmConfig};
 
 /// The kernel and initrd to boot: the settings' own, else the default
@@ -50,6 +54,7 @@ pub fn vm_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        backing_policy: settings.backing_policy(),
     })
 }
 
@@ -57,7 +62,7 @@ pub fn vm_config(
 /// [`prepare_debian`]); it boots with the VM's name as hostname, the user's
 /// public key and the VM's name as the instance id (a clone, having a new
 /// name, makes itself new host keys and machine-id). The lean flavor boots
-/// vmlab's kernel; the full one the kernel and initrd its own disk carries
+/// the default guest kernel; the full one the kernel and initrd its own disk carries
 /// (read again at every boot), unless the settings name others.
 fn debian_config(
     name: &str,
@@ -71,12 +76,14 @@ fn debian_config(
     let (kernel, initrd, params) = match settings.flavor {
         Flavor::Lean => {
             let guest = crate::image::debian_guest(&identity)?;
-            let kernel = settings.kernel.clone().unwrap_or(guest.kernel).into();
-            (
-                kernel,
-                settings.initrd.clone().map(Into::into),
-                guest.cmdline,
-            )
+            // Debian's packaged kernel comes with the initramfs holding its
+            // disk drivers; a kernel of the user's brings its own, or none.
+            let initrd = match &settings.kernel {
+                Some(_) => settings.initrd.clone(),
+                None => settings.initrd.clone().or(guest.initrd),
+            };
+            let kernel = settings.kernel.clone().unwrap_or(guest.kernel);
+            (kernel.into(), initrd.map(Into::into), guest.cmdline)
         }
         Flavor::Full => {
             let params = crate::image::boot_params_for(Flavor::Full, &identity);
@@ -87,7 +94,11 @@ fn debian_config(
                     params,
                 ),
                 (None, Some(disk)) => {
-                    let boot = crate::image::read_disk_boot(&disk.path, settings.mem.bytes())?;
+                    let boot = crate::image::read_disk_boot(
+                        &disk.path,
+                        settings.mem.bytes(),
+                        &settings.backing_policy(),
+                    )?;
                     log::info!("booting {} from {}", boot.kernel_path, disk.path.display());
                     (boot.kernel, Some(boot.initrd), params)
                 }
@@ -118,6 +129,7 @@ fn debian_config(
         net: net_settings(name, settings)?,
         boot_timer,
         started,
+        backing_policy: settings.backing_policy(),
     })
 }
 
@@ -128,7 +140,7 @@ fn debian_config(
 pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
     let image = crate::image::image_for(&settings.image_spec()?)?;
     let overlay = dir.join("disk.qcow2");
-    std::fs::create_dir_all(dir).map_err(super::error::ControlError::io(
+    crate::fsutil::create_private_dir(dir).map_err(super::error::ControlError::io(
         "cannot create the VM directory",
         dir,
     ))?;
@@ -169,7 +181,8 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
         vm: name.to_string(),
         source,
     };
-    let current = crate::disk::image_info(path).map_err(disk_err)?[0].virtual_size;
+    let current = crate::disk::image_info(path, &settings.backing_policy()).map_err(disk_err)?[0]
+        .virtual_size;
     if size < current {
         return Err(ControlError::Refused(format!(
             "VM {name}'s first disk is {} ({current} bytes): --disk-size {} would shrink it, and disks only grow",
@@ -178,30 +191,79 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
         )));
     }
     if size > current {
-        crate::disk::resize_image(path, size).map_err(disk_err)?;
+        crate::disk::resize_image(path, size, &settings.backing_policy()).map_err(disk_err)?;
     }
     Ok(())
 }
 
-/// The VM's network card behind the NAT, or none. Binds the forwarded host
-/// ports now, before anything else is built: a port in use fails the start
-/// at once, with the port named.
+/// The VM's network card: behind its own NAT, on a lab network, or none.
+/// Binds the forwarded host ports now (or has the lab network bind them),
+/// before anything else is built: a port in use fails the start at once,
+/// with the port named.
 pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSettings>> {
-    if settings.no_net {
-        if !settings.forwards.is_empty() {
-            return Err(ControlError::Refused(
-                "--forward needs a network card: drop --forward or --net none".to_string(),
-            ));
-        }
-        return Ok(None);
+    let mac = MacAddress(settings.mac_for(name));
+    if settings.ip.is_some() && !matches!(settings.net, NetChoice::Lab(_)) {
+        return Err(ControlError::Refused(
+            "--ip is an address on a lab network: add --net NETWORK (see vmlab network ls)"
+                .to_string(),
+        ));
     }
-    Ok(Some(NetSettings {
-        listeners: ForwardListeners::bind(&settings.forwards)?,
-        mac: MacAddress(settings.mac_for(name)),
-        nat: NatConfig {
-            hostname: name.to_string(),
-            forwards: settings.forwards.clone(),
-            ..NatConfig::with_host_resolvers()
-        },
-    }))
+    match &settings.net {
+        NetChoice::None => {
+            if !settings.forwards.is_empty() {
+                return Err(ControlError::Refused(
+                    "--forward needs a network card: drop --forward or --net none".to_string(),
+                ));
+            }
+            Ok(None)
+        }
+        NetChoice::Lab(network) => Ok(Some(lab_member(name, mac, network, settings)?)),
+        NetChoice::User => Ok(Some(NetSettings::nat(
+            mac,
+            NatConfig {
+                hostname: name.to_string(),
+                forwards: settings.forwards.clone(),
+                host_loopback: settings.host_loopback.clone(),
+                outbound: settings.outbound,
+                // Lab networks are reached as their members, not through
+                // another VM's NAT.
+                walled_off: NetworkDir::list()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|n| n.load().ok())
+                    .map(|d| (d.subnet.network(), d.subnet.prefix()))
+                    .collect(),
+                ..NatConfig::with_host_resolvers()
+            },
+            ForwardListeners::bind(&settings.forwards)?,
+        ))),
+    }
+}
+
+/// Joins lab network `network` as VM `name` (starting the network's
+/// process if it is the first member); the network binds the forwards.
+fn lab_member(
+    name: &str,
+    mac: MacAddress,
+    network: &str,
+    settings: &VmSettings,
+) -> Result<NetSettings> {
+    let net = NetworkDir::existing(network)?;
+    let request = JoinRequest {
+        name: name.to_string(),
+        mac,
+        ip: settings.ip,
+        forwards: settings.forwards.clone(),
+    };
+    let (link, ip) = MemberLink::join(net.clone(), request)?;
+    log::info!("VM {name}: on network {network} as {ip}");
+    Ok(NetSettings {
+        mac,
+        mtu: NatConfig::default().mtu,
+        backend: Box::new(link),
+        nat_view: Some(Arc::new(MemberNatView {
+            net,
+            name: name.to_string(),
+        })),
+    })
 }

@@ -10,6 +10,8 @@ pub mod client;
 pub mod console_hub;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 pub mod name;
 pub mod protocol;
@@ -25,8 +27,7 @@ pub mod vm_clone;
 
 pub use error::ControlError;
 pub use name::VmName;
-pub use protocol::{NatSnapshot, Request, Response, VmStatus};
-pub use server::NatView;
+pub use protocol::{Request, Response, VmStatus};
 pub use session::{start_named, Attach, NamedVm};
 pub use settings::{derived_mac, VmSettings};
 pub use state::{Liveness, VmDir};

@@ -3,14 +3,13 @@
 //! connection carries raw bytes both ways (guest output to the client,
 //! keystrokes to the guest) until either side closes it.
 
-use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cli::ForwardRule;
-use crate::net::{Counters, FlowInfo};
+use crate::net::NatSnapshot;
 
 /// Longest request or answer line read; anything longer is refused, not
 /// buffered without bound.
@@ -42,7 +41,10 @@ pub enum Response {
     Stopping,
     /// Raw console bytes follow.
     Console,
-    Nat(NatSnapshot),
+    /// `nat` is None for a VM without a network card.
+    Nat {
+        nat: Option<NatSnapshot>,
+    },
     /// Every disk asked for switched; the guest stood still this long.
     DisksSwitched {
         paused_us: u64,
@@ -59,119 +61,10 @@ pub struct VmStatus {
     /// "running", or "stopping" once the power button was pressed.
     pub state: String,
     pub uptime_secs: u64,
-    /// As typed on the command line: tcp:127.0.0.1:2222:22.
-    pub forwards: Vec<String>,
-}
-
-/// What `vmlab nat show` prints. `network: false` for a VM without a
-/// network card (then the lists are empty).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct NatSnapshot {
-    pub network: bool,
-    pub forwards: Vec<String>,
-    pub flows: Vec<NatFlow>,
-    pub counters: BTreeMap<String, u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NatFlow {
-    pub protocol: String,
-    pub forwarded: bool,
-    pub guest: String,
-    pub remote: String,
-    pub host: String,
-    pub state: String,
-    pub bytes_from_guest: u64,
-    pub bytes_to_guest: u64,
-    pub age_secs: u64,
-    pub idle_secs: u64,
-}
-
-impl NatSnapshot {
-    /// From a running NAT's `flows()` and `counters()`.
-    pub fn from_nat(forwards: &[ForwardRule], flows: &[FlowInfo], counters: &Counters) -> Self {
-        let c = counters;
-        let counters = [
-            ("frames_from_guest", c.frames_from_guest),
-            ("frames_to_guest", c.frames_to_guest),
-            ("malformed", c.malformed),
-            ("bad_checksum", c.bad_checksum),
-            ("unsupported", c.unsupported),
-            ("dropped_from_guest", c.dropped_from_guest),
-            ("dropped_to_guest", c.dropped_to_guest),
-            ("tcp_out_of_order", c.tcp_out_of_order),
-            ("tcp_retransmits", c.tcp_retransmits),
-            ("flows_opened", c.flows_opened),
-            ("flows_closed", c.flows_closed),
-            ("flows_evicted", c.flows_evicted),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        NatSnapshot {
-            network: true,
-            forwards: forwards.iter().map(ToString::to_string).collect(),
-            flows: flows
-                .iter()
-                .map(|f| NatFlow {
-                    protocol: f.protocol.to_string(),
-                    forwarded: f.forwarded,
-                    guest: f.guest.to_string(),
-                    remote: f.remote.to_string(),
-                    host: f.host.to_string(),
-                    state: f.state.to_string(),
-                    bytes_from_guest: f.bytes_from_guest,
-                    bytes_to_guest: f.bytes_to_guest,
-                    age_secs: f.age.as_secs(),
-                    idle_secs: f.idle.as_secs(),
-                })
-                .collect(),
-            counters,
-        }
-    }
-
-    /// The text `vmlab nat show` prints.
-    pub fn render(&self) -> String {
-        use std::fmt::Write as _;
-        if !self.network {
-            return "no network card (the VM runs without a NAT)\n".to_string();
-        }
-        let mut out = String::from("forwards:\n");
-        if self.forwards.is_empty() {
-            out.push_str("  (none)\n");
-        }
-        for rule in &self.forwards {
-            let _ = writeln!(out, "  {rule}");
-        }
-        let _ = writeln!(out, "flows: {}", self.flows.len());
-        if !self.flows.is_empty() {
-            let _ = writeln!(
-                out,
-                "  {:<8} {:<21} {:<21} {:<21} {:<12} {:>10} {:>10} {:>6}",
-                "PROTO", "GUEST", "REMOTE", "HOST", "STATE", "OUT", "IN", "AGE"
-            );
-        }
-        for f in &self.flows {
-            let proto = format!("{}{}", f.protocol, if f.forwarded { "/fwd" } else { "" });
-            let _ = writeln!(
-                out,
-                "  {:<8} {:<21} {:<21} {:<21} {:<12} {:>10} {:>10} {:>5}s",
-                proto,
-                f.guest,
-                f.remote,
-                f.host,
-                f.state,
-                f.bytes_from_guest,
-                f.bytes_to_guest,
-                f.age_secs
-            );
-        }
-        out.push_str("counters:\n");
-        for (name, value) in &self.counters {
-            let _ = writeln!(out, "  {name} {value}");
-        }
-        out
-    }
+    pub forwards: Vec<ForwardRule>,
+    /// Control connections the VM failed to accept (out of descriptors).
+    #[serde(default)]
+    pub accept_errors: u64,
 }
 
 /// Serializes one message as a line.
@@ -181,31 +74,46 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     line
 }
 
+/// Why a control message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("cannot read from the control socket: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the control socket closed without an answer")]
+    Closed,
+    #[error("the control socket closed in the middle of a message")]
+    Truncated,
+    #[error("control message longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("malformed control message: {0}")]
+    Malformed(#[source] serde_json::Error),
+}
+
 /// Reads one line and parses it; errors are worded for the user.
-pub fn read_message<T: for<'de> Deserialize<'de>>(reader: &mut impl BufRead) -> Result<T, String> {
+pub fn read_message<T: for<'de> Deserialize<'de>>(
+    reader: &mut impl BufRead,
+) -> Result<T, MessageError> {
     let mut line = Vec::new();
     let read = std::io::Read::take(&mut *reader, MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
-        .map_err(|e| format!("cannot read from the control socket: {e}"))?;
+        .map_err(MessageError::Read)?;
     if read == 0 {
-        return Err("the control socket closed without an answer".into());
+        return Err(MessageError::Closed);
     }
     if line.last() != Some(&b'\n') {
         return Err(if line.len() > MAX_LINE {
-            format!("control message longer than {MAX_LINE} bytes")
+            MessageError::TooLong
         } else {
-            "the control socket closed in the middle of a message".into()
+            MessageError::Truncated
         });
     }
-    serde_json::from_slice(&line).map_err(|e| format!("malformed control message: {e}"))
+    serde_json::from_slice(&line).map_err(MessageError::Malformed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Cursor;
-    use std::net::SocketAddrV4;
-    use std::time::Duration;
 
     fn round_trip<T>(message: &T) -> T
     where
@@ -239,7 +147,8 @@ mod tests {
             pid: 42,
             state: "running".into(),
             uptime_secs: 7,
-            forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+            forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
+            accept_errors: 0,
         });
         let error = Response::Error {
             message: "no".into(),
@@ -257,36 +166,15 @@ mod tests {
     }
 
     #[test]
-    fn nat_snapshot_comes_from_the_nat_and_renders() {
-        let flow = FlowInfo {
-            protocol: crate::net::FlowProtocol::Tcp,
-            forwarded: true,
-            guest: "10.0.2.15:22".parse::<SocketAddrV4>().unwrap(),
-            remote: "10.0.2.2:40000".parse().unwrap(),
-            host: "127.0.0.1:40000".parse().unwrap(),
-            host_local: None,
-            state: "ESTABLISHED",
-            bytes_from_guest: 100,
-            bytes_to_guest: 200,
-            age: Duration::from_secs(3),
-            idle: Duration::from_secs(1),
+    fn nat_answers_carry_the_snapshot_as_it_is() {
+        let snapshot = NatSnapshot {
+            forwards: vec!["tcp:2222:22".parse().unwrap()],
+            ..NatSnapshot::default()
         };
-        let counters = Counters {
-            flows_opened: 1,
-            ..Counters::default()
-        };
-        let rule: ForwardRule = "tcp:2222:22".parse().unwrap();
-        let snapshot = NatSnapshot::from_nat(&[rule], &[flow], &counters);
-        assert_eq!(
-            round_trip(&Response::Nat(snapshot.clone())),
-            Response::Nat(snapshot.clone())
-        );
-        let text = snapshot.render();
-        assert!(text.contains("tcp:127.0.0.1:2222:22"), "{text}");
-        assert!(text.contains("tcp/fwd"), "{text}");
-        assert!(text.contains("ESTABLISHED"), "{text}");
-        assert!(text.contains("flows_opened 1"), "{text}");
-        assert!(NatSnapshot::default().render().contains("no network card"));
+        for nat in [Some(snapshot), None] {
+            let answer = Response::Nat { nat };
+            assert_eq!(round_trip(&answer), answer);
+        }
     }
 
     #[test]
@@ -307,6 +195,6 @@ mod tests {
         let mut long = vec![b' '; MAX_LINE + 10];
         long.push(b'\n');
         let err = read_message::<Request>(&mut Cursor::new(long)).unwrap_err();
-        assert!(err.contains("longer"), "{err}");
+        assert!(matches!(err, MessageError::TooLong), "{err}");
     }
 }

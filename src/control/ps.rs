@@ -4,6 +4,7 @@ use super::client;
 use super::error::Result;
 use super::protocol::{Request, Response};
 use super::state::{Liveness, VmDir};
+use crate::cli::ForwardRule;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PsRow {
@@ -11,8 +12,11 @@ pub struct PsRow {
     /// running, stopping, starting (alive but not answering yet), stopped.
     pub state: String,
     pub pid: Option<u32>,
-    pub forwards: Vec<String>,
+    pub forwards: Vec<ForwardRule>,
     pub uptime_secs: Option<u64>,
+    /// Why a stopped VM's last run ended, when it was not the guest's
+    /// doing (its seccomp filter killed it).
+    pub note: Option<String>,
 }
 
 /// Every VM's row; stale sockets of crashed VMs are cleaned on the way.
@@ -22,17 +26,23 @@ pub fn rows() -> Result<Vec<PsRow>> {
 
 fn row(vm: &VmDir) -> Result<PsRow> {
     let settings = vm.load_settings().ok();
-    let configured: Vec<String> = settings
-        .map(|s| s.forwards.iter().map(ToString::to_string).collect())
-        .unwrap_or_default();
+    let configured = settings.map(|s| s.forwards).unwrap_or_default();
     let mut row = PsRow {
         name: vm.name().to_string(),
         state: "stopped".into(),
         pid: None,
         forwards: configured,
         uptime_secs: None,
+        note: None,
     };
-    if let Liveness::Running { pid } = vm.liveness()? {
+    let liveness = vm.liveness()?;
+    if let Liveness::Stopped { .. } = liveness {
+        if let Some(violation) = vm.seccomp_violation() {
+            row.state = "killed".into();
+            row.note = Some(violation);
+        }
+    }
+    if let Liveness::Running { pid } = liveness {
         row.pid = pid;
         row.state = "starting".into();
         if let Ok(Response::Status(status)) = client::request(vm, &Request::Status) {
@@ -69,13 +79,19 @@ pub fn render(rows: &[PsRow]) -> String {
         let forwards = if r.forwards.is_empty() {
             "-".to_string()
         } else {
-            r.forwards.join(", ")
+            let rules: Vec<String> = r.forwards.iter().map(ToString::to_string).collect();
+            rules.join(", ")
         };
         let _ = writeln!(
             out,
             "{:<width$}  {:<8}  {pid:>7}  {uptime:>7}  {forwards}",
             r.name, r.state
         );
+    }
+    for r in rows {
+        if let Some(note) = &r.note {
+            let _ = writeln!(out, "{}: {note}", r.name);
+        }
     }
     out
 }
@@ -100,8 +116,9 @@ mod tests {
                 name: "vm1".into(),
                 state: "running".into(),
                 pid: Some(1234),
-                forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+                forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 uptime_secs: Some(65),
+                note: None,
             },
             PsRow {
                 name: "database".into(),
@@ -109,6 +126,7 @@ mod tests {
                 pid: None,
                 forwards: vec![],
                 uptime_secs: None,
+                note: None,
             },
         ];
         let text = render(&rows);
@@ -139,6 +157,6 @@ mod tests {
         let rows = rows().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state, "stopped");
-        assert_eq!(rows[0].forwards, ["tcp:127.0.0.1:2222:22"]);
+        assert_eq!(rows[0].forwards[0].to_string(), "tcp:127.0.0.1:2222:22");
     }
 }

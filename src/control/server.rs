@@ -7,21 +7,18 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
-use super::protocol::{encode, read_message, NatSnapshot, Request, Response, VmStatus};
+use super::protocol::{encode, read_message, Request, Response, VmStatus};
 use crate::cli::ForwardRule;
 use crate::devices::bus::lock;
+use crate::net::NatView;
+use crate::rate_limit::RateLimit;
+use crate::seccomp::ThreadClass;
 use crate::vmm::{LiveDisks, LiveSnapshotError};
-
-/// The NAT's state, as the running machine exposes it (implemented by
-/// whatever owns the NAT; see `Vm::nat_view`).
-pub trait NatView: Send + Sync {
-    fn snapshot(&self) -> NatSnapshot;
-}
 
 /// A running VM's disks as a live snapshot switches them (implemented by
 /// `vmm::LiveDisks`; see `Vm::live_disks`).
@@ -56,6 +53,8 @@ pub struct ControlContext {
     /// when the VM reads its terminal directly.
     pub console_input: Option<Mutex<File>>,
     stopping: AtomicBool,
+    /// Connections the listener failed to accept (out of descriptors).
+    accept_errors: AtomicU64,
 }
 
 impl ControlContext {
@@ -75,6 +74,7 @@ impl ControlContext {
             hub,
             console_input: None,
             stopping: AtomicBool::new(false),
+            accept_errors: AtomicU64::new(0),
         }
     }
 
@@ -95,7 +95,8 @@ impl ControlContext {
                 }
                 .into(),
                 uptime_secs: self.started.elapsed().as_secs(),
-                forwards: self.forwards.iter().map(ToString::to_string).collect(),
+                forwards: self.forwards.clone(),
+                accept_errors: self.accept_errors.load(Ordering::Relaxed),
             }),
             Request::Stop => match (self.power_button)() {
                 Ok(()) => {
@@ -106,11 +107,9 @@ impl ControlContext {
                     message: format!("cannot press the power button: {e}"),
                 },
             },
-            Request::Nat => Response::Nat(
-                self.nat
-                    .as_ref()
-                    .map_or_else(NatSnapshot::default, |nat| nat.snapshot()),
-            ),
+            Request::Nat => Response::Nat {
+                nat: self.nat.as_ref().map(|nat| nat.snapshot()),
+            },
             Request::SnapshotDisks { disks } => match &self.disks {
                 None => Response::Error {
                     message: "this VM's disks cannot be switched".into(),
@@ -135,11 +134,21 @@ impl ControlContext {
     }
 }
 
-/// Serves `listener` on a background thread for the life of the process.
+/// Serves `listener` on a background thread for the life of the process;
+/// returns once that thread is under its seccomp filter (connection
+/// threads inherit it).
 pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Result<()> {
+    let (filtered, installed) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            let result = crate::seccomp::install(ThreadClass::Control);
+            let failed = result.is_err();
+            let _ = filtered.send(result);
+            if failed {
+                return;
+            }
+            let warnings = RateLimit::new(1, Duration::from_secs(60));
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
@@ -152,18 +161,32 @@ pub fn spawn(listener: UnixListener, ctx: Arc<ControlContext>) -> std::io::Resul
                         }
                     }
                     Err(e) => {
-                        log::warn!("control: accept failed: {e}");
+                        // Out of descriptors, typically: the client waits in
+                        // the backlog and is served once some are free.
+                        ctx.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = warnings.admit().admitted() {
+                            log::warn!(
+                                "control: accept failed: {e} ({suppressed} more since the last \
+                                 warning); retrying"
+                            );
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }
         })?;
-    Ok(())
+    match installed.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other(
+            "the control thread ended at its start",
+        )),
+    }
 }
 
 /// One connection: a request, its answer, and for `console` the byte
 /// stream until the client leaves.
-fn serve(stream: UnixStream, ctx: &ControlContext) {
+pub(crate) fn serve(stream: UnixStream, ctx: &ControlContext) {
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -174,7 +197,9 @@ fn serve(stream: UnixStream, ctx: &ControlContext) {
             log::debug!("control: {request:?}");
             ctx.answer(&request)
         }
-        Err(message) => Response::Error { message },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     };
     let mut writer = &stream;
     if writer.write_all(&encode(&answer)).is_err() || answer != Response::Console {
@@ -207,7 +232,7 @@ fn serve(stream: UnixStream, ctx: &ControlContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::NatSnapshot;
+    use crate::net::NatSnapshot;
     use std::io::BufRead;
     use std::sync::atomic::AtomicUsize;
 
@@ -215,8 +240,7 @@ mod tests {
     impl NatView for FakeNat {
         fn snapshot(&self) -> NatSnapshot {
             NatSnapshot {
-                network: true,
-                forwards: vec!["tcp:127.0.0.1:2222:22".into()],
+                forwards: vec!["tcp:127.0.0.1:2222:22".parse().unwrap()],
                 ..NatSnapshot::default()
             }
         }
@@ -276,17 +300,17 @@ mod tests {
         assert_eq!(status.name, "vm1");
         assert_eq!(status.pid, std::process::id());
         assert_eq!(status.state, "running");
-        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22"]);
+        assert_eq!(status.forwards, ["tcp:127.0.0.1:2222:22".parse().unwrap()]);
         assert_eq!(ask(&s.socket, &encode(&Request::Stop)), Response::Stopping);
         assert_eq!(s.presses.load(Ordering::SeqCst), 1);
         let Response::Status(status) = ask(&s.socket, &encode(&Request::Status)) else {
             panic!("not a status")
         };
         assert_eq!(status.state, "stopping");
-        let Response::Nat(nat) = ask(&s.socket, &encode(&Request::Nat)) else {
+        let Response::Nat { nat: Some(nat) } = ask(&s.socket, &encode(&Request::Nat)) else {
             panic!("not a NAT answer")
         };
-        assert!(nat.network);
+        assert_eq!(nat.forwards.len(), 1);
     }
 
     #[test]
@@ -294,7 +318,7 @@ mod tests {
         let s = serve_fake(false);
         assert_eq!(
             ask(&s.socket, &encode(&Request::Nat)),
-            Response::Nat(NatSnapshot::default())
+            Response::Nat { nat: None }
         );
     }
 

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
 use super::error::{ControlError, Result};
-use super::protocol::NatSnapshot;
-use super::server::{self, ControlContext, DiskSwitch, NatView};
+use super::server::{self, ControlContext, DiskSwitch};
 use super::settings::VmSettings;
-use super::state::{RunLock, VmDir};
+use super::state::{RunLock, VmDir, SERIAL_LOG_LIMIT};
 use crate::devices::bus::lock;
+use crate::logging::RotatingFile;
+use crate::net::{NatSnapshot, NatView};
 use crate::vmm::{
     ConsoleConfig, ConsoleInput, LastBoot, LiveDisks, LiveSnapshotError, OnReboot, PowerButton, Vm,
     VmConfig,
@@ -139,13 +140,17 @@ pub fn start_named(
     let lock = dir.lock_exclusive()?;
     // Never boot disks a killed `snapshot restore` left half-restored.
     super::snapshot::finish_restore(dir)?;
+    let record = dir.seccomp_record();
+    crate::seccomp::record_violations_in(&record)
+        .map_err(ControlError::io("cannot create", &record))?;
     let log_path = dir.serial_log();
-    let log = File::create(&log_path).map_err(ControlError::io("cannot create", &log_path))?;
-    let hub = ConsoleHub::new(Some(log), attach == Attach::Terminal);
+    let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
+        .map_err(ControlError::io("cannot create", &log_path))?;
+    let hub = ConsoleHub::new(Some(Box::new(log)), attach == Attach::Terminal);
     let (keystrokes, keystroke_writer) = match attach {
         Attach::Terminal => (None, None),
         Attach::Detached => {
-            let (read, write) = nix::unistd::pipe()
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| ControlError::io("cannot create a pipe for", &log_path)(e.into()))?;
             (Some(read), Some(Mutex::new(File::from(write))))
         }

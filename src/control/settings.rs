@@ -11,18 +11,65 @@
 //! flavor = full
 //! packages = docker.io
 //! on-reboot = restart
+//! allow-backing = /srv/images/base.qcow2
+//! net = lab
+//! ip = 192.168.100.20
 //! ```
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::disk::BackingPolicy;
 use crate::image::{Flavor, ImageSpec};
+use crate::net::{HostLoopback, Outbound};
 use crate::vmm::OnReboot;
 
 /// Guest memory when neither the user nor the file says.
 pub const DEFAULT_MEM: u64 = 512 << 20;
+
+/// What the VM's card is on (`--net`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NetChoice {
+    /// Its own NAT (10.0.2.15).
+    #[default]
+    User,
+    /// No card.
+    None,
+    /// A lab network (`vmlab network create NAME`).
+    Lab(String),
+}
+
+impl FromStr for NetChoice {
+    type Err = ControlError;
+
+    fn from_str(text: &str) -> Result<NetChoice> {
+        match text {
+            "user" => Ok(NetChoice::User),
+            "none" => Ok(NetChoice::None),
+            name => match name.parse::<super::VmName>() {
+                Ok(name) => Ok(NetChoice::Lab(name.to_string())),
+                Err(_) => Err(ControlError::Refused(format!(
+                    "--net '{}' is not user, none or a network's name (see vmlab network ls)",
+                    name.escape_default()
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for NetChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetChoice::User => f.write_str("user"),
+            NetChoice::None => f.write_str("none"),
+            NetChoice::Lab(name) => f.write_str(name),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSettings {
@@ -47,8 +94,16 @@ pub struct VmSettings {
     pub packages: Vec<String>,
     /// What a guest reboot does; None: the default, a restart in place.
     pub on_reboot: Option<OnReboot>,
-    /// No network card (`--net none`).
-    pub no_net: bool,
+    /// What the network card is on (`--net`).
+    pub net: NetChoice,
+    /// The VM's reserved address on its lab network (`--ip`).
+    pub ip: Option<Ipv4Addr>,
+    /// What the gateway reaches on the host's loopback (`--host-loopback`).
+    pub host_loopback: HostLoopback,
+    /// Where else the guest may go (`--outbound`).
+    pub outbound: Outbound,
+    /// Backing files the disks may name beyond vmlab's rule (`--allow-backing`).
+    pub allow_backing: Vec<PathBuf>,
 }
 
 impl Default for VmSettings {
@@ -66,7 +121,11 @@ impl Default for VmSettings {
             flavor: Flavor::Lean,
             packages: Vec::new(),
             on_reboot: None,
-            no_net: false,
+            net: NetChoice::User,
+            ip: None,
+            host_loopback: HostLoopback::All,
+            outbound: Outbound::Any,
+            allow_backing: Vec::new(),
         }
     }
 }
@@ -105,8 +164,20 @@ impl VmSettings {
         if let Some(policy) = self.on_reboot {
             let _ = writeln!(out, "on-reboot = {policy}");
         }
-        if self.no_net {
-            let _ = writeln!(out, "net = none");
+        if self.net != NetChoice::User {
+            let _ = writeln!(out, "net = {}", self.net);
+        }
+        if let Some(ip) = self.ip {
+            let _ = writeln!(out, "ip = {ip}");
+        }
+        if self.host_loopback != HostLoopback::All {
+            let _ = writeln!(out, "host_loopback = {}", self.host_loopback);
+        }
+        if self.outbound != Outbound::Any {
+            let _ = writeln!(out, "outbound = {}", self.outbound);
+        }
+        for path in &self.allow_backing {
+            let _ = writeln!(out, "allow-backing = {}", path.display());
         }
         out
     }
@@ -158,9 +229,23 @@ impl VmSettings {
                 "flavor" => settings.flavor = value.parse().map_err(err)?,
                 "packages" => settings.packages = crate::image::parse_package_list(value),
                 "on-reboot" => settings.on_reboot = Some(value.parse().map_err(err)?),
-                "net" if value == "none" => settings.no_net = true,
-                "net" if value == "user" => settings.no_net = false,
-                "net" => return Err(err(format!("net '{value}' is not 'user' or 'none'"))),
+                "net" => {
+                    settings.net = value.parse().map_err(|_| {
+                        err(format!("net '{value}' is not user, none or a network name"))
+                    })?
+                }
+                "ip" => {
+                    settings.ip = Some(
+                        value
+                            .parse()
+                            .map_err(|_| err(format!("ip '{value}' is not an IPv4 address")))?,
+                    )
+                }
+                "host_loopback" => {
+                    settings.host_loopback = value.parse().map_err(|e| err(format!("{e}")))?
+                }
+                "outbound" => settings.outbound = value.parse().map_err(|e| err(format!("{e}")))?,
+                "allow-backing" => settings.allow_backing.push(PathBuf::from(value)),
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
@@ -175,6 +260,11 @@ impl VmSettings {
     /// What a guest reboot does: the saved policy, else a restart in place.
     pub fn reboot_policy(&self) -> OnReboot {
         self.on_reboot.unwrap_or(OnReboot::Restart)
+    }
+
+    /// Where the VM's disks may find their backing files.
+    pub fn backing_policy(&self) -> BackingPolicy {
+        BackingPolicy::vmlab().allowing(self.allow_backing.iter().cloned())
     }
 
     /// The MAC the VM's network card uses.
@@ -233,7 +323,11 @@ mod tests {
             flavor: Flavor::Full,
             packages: vec!["docker.io".into(), "linux-image-amd64".into()],
             on_reboot: Some(OnReboot::Exit),
-            no_net: true,
+            net: NetChoice::Lab("lab".into()),
+            ip: Some(Ipv4Addr::new(192, 168, 100, 20)),
+            host_loopback: HostLoopback::Ports(vec![22, 5432]),
+            outbound: Outbound::HostOnly,
+            allow_backing: vec![PathBuf::from("/srv/base.qcow2"), PathBuf::from("/dev/sdb")],
         }
     }
 
@@ -291,6 +385,10 @@ mod tests {
                 "on-reboot = halt",
                 "on-reboot 'halt' is not 'restart' or 'exit'",
             ),
+            ("outbound = world", "outbound 'world'"),
+            ("host_loopback = 0", "host loopback '0'"),
+            ("net = Lab!", "net 'Lab!'"),
+            ("ip = 300.1.1.1", "ip '300.1.1.1'"),
             ("just words", "expected 'key = value'"),
         ] {
             let err = VmSettings::parse(&format!("# c\n{text}\n"), Path::new("/v/vm.conf"))

@@ -112,7 +112,7 @@ pub fn forget_host_key(name: &str) -> Result<()> {
         .map(|line| format!("{line}\n"))
         .collect();
     if kept != text {
-        crate::fsutil::write_atomically(&path, kept.as_bytes())
+        crate::fsutil::write_private(&path, kept.as_bytes())
             .map_err(ControlError::io("cannot update", &path))?;
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! runs, and a socket or pid file still there is stale and is removed.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -23,6 +24,11 @@ const LOCK_FILE: &str = "lock";
 const PID_FILE: &str = "vmlab.pid";
 const SERIAL_LOG: &str = "serial.log";
 const VMM_LOG: &str = "vmm.log";
+const SECCOMP_RECORD: &str = "seccomp.violation";
+/// Where each log rotates; one previous file (`NAME.1`) is kept, so a VM's
+/// logs take at most 2 × (8 + 4) MiB whatever its guest does.
+pub const SERIAL_LOG_LIMIT: u64 = 8 << 20;
+pub const VMM_LOG_LIMIT: u64 = 4 << 20;
 
 /// How long an exclusive lock is retried: probes (`vmlab ps`) hold the
 /// shared lock for milliseconds, a running VM forever.
@@ -97,6 +103,14 @@ impl VmDir {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join(VMM_LOG)
     }
+    /// Why the last run was killed by its seccomp filter; empty otherwise.
+    pub fn seccomp_record(&self) -> PathBuf {
+        self.dir.join(SECCOMP_RECORD)
+    }
+    /// The last run's seccomp violation, if it was killed by its filter.
+    pub fn seccomp_violation(&self) -> Option<String> {
+        crate::seccomp::violation(&self.seccomp_record())
+    }
     pub fn pid_path(&self) -> PathBuf {
         self.dir.join(PID_FILE)
     }
@@ -116,14 +130,15 @@ impl VmDir {
         VmSettings::parse(&text, &path)
     }
 
-    /// Writes the configuration (atomically), creating the directory.
+    /// Writes the configuration (atomically, owner-only), creating the
+    /// directory.
     pub fn save_settings(&self, settings: &VmSettings) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+        crate::fsutil::create_private_dir(&self.dir).map_err(ControlError::io(
             "cannot create the VM directory",
             &self.dir,
         ))?;
         let path = self.config_path();
-        crate::fsutil::write_atomically(&path, settings.render().as_bytes())
+        crate::fsutil::write_private(&path, settings.render().as_bytes())
             .map_err(ControlError::io("cannot write the VM configuration", &path))
     }
 
@@ -133,6 +148,8 @@ impl VmDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::fsutil::PRIVATE_FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(ControlError::io("cannot open the VM lock", &path))
     }
@@ -180,7 +197,7 @@ impl VmDir {
     /// that must not race with it: rm, clone). Fails with `Running` while
     /// another process holds it. Stale run files are removed.
     pub fn lock_exclusive(&self) -> Result<RunLock> {
-        std::fs::create_dir_all(&self.dir).map_err(ControlError::io(
+        crate::fsutil::create_private_dir(&self.dir).map_err(ControlError::io(
             "cannot create the VM directory",
             &self.dir,
         ))?;
@@ -256,7 +273,7 @@ impl RunLock {
     /// Records this process as the VM's.
     pub fn write_pid(&self) -> Result<()> {
         let path = self.dir.pid_path();
-        crate::fsutil::write_atomically(&path, format!("{}\n", std::process::id()).as_bytes())
+        crate::fsutil::write_private(&path, format!("{}\n", std::process::id()).as_bytes())
             .map_err(ControlError::io("cannot write the pid file", &path))
     }
 }

@@ -23,6 +23,9 @@ pub enum StopOutcome {
     Killed,
     /// It was not running.
     NotRunning,
+    /// It is not running because its seccomp filter killed it (the
+    /// recorded violation).
+    SeccompKilled(String),
 }
 
 /// Stops every VM in `vms` at once; one result per VM, in order.
@@ -31,7 +34,9 @@ pub fn stop_all(vms: &[VmDir], timeout: Duration) -> Vec<Result<StopOutcome>> {
         .iter()
         .map(|vm| match vm.liveness() {
             Err(e) => Some(Err(e)),
-            Ok(Liveness::Stopped { .. }) => Some(Ok(StopOutcome::NotRunning)),
+            Ok(Liveness::Stopped { .. }) => Some(Ok(vm
+                .seccomp_violation()
+                .map_or(StopOutcome::NotRunning, StopOutcome::SeccompKilled))),
             Ok(Liveness::Running { .. }) => {
                 // A VM still starting has no socket yet; it gets killed at
                 // the timeout like one that ignores the button.
@@ -83,7 +88,11 @@ fn settle(vms: &[VmDir], results: &mut [Option<Result<StopOutcome>>], outcome: S
     for (vm, result) in vms.iter().zip(results.iter_mut()) {
         if result.is_none() {
             match vm.liveness() {
-                Ok(Liveness::Stopped { .. }) => *result = Some(Ok(outcome.clone())),
+                Ok(Liveness::Stopped { .. }) => {
+                    *result = Some(Ok(vm
+                        .seccomp_violation()
+                        .map_or_else(|| outcome.clone(), StopOutcome::SeccompKilled)))
+                }
                 Ok(Liveness::Running { .. }) => {}
                 Err(e) => *result = Some(Err(e)),
             }

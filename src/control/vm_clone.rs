@@ -15,7 +15,7 @@ use super::error::{ControlError, Result};
 use super::snapshot::frozen_layer;
 use super::state::VmDir;
 use crate::cli::DiskSpec;
-use crate::disk::{clone_image, freeze_top, unfreeze_top, CloneOptions};
+use crate::disk::{clone_image, freeze_top, unfreeze_top, BackingPolicy, CloneOptions};
 
 /// Creates VM `dst` from the stopped VM `src`: same settings, its own disk
 /// overlays, and no MAC of its own (derived from the new name).
@@ -43,6 +43,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
     // Never branch disks a killed `snapshot restore` left half-restored.
     super::snapshot::finish_restore(&src)?;
     let dst_lock = dst.lock_exclusive()?;
+    let policy = settings.backing_policy();
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -52,7 +53,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
-                path: branch_disk(&src, &disk.path, dst.path(), stamp)?,
+                path: branch_disk(&src, &disk.path, dst.path(), stamp, &policy)?,
                 read_only: disk.read_only,
             });
         }
@@ -66,7 +67,13 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
 
 /// Freezes `disk` and puts a new overlay over it for the source (at the
 /// same path) and for the clone (in `dst_dir`, same file name).
-fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path, stamp: u128) -> Result<PathBuf> {
+fn branch_disk(
+    src: &VmDir,
+    disk: &Path,
+    dst_dir: &Path,
+    stamp: u128,
+    policy: &BackingPolicy,
+) -> Result<PathBuf> {
     let disk_err = |source| ControlError::Disk {
         vm: src.name().to_string(),
         source,
@@ -76,7 +83,11 @@ fn branch_disk(src: &VmDir, disk: &Path, dst_dir: &Path, stamp: u128) -> Result<
         .expect("owned disks are files in the VM directory");
     let frozen = freeze_top(disk, &frozen_layer(disk, stamp)).map_err(disk_err)?;
     let target = dst_dir.join(file_name);
-    if let Err(e) = clone_image(&frozen.layer, &target, &CloneOptions::default()) {
+    let opts = CloneOptions {
+        backing_policy: policy.clone(),
+        ..CloneOptions::default()
+    };
+    if let Err(e) = clone_image(&frozen.layer, &target, &opts) {
         if let Err(undo) = unfreeze_top(&frozen) {
             log::error!("cannot undo the freeze of {}: {undo}", disk.display());
         }
@@ -95,8 +106,9 @@ pub fn dependents(vm: &VmDir) -> Result<Vec<String>> {
         let Ok(settings) = other.load_settings() else {
             continue;
         };
+        let policy = settings.backing_policy();
         let uses = settings.disks.iter().any(|disk| {
-            crate::disk::image_info(&disk.path)
+            crate::disk::image_info(&disk.path, &policy)
                 .map(|chain| {
                     chain.iter().any(|layer| {
                         layer
@@ -150,8 +162,9 @@ mod tests {
         assert_eq!(s2.disks[0].path, vm2.path().join("disk.qcow2"));
         assert_eq!(s2.disks.len(), 1);
         // Both overlays read through the same frozen layer in vm1's dir.
-        let chain1 = crate::disk::image_info(&disk1).unwrap();
-        let chain2 = crate::disk::image_info(&s2.disks[0].path).unwrap();
+        let policy = BackingPolicy::vmlab();
+        let chain1 = crate::disk::image_info(&disk1, &policy).unwrap();
+        let chain2 = crate::disk::image_info(&s2.disks[0].path, &policy).unwrap();
         assert_eq!(chain1.len(), 2);
         assert_eq!(chain2.len(), 2);
         assert_eq!(
@@ -159,6 +172,15 @@ mod tests {
             chain2[1].path.canonicalize().unwrap()
         );
         assert!(chain1[1].path.to_string_lossy().contains(".frozen-"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&chain1[1].path),
+            0o400,
+            "frozen: read-only, owner only"
+        );
+        assert_eq!((mode(&disk1), mode(&s2.disks[0].path)), (0o600, 0o600));
+        assert_eq!(mode(vm2.path()), 0o700);
         assert_eq!(dependents(&vm1).unwrap(), ["vm2"]);
         assert!(dependents(&vm2).unwrap().is_empty());
     }

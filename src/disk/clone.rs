@@ -6,10 +6,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::backend::{BlockBackend, BlockStatus, ImageFormat};
+use super::backing_policy::BackingPolicy;
 use super::create::{backing_name, check_replaceable, DEFAULT_CLUSTER_SIZE};
 use super::error::{DiskError, Result};
 use super::lock::LockMode;
-use super::open::{open_chain, open_image, OpenOptions, Opened};
+use super::open::{open_image, open_top, OpenOptions, Opened};
 use super::qcow2;
 use super::staging::StagedFile;
 
@@ -28,6 +29,8 @@ pub struct CloneOptions {
     pub format: Option<ImageFormat>,
     /// Replace an existing destination (never one in use).
     pub force: bool,
+    /// Where the source's backing chain may lead.
+    pub backing_policy: BackingPolicy,
 }
 
 impl Default for CloneOptions {
@@ -36,6 +39,7 @@ impl Default for CloneOptions {
             mode: CloneMode::Linked,
             format: None,
             force: false,
+            backing_policy: BackingPolicy::vmlab(),
         }
     }
 }
@@ -64,7 +68,10 @@ pub fn clone_image(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneO
             )));
         }
     }
-    let source = open_image(src, &OpenOptions::read_only())?;
+    let source = open_image(
+        src,
+        &OpenOptions::read_only().with_backing_policy(opts.backing_policy.clone()),
+    )?;
     if opts.force {
         check_replaceable(dst)?;
     }
@@ -120,11 +127,9 @@ pub fn clone_image(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneO
                         read_only: false,
                         lock: LockMode::None,
                         format: Some(ImageFormat::Qcow2),
-                        cache_bytes: None,
+                        ..OpenOptions::read_write()
                     };
-                    let Opened::Qcow2(out) =
-                        open_chain(staged.tmp_path(), &opts, &mut Vec::new(), 0)?
-                    else {
+                    let Opened::Qcow2(out) = open_top(staged.tmp_path(), &opts)? else {
                         unreachable!("opened with an explicit qcow2 format")
                     };
                     let copied = copy_data(source.as_ref(), |off, buf| out.write_at(off, buf))?;

@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backend::{BlockBackend, ImageFormat};
+use super::backing_policy::BackingPolicy;
 use super::error::{DiskError, Result};
 use super::lock::{lock_image, LockMode};
-use super::open::{open_chain, open_file, probe, read_qcow2_header, resolve_backing};
+use super::open::{open_backing_of, open_file, probe, read_qcow2_header, resolve_backing};
 use super::open::{OpenOptions, Opened};
 use super::qcow2::{Allocation, Qcow2Image};
 
@@ -41,9 +42,11 @@ pub struct CommitOutcome {
 }
 
 /// Writes what the qcow2 image `top` holds into its backing file, growing
-/// the backing file first if it is smaller. `top` is left as it was.
-pub fn commit_image(top: &Path) -> Result<CommitOutcome> {
-    let pair = CommitPair::open(top)?;
+/// the backing file first if it is smaller. `top` is left as it was. The
+/// backing chain must pass `policy` (a commit writes where it leads), and
+/// the writes pass the backing file's overlap checks like a guest's.
+pub fn commit_image(top: &Path, policy: &BackingPolicy) -> Result<CommitOutcome> {
+    let pair = CommitPair::open(top, policy)?;
     pair.commit()
 }
 
@@ -51,8 +54,9 @@ pub fn commit_image(top: &Path) -> Result<CommitOutcome> {
 /// `top`'s path: commits `top` into the backing file, then renames the
 /// backing file over `top` (with `top`'s permissions). The backing file must
 /// lie in `top`'s directory (its own backing name stays valid), and nothing
-/// but `top` may read it. Returns where the backing file was.
-pub fn merge_into_backing(top: &Path) -> Result<PathBuf> {
+/// but `top` may read it; its chain must pass `policy`. Returns where the
+/// backing file was.
+pub fn merge_into_backing(top: &Path, policy: &BackingPolicy) -> Result<PathBuf> {
     let top_mode = std::fs::metadata(top)
         .map_err(|e| DiskError::io(top, e))?
         .permissions()
@@ -75,7 +79,7 @@ pub fn merge_into_backing(top: &Path) -> Result<PathBuf> {
         .permissions()
         .mode();
     set_mode(&backing, backing_mode | 0o200)?;
-    let result = CommitPair::open(top).and_then(|pair| {
+    let result = CommitPair::open(top, policy).and_then(|pair| {
         pair.commit()?;
         // Still holding both images (and their locks) while renaming.
         set_mode(&backing, top_mode)?;
@@ -97,7 +101,7 @@ struct CommitPair {
 }
 
 impl CommitPair {
-    fn open(top: &Path) -> Result<Self> {
+    fn open(top: &Path, policy: &BackingPolicy) -> Result<Self> {
         let file = open_file(top, true)?;
         // Nobody may write the overlay while it is committed.
         lock_image(&file, top, LockMode::SharedRead)?;
@@ -122,16 +126,12 @@ impl CommitPair {
         };
         let backing_path = resolve_backing(top, &name);
         let meta = file.metadata().map_err(|e| DiskError::io(top, e))?;
+        let overlay_id = (meta.dev(), meta.ino());
         let opts = OpenOptions {
-            read_only: false,
-            lock: LockMode::Write,
             format,
-            cache_bytes: None,
+            ..OpenOptions::read_write().with_backing_policy(policy.clone())
         };
-        // The overlay itself counts as seen: a chain looping back to it is
-        // refused rather than committed into itself.
-        let mut seen = vec![(meta.dev(), meta.ino())];
-        let backing: Arc<dyn BlockBackend> = match open_chain(&backing_path, &opts, &mut seen, 1)? {
+        let backing: Arc<dyn BlockBackend> = match open_backing_of(top, overlay_id, &name, &opts)? {
             Opened::Qcow2(mut q) => {
                 if q.size() < hdr.size {
                     q.resize(hdr.size)?;
@@ -141,8 +141,7 @@ impl CommitPair {
             Opened::Raw(r) if r.size() < hdr.size => {
                 r.resize(hdr.size)?;
                 drop(r);
-                let mut seen = vec![(meta.dev(), meta.ino())];
-                match open_chain(&backing_path, &opts, &mut seen, 1)? {
+                match open_backing_of(top, overlay_id, &name, &opts)? {
                     Opened::Raw(r) => Arc::new(r),
                     Opened::Qcow2(q) => Arc::from(q as Box<dyn BlockBackend>),
                 }
@@ -150,10 +149,8 @@ impl CommitPair {
             Opened::Raw(r) => Arc::new(r),
         };
         let overlay_opts = OpenOptions {
-            read_only: true,
-            lock: LockMode::SharedRead,
             format: Some(ImageFormat::Qcow2),
-            cache_bytes: None,
+            ..OpenOptions::read_only()
         };
         let overlay = Qcow2Image::open(file, top, hdr, &overlay_opts, Some(backing.clone()))?;
         Ok(CommitPair {

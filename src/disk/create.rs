@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use super::backend::ImageFormat;
+use super::backing_policy::BackingPolicy;
 use super::error::{DiskError, Result};
 use super::lock::LockMode;
-use super::open::{open_chain, open_image, OpenOptions, Opened};
+use super::open::{open_image, open_top, OpenOptions, Opened};
 use super::qcow2;
 use super::staging::StagedFile;
 
@@ -24,6 +25,8 @@ pub struct CreateOptions {
     pub backing: Option<PathBuf>,
     /// Replace an existing file (never one in use).
     pub force: bool,
+    /// Where the backing file's own chain may lead.
+    pub backing_policy: BackingPolicy,
 }
 
 impl CreateOptions {
@@ -34,6 +37,7 @@ impl CreateOptions {
             cluster_size: DEFAULT_CLUSTER_SIZE,
             backing: None,
             force: false,
+            backing_policy: BackingPolicy::vmlab(),
         }
     }
 }
@@ -56,7 +60,7 @@ pub(crate) fn check_replaceable(dst: &Path) -> Result<()> {
         read_only: true,
         lock: LockMode::Write,
         format: Some(ImageFormat::Raw),
-        cache_bytes: None,
+        ..OpenOptions::read_only()
     };
     match open_image(dst, &opts) {
         Err(e @ DiskError::Locked { .. }) => Err(e),
@@ -104,7 +108,8 @@ pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
                 ));
             }
             // Held open (and locked shared) until the overlay is published.
-            Some((b.clone(), open_image(b, &OpenOptions::read_only())?))
+            let opts = OpenOptions::read_only().with_backing_policy(opts.backing_policy.clone());
+            Some((b.clone(), open_image(b, &opts)?))
         }
         None => None,
     };
@@ -144,11 +149,12 @@ pub fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
     staged.publish()
 }
 
-/// Grows the image at `path` to `new_size` bytes.
-pub fn resize_image(path: &Path, new_size: u64) -> Result<()> {
+/// Grows the image at `path` to `new_size` bytes; its backing chain is
+/// opened under `policy`.
+pub fn resize_image(path: &Path, new_size: u64, policy: &BackingPolicy) -> Result<()> {
     check_size(new_size)?;
-    let mut seen = Vec::new();
-    match open_chain(path, &OpenOptions::read_write(), &mut seen, 0)? {
+    let opts = OpenOptions::read_write().with_backing_policy(policy.clone());
+    match open_top(path, &opts)? {
         Opened::Raw(r) => r.resize(new_size),
         Opened::Qcow2(mut q) => q.resize(new_size),
     }

@@ -1,31 +1,44 @@
 //! Errors of the block layer. Each names the image it concerns and, where the
-//! user can act, what to do, so the CLI prints it as one line.
+//! user can act, what to do, so the CLI prints it as one line. Paths and
+//! reasons may come from an image (a backing file name): they are shown
+//! escaped.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::backing_policy::BackingRefusal;
+use crate::escape::{self, Escaped};
+
+fn show(path: &Path) -> String {
+    escape::path(path)
+}
+
 /// Everything that can go wrong opening, creating or doing I/O on an image.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("{}: {err}", path.display())]
+    #[error("{}: {err}", show(path))]
     Io { path: PathBuf, err: io::Error },
 
-    #[error("{}: no such file", path.display())]
+    #[error("{}: no such file", show(path))]
     NotFound { path: PathBuf },
 
-    #[error("{}: {reason}", path.display())]
+    #[error("{}: {}", show(path), Escaped(reason))]
     InvalidFile { path: PathBuf, reason: String },
 
-    #[error("{}: image is in use by {holder}; stop it first or clone a different image", path.display())]
+    #[error(
+        "{}: image is in use by {}; stop it first or clone a different image",
+        show(path),
+        Escaped(holder)
+    )]
     Locked { path: PathBuf, holder: String },
 
-    #[error("{}: corrupt qcow2 image: {reason}", path.display())]
+    #[error("{}: corrupt qcow2 image: {}", show(path), Escaped(reason))]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("{}: unsupported: {what}", path.display())]
+    #[error("{}: unsupported: {}", show(path), Escaped(what))]
     Unsupported { path: PathBuf, what: String },
 
-    #[error("{}: image is read-only", path.display())]
+    #[error("{}: image is read-only", show(path))]
     ReadOnly { path: PathBuf },
 
     #[error(
@@ -33,21 +46,37 @@ pub enum DiskError {
     )]
     OutOfRange { offset: u64, len: u64, size: u64 },
 
-    #[error("{}: already exists; pass --force to overwrite it", path.display())]
+    #[error("{}: already exists; pass --force to overwrite it", show(path))]
     Exists { path: PathBuf },
 
-    #[error("{}: new size {requested} is smaller than the current {current} bytes; images can only grow", path.display())]
+    #[error("{}: new size {requested} is smaller than the current {current} bytes; images can only grow", show(path))]
     Shrink {
         path: PathBuf,
         current: u64,
         requested: u64,
     },
 
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     InvalidArgument(String),
 
-    #[error("{}: backing chain: {reason}", path.display())]
+    #[error("{}: backing chain: {}", show(path), Escaped(reason))]
     BackingChain { path: PathBuf, reason: String },
+
+    /// A backing file the policy refuses (see `BackingPolicy`); `backing`
+    /// is where the name really leads.
+    #[error("{}: backing file {} {reason}{}", show(image), show(backing), allow_hint(*reason, backing))]
+    BackingNotAllowed {
+        image: PathBuf,
+        backing: PathBuf,
+        reason: BackingRefusal,
+    },
+}
+
+fn allow_hint(reason: BackingRefusal, backing: &Path) -> String {
+    match reason {
+        BackingRefusal::Secret => String::new(),
+        _ => format!("; if you trust it, pass --allow-backing {}", show(backing)),
+    }
 }
 
 /// Shorthand for results of the block layer.

@@ -15,10 +15,8 @@ pub fn open_and_exercise(data: &[u8], scratch: &Path) {
         return;
     }
     let mut opts = OpenOptions {
-        read_only: true,
         lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..OpenOptions::read_only()
     };
     if let Ok(img) = open_image(scratch, &opts) {
         read_around(img.as_ref());

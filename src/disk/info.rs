@@ -5,10 +5,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::backend::{BlockBackend, ImageFormat};
+use super::backing_policy::BackingPolicy;
 use super::error::{DiskError, Result};
 use super::lock::LockMode;
 use super::open::{open_image, read_qcow2_header, OpenOptions};
 use crate::cli::ByteSize;
+use crate::escape::{self, Escaped};
 
 /// One image of a chain.
 #[derive(Clone, Debug)]
@@ -27,14 +29,13 @@ pub struct ImageInfo {
     pub in_use: bool,
 }
 
-/// Describes the image at `path` and each image behind it, top first. Takes
-/// no lock, so it works on images in use.
-pub fn image_info(path: &Path) -> Result<Vec<ImageInfo>> {
+/// Describes the image at `path` and each image behind it, top first,
+/// following the chain under `policy`. Takes no lock, so it works on images
+/// in use.
+pub fn image_info(path: &Path, policy: &BackingPolicy) -> Result<Vec<ImageInfo>> {
     let opts = OpenOptions {
-        read_only: true,
         lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..OpenOptions::read_only().with_backing_policy(policy.clone())
     };
     let top = open_image(path, &opts)?;
     let mut chain = Vec::new();
@@ -84,7 +85,7 @@ pub fn human_size(bytes: u64) -> String {
 
 impl fmt::Display for ImageInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "image: {}", self.path.display())?;
+        writeln!(f, "image: {}", escape::path(&self.path))?;
         match (self.qcow2_version, self.cluster_size) {
             (Some(v), Some(cs)) => writeln!(
                 f,
@@ -107,7 +108,7 @@ impl fmt::Display for ImageInfo {
             self.allocated
         )?;
         if let Some(b) = &self.backing_name {
-            writeln!(f, "backing file: {b}")?;
+            writeln!(f, "backing file: {}", Escaped(b))?;
         }
         if self.in_use {
             writeln!(f, "in use: open for writing by another process")?;

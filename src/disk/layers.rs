@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backend::{BlockBackend, ImageFormat};
+use super::backing_policy::{top_dirs, BackingPolicy};
 use super::commit::sync_dir;
 use super::create::DEFAULT_CLUSTER_SIZE;
 use super::error::{DiskError, Result};
@@ -65,7 +66,8 @@ pub fn freeze_top(top: &Path, layer: &Path) -> Result<FrozenTop> {
         let _ = std::fs::remove_file(layer);
         return Err(e);
     }
-    let _ = std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o444));
+    // Read-only, and like the disk it was, its owner's only.
+    let _ = std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o400));
     Ok(FrozenTop {
         top: top.to_path_buf(),
         layer: layer.to_path_buf(),
@@ -87,9 +89,10 @@ pub fn unfreeze_top(frozen: &FrozenTop) -> Result<()> {
 /// Replaces the image at `top` with an empty qcow2 overlay over `layer`
 /// (same directory), of the layer's size: the disk goes back to the layer's
 /// content. The old `top` is gone once the new one is in place (one rename);
-/// refused while a process has `top` open for writing.
-pub fn overlay_onto(top: &Path, layer: &Path) -> Result<()> {
-    prepare_overlay_onto(top, layer)?.publish()
+/// refused while a process has `top` open for writing, or when the layer's
+/// chain leads where `policy` forbids.
+pub fn overlay_onto(top: &Path, layer: &Path, policy: &BackingPolicy) -> Result<()> {
+    prepare_overlay_onto(top, layer, policy)?.publish()
 }
 
 /// An overlay written under a temporary name, not yet renamed into place:
@@ -98,8 +101,14 @@ pub fn overlay_onto(top: &Path, layer: &Path) -> Result<()> {
 pub struct PreparedOverlay(StagedFile);
 
 /// The first half of [`overlay_onto`].
-pub fn prepare_overlay_onto(top: &Path, layer: &Path) -> Result<PreparedOverlay> {
+pub fn prepare_overlay_onto(
+    top: &Path,
+    layer: &Path,
+    policy: &BackingPolicy,
+) -> Result<PreparedOverlay> {
     let layer_name = side_by_side(top, layer)?;
+    // The new overlay's chain is the layer's: checked as opening it will be.
+    checked_backing_chain(layer, policy)?;
     let (size, format) = image_size(layer)?;
     super::create::check_replaceable(top)?;
     stage_overlay(top, size, &layer_name, format).map(PreparedOverlay)
@@ -132,15 +141,23 @@ fn stage_overlay(top: &Path, size: u64, backing: &str, format: ImageFormat) -> R
 /// killed snapshot command froze but never switched the VM to: they hold
 /// nothing the open image does not). For a live snapshot, after
 /// [`freeze_top`]; `backing` is frozen (see [`BlockBackend::freeze`])
-/// before the new overlay is written.
+/// before the new overlay is written. Each backing file named on the way
+/// down must pass `policy`.
 pub fn open_overlay_over(
     path: &Path,
     backing: Arc<dyn BlockBackend>,
+    policy: &BackingPolicy,
 ) -> Result<Box<dyn BlockBackend>> {
     let target = backing.file_identity().ok_or_else(|| {
         DiskError::unsupported(backing.path(), "stacking an overlay over this image")
     })?;
-    let (top, size) = open_down_to(path, false, &backing, target, 0)?;
+    let down = DownTo {
+        backing: &backing,
+        target,
+        policy,
+        top_dirs: top_dirs(path),
+    };
+    let (top, size) = open_down_to(path, false, &down, 0)?;
     if size != backing.size() {
         return Err(DiskError::BackingChain {
             path: path.to_path_buf(),
@@ -150,15 +167,25 @@ pub fn open_overlay_over(
     Ok(Box::new(top))
 }
 
+/// Where [`open_down_to`] is headed, and under which rule.
+struct DownTo<'a> {
+    /// The open image, whose file is `target`.
+    backing: &'a Arc<dyn BlockBackend>,
+    target: (u64, u64),
+    policy: &'a BackingPolicy,
+    /// Where the chain's top image lies, for the policy.
+    top_dirs: Vec<PathBuf>,
+}
+
 /// Opens the qcow2 image at `path` over the chain down to the open image
-/// `backing` (whose file is `target`); returns it and its virtual size.
+/// `down.backing`; returns it and its virtual size.
 fn open_down_to(
     path: &Path,
     read_only: bool,
-    backing: &Arc<dyn BlockBackend>,
-    target: (u64, u64),
+    down: &DownTo<'_>,
     depth: usize,
 ) -> Result<(Qcow2Image, u64)> {
+    let backing = down.backing;
     let not_over = || DiskError::BackingChain {
         path: path.to_path_buf(),
         reason: format!(
@@ -182,20 +209,21 @@ fn open_down_to(
     let hdr = read_qcow2_header(&file, path)?;
     let named = hdr.backing_file.as_deref().ok_or_else(not_over)?;
     let named = resolve_backing(path, named);
-    let named_id = std::fs::metadata(&named)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|_| not_over())?;
-    let below: Arc<dyn BlockBackend> = if named_id == target {
+    if !named.exists() {
+        return Err(not_over());
+    }
+    let named_id = down.policy.check(path, &named, &down.top_dirs)?.id;
+    let below: Arc<dyn BlockBackend> = if named_id == down.target {
         backing.clone()
     } else {
-        let (layer, _) = open_down_to(&named, true, backing, target, depth + 1)?;
+        let (layer, _) = open_down_to(&named, true, down, depth + 1)?;
         Arc::new(layer)
     };
     let opts = OpenOptions {
         read_only,
         lock,
         format: Some(ImageFormat::Qcow2),
-        cache_bytes: None,
+        ..OpenOptions::read_only()
     };
     let size = hdr.size;
     Ok((Qcow2Image::open(file, path, hdr, &opts, Some(below))?, size))
@@ -205,6 +233,16 @@ fn open_down_to(
 /// headers name them (resolved, not canonicalised). Reads headers only and
 /// takes no lock, so it works on images in use.
 pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+    walk_chain(path, None)
+}
+
+/// [`backing_chain`], each backing file checked against `policy` as opening
+/// the chain would check it.
+pub fn checked_backing_chain(path: &Path, policy: &BackingPolicy) -> Result<Vec<PathBuf>> {
+    walk_chain(path, Some((policy, top_dirs(path))))
+}
+
+fn walk_chain(path: &Path, policy: Option<(&BackingPolicy, Vec<PathBuf>)>) -> Result<Vec<PathBuf>> {
     let mut chain = vec![path.to_path_buf()];
     let mut seen = Vec::new();
     loop {
@@ -229,7 +267,13 @@ pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
                     reason: format!("more than {MAX_CHAIN_DEPTH} images deep"),
                 })
             }
-            Some(name) => chain.push(resolve_backing(&current, &name)),
+            Some(name) => {
+                let next = resolve_backing(&current, &name);
+                if let Some((policy, top_dirs)) = &policy {
+                    policy.check(&current, &next, top_dirs)?;
+                }
+                chain.push(next);
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! a backing file whose format the overlay records is opened as exactly that.
 
 mod backend;
+mod backing_policy;
 mod clone;
 mod commit;
 mod create;
@@ -24,6 +25,7 @@ mod raw;
 mod staging;
 
 pub use backend::{BlockBackend, BlockStatus, ImageFormat};
+pub use backing_policy::{BackingPolicy, BackingRefusal};
 pub use clone::{clone_image, CloneMode, CloneOptions, CloneOutcome};
 pub use commit::{commit_image, merge_into_backing, CommitOutcome};
 pub(crate) use create::check_replaceable;
@@ -31,8 +33,8 @@ pub use create::{create_image, resize_image, CreateOptions, DEFAULT_CLUSTER_SIZE
 pub use error::{DiskError, Result};
 pub use info::{human_size, image_info, ImageInfo};
 pub use layers::{
-    backing_chain, freeze_top, open_overlay_over, overlay_onto, prepare_overlay_onto, unfreeze_top,
-    FrozenTop, PreparedOverlay,
+    backing_chain, checked_backing_chain, freeze_top, open_overlay_over, overlay_onto,
+    prepare_overlay_onto, unfreeze_top, FrozenTop, PreparedOverlay,
 };
 pub use lock::LockMode;
 pub use open::{open_image, probe_format, OpenOptions};

@@ -1,5 +1,6 @@
 //! Opening an image and its backing chain: format by content, locks as QEMU
-//! takes them, backing files read-only and shared, loops and depth bounded.
+//! takes them, backing files read-only and shared, loops and depth bounded,
+//! and each backing file checked against the [`BackingPolicy`].
 
 use std::fs::File;
 use std::io::Read;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backend::{BlockBackend, ImageFormat};
+use super::backing_policy::{top_dirs, AllowedBacking, BackingPolicy};
 use super::error::{DiskError, Result};
 use super::lock::{lock_image, LockMode};
 use super::qcow2::{Header, Qcow2Image, QCOW2_MAGIC};
@@ -28,6 +30,8 @@ pub struct OpenOptions {
     /// qcow2 metadata cache budget per image in bytes (default 32 MiB of
     /// L2 tables, as QEMU); small values exercise eviction in tests.
     pub cache_bytes: Option<u64>,
+    /// Where the chain's backing files may lie.
+    pub backing_policy: BackingPolicy,
 }
 
 impl OpenOptions {
@@ -38,6 +42,7 @@ impl OpenOptions {
             lock: LockMode::Write,
             format: None,
             cache_bytes: None,
+            backing_policy: BackingPolicy::vmlab(),
         }
     }
 
@@ -48,17 +53,32 @@ impl OpenOptions {
             lock: LockMode::SharedRead,
             format: None,
             cache_bytes: None,
+            backing_policy: BackingPolicy::vmlab(),
         }
+    }
+
+    /// The same options with another backing policy.
+    pub fn with_backing_policy(mut self, policy: BackingPolicy) -> Self {
+        self.backing_policy = policy;
+        self
     }
 }
 
 /// Opens the image at `path` (and its backing chain).
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockBackend>> {
-    let mut seen = Vec::new();
-    Ok(match open_chain(path, opts, &mut seen, 0)? {
+    Ok(match open_top(path, opts)? {
         Opened::Raw(r) => Box::new(r),
         Opened::Qcow2(q) => q,
     })
+}
+
+/// Opens the image at `path` as the top of a chain.
+pub(crate) fn open_top(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    let mut walk = ChainWalk {
+        top_dirs: top_dirs(path),
+        seen: Vec::new(),
+    };
+    open_chain(path, opts, &mut walk, 0, None)
 }
 
 /// The format of the image at `path`, judged by its content.
@@ -138,22 +158,60 @@ pub(crate) fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
-pub(crate) fn open_chain(
+/// Opens the backing file `name` that the image `overlay` (the file
+/// `overlay_id`, the top of its chain) records, with `opts`, checked against
+/// the backing policy as [`open_image`] would check it: for a caller that
+/// opens the overlay's backing file itself (a commit writes it).
+pub(crate) fn open_backing_of(
+    overlay: &Path,
+    overlay_id: (u64, u64),
+    name: &str,
+    opts: &OpenOptions,
+) -> Result<Opened> {
+    let mut walk = ChainWalk {
+        top_dirs: top_dirs(overlay),
+        // The overlay itself counts as seen: a chain looping back to it is
+        // refused.
+        seen: vec![overlay_id],
+    };
+    let bpath = resolve_backing(overlay, name);
+    let allowed = opts.backing_policy.check(overlay, &bpath, &walk.top_dirs)?;
+    open_chain(&bpath, opts, &mut walk, 1, Some(&allowed))
+}
+
+/// What a walk down one chain has learnt so far.
+struct ChainWalk {
+    /// Where the top image lies, for the backing policy.
+    top_dirs: Vec<PathBuf>,
+    /// (device, inode) of every image opened, to refuse loops.
+    seen: Vec<(u64, u64)>,
+}
+
+/// Opens `path`, the `depth`th image of a chain; a backing file comes with
+/// what the policy checked, and must still be that file once open.
+fn open_chain(
     path: &Path,
     opts: &OpenOptions,
-    seen: &mut Vec<(u64, u64)>,
+    walk: &mut ChainWalk,
     depth: usize,
+    checked: Option<&AllowedBacking>,
 ) -> Result<Opened> {
     let file = open_file(path, opts.read_only)?;
     let meta = file.metadata().map_err(|e| DiskError::io(path, e))?;
     let id = (meta.dev(), meta.ino());
-    if seen.contains(&id) {
+    if checked.is_some_and(|c| c.id != id) {
+        return Err(DiskError::BackingChain {
+            path: path.to_path_buf(),
+            reason: "the file changed while it was being opened".into(),
+        });
+    }
+    if walk.seen.contains(&id) {
         return Err(DiskError::BackingChain {
             path: path.to_path_buf(),
             reason: "the chain loops back to this image".into(),
         });
     }
-    seen.push(id);
+    walk.seen.push(id);
     lock_image(&file, path, opts.lock)?;
     let detected = probe(&file, path)?;
     match opts.format.unwrap_or(detected) {
@@ -194,11 +252,18 @@ pub(crate) fn open_chain(
                         },
                         format,
                         cache_bytes: opts.cache_bytes,
+                        backing_policy: opts.backing_policy.clone(),
                     };
                     let bpath = resolve_backing(path, name);
-                    let opened =
-                        open_chain(&bpath, &bopts, seen, depth + 1).map_err(|e| match e {
-                            e @ DiskError::BackingChain { .. } => e,
+                    let opened = opts
+                        .backing_policy
+                        .check(path, &bpath, &walk.top_dirs)
+                        .and_then(|allowed| {
+                            open_chain(&bpath, &bopts, walk, depth + 1, Some(&allowed))
+                        })
+                        .map_err(|e| match e {
+                            e @ (DiskError::BackingChain { .. }
+                            | DiskError::BackingNotAllowed { .. }) => e,
                             e => DiskError::BackingChain {
                                 path: path.to_path_buf(),
                                 reason: e.to_string(),

@@ -3,6 +3,7 @@
 //! create or clone leaves nothing behind.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::error::{DiskError, Result};
@@ -40,10 +41,12 @@ impl StagedFile {
             name.to_string_lossy(),
             std::process::id()
         ));
+        // Images hold a guest's data: owner-only, whatever the umask.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(crate::fsutil::PRIVATE_FILE_MODE)
             .open(&tmp)
             .map_err(|e| DiskError::io(&dir, e))?;
         Ok(StagedFile {

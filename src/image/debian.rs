@@ -9,7 +9,7 @@
 //! renamed into place only when complete, under a lock file, so a killed or
 //! concurrent build never leaves a half-built image where a run would use it.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,10 @@ pub struct BuildOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebianGuest {
     pub kernel: PathBuf,
+    /// Debian's packaged kernel needs its initramfs (virtio and ext4 are
+    /// modules there; its /init mounts the disk and starts the image's
+    /// init); the lean kernel boots the disk directly.
+    pub initrd: Option<PathBuf>,
     /// The base image, to be attached as the VM's first virtio-blk disk
     /// (through a linked clone: the base is never written).
     pub base: PathBuf,
@@ -91,10 +95,6 @@ pub fn recipe_hash() -> String {
     ImageSpec::lean().hash()
 }
 
-fn images_dir() -> PathBuf {
-    crate::dirs::cache_dir().join("images")
-}
-
 /// The cache entry of the lean image.
 pub fn image_dir() -> PathBuf {
     image_dir_for(&ImageSpec::lean())
@@ -102,7 +102,7 @@ pub fn image_dir() -> PathBuf {
 
 /// The cache entry of `spec`'s image.
 pub fn image_dir_for(spec: &ImageSpec) -> PathBuf {
-    images_dir().join(spec.entry_name())
+    crate::dirs::images_dir().join(spec.entry_name())
 }
 
 /// The cached lean image, if it was built.
@@ -140,9 +140,10 @@ pub fn image_for(spec: &ImageSpec) -> Result<DebianImage, ImageError> {
 /// base image and the command line that boots it (`root=/dev/vda`).
 pub fn debian_guest(identity: &GuestIdentity) -> Result<DebianGuest, ImageError> {
     let image = image()?;
-    let kernel = super::default_guest()?.kernel;
+    let guest = super::default_guest()?;
     Ok(DebianGuest {
-        kernel,
+        kernel: guest.kernel,
+        initrd: (guest.kind == super::GuestKernel::Debian).then_some(guest.initrd),
         base: image.base,
         cmdline: boot_params(identity),
     })
@@ -202,7 +203,7 @@ pub fn build(spec: &ImageSpec, force: bool) -> Result<BuildOutcome, ImageError> 
         return Err(ImageError::NeedsRoot);
     }
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-    let parent = images_dir();
+    let parent = crate::dirs::images_dir();
     let _lock = BuildLock::acquire(&parent.join(format!(".{name}.lock")), "the Debian image")?;
     // Built by the vmlab we waited for?
     if let Some(outcome) = cache_hit().filter(|_| !force) {
@@ -246,11 +247,15 @@ pub fn build(spec: &ImageSpec, force: bool) -> Result<BuildOutcome, ImageError> 
         &CloneOptions {
             mode: CloneMode::Full,
             format: Some(ImageFormat::Qcow2),
-            force: false,
+            ..CloneOptions::default()
         },
     );
     super::step::finish(spinner);
     let outcome = converted?;
+    // New images are owner-only; the base holds no secret (a VM's identity
+    // is made at its first boot, in its own overlay) and stays readable.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644))
+        .map_err(io(format!("cannot set the mode of {}", base.display())))?;
     std::fs::remove_file(&ext4).map_err(io(format!("cannot remove {}", ext4.display())))?;
 
     let file_size = std::fs::metadata(&base)

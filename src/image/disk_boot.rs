@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read};
 
-use crate::disk::{self, BlockBackend, DiskError};
+use crate::disk::{self, BackingPolicy, BlockBackend, DiskError};
 use crate::vmm::BootFile;
 
 /// The link to the kernel to boot, as Debian's kernel packages keep it
@@ -86,10 +86,15 @@ impl Ext4Read for DiskReader {
 
 /// Reads the kernel and initrd the disk image at `disk` (raw or qcow2, any
 /// backing chain) carries. `max_initrd` bounds the initrd (it must fit in
-/// the guest's memory anyway). Opens the image read-only, sharing it.
-pub fn read_disk_boot(disk: &Path, max_initrd: u64) -> Result<DiskBoot, DiskBootError> {
-    let backend =
-        disk::open_image(disk, &disk::OpenOptions::read_only()).map_err(DiskBootError::Open)?;
+/// the guest's memory anyway). Opens the image read-only, sharing it, its
+/// backing files checked against `backing` as the VM's disks are.
+pub fn read_disk_boot(
+    disk: &Path,
+    max_initrd: u64,
+    backing: &BackingPolicy,
+) -> Result<DiskBoot, DiskBootError> {
+    let options = disk::OpenOptions::read_only().with_backing_policy(backing.clone());
+    let backend = disk::open_image(disk, &options).map_err(DiskBootError::Open)?;
     let fs = Ext4::load(Box::new(DiskReader(backend))).map_err(|source| {
         DiskBootError::NoFilesystem {
             disk: disk.to_path_buf(),

@@ -19,7 +19,7 @@ pub struct UserKey {
 
 /// Where vmlab keeps its SSH files (key pair, known_hosts).
 pub fn ssh_dir() -> PathBuf {
-    crate::dirs::data_dir().join("ssh")
+    crate::dirs::ssh_dir()
 }
 
 /// The user's key pair, made on first use.

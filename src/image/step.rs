@@ -1,5 +1,7 @@
 //! Runs one recipe script, showing its progress, and returns the path it
-//! prints on its last line.
+//! prints on its last line. A script that cannot do its work on this host
+//! (no apt, Debian's archive unreachable) says why on its last line of
+//! stderr and exits with status [`REFUSED`]: that line is the whole error.
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::Path;
@@ -12,9 +14,23 @@ use super::ImageError;
 
 /// How many lines of a failed step's output to show.
 const TAIL_LINES: usize = 15;
+/// The exit status of a recipe refusing in one line (see the module doc):
+/// sysexits' EX_UNAVAILABLE.
+pub const REFUSED: i32 = 69;
 
 /// Runs `script` with `args`; `what` names the result for the user.
 pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, ImageError> {
+    run_step_as("building", what, script, args)
+}
+
+/// [`run_step`] for a script that does something other than build
+/// (`verb`: "fetching").
+pub fn run_step_as(
+    verb: &str,
+    what: &str,
+    script: &Path,
+    args: &[&str],
+) -> Result<String, ImageError> {
     let mut child = Command::new("bash")
         .arg(script)
         .args(args)
@@ -37,14 +53,14 @@ pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, Imag
     let bar = if interactive {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed}] building {prefix}: {wide_msg}")
+            ProgressStyle::with_template("{spinner} [{elapsed}] {prefix}: {wide_msg}")
                 .expect("valid template"),
         );
-        bar.set_prefix(what.to_string());
+        bar.set_prefix(format!("{verb} {what}"));
         bar.enable_steady_tick(Duration::from_millis(200));
         Some(bar)
     } else {
-        eprintln!("vmlab: building {what}");
+        eprintln!("vmlab: {verb} {what}");
         None
     };
 
@@ -68,9 +84,19 @@ pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, Imag
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    if status.code() == Some(REFUSED) {
+        if let Some(reason) = tail.last() {
+            // The script's own prefix ("vmlab-kernel: ") is noise here.
+            let reason = reason.split_once(": ").map_or(reason.as_str(), |(_, r)| r);
+            return Err(ImageError::Unavailable {
+                step: what.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
     if !status.success() {
         return Err(ImageError::StepFailed {
-            step: what.to_string(),
+            step: format!("{verb} {what}"),
             status: status.to_string(),
             tail: tail.join("\n"),
         });
@@ -78,7 +104,7 @@ pub fn run_step(what: &str, script: &Path, args: &[&str]) -> Result<String, Imag
     last.filter(|l| !l.trim().is_empty())
         .map(|l| l.trim().to_string())
         .ok_or_else(|| ImageError::NoResult {
-            step: what.to_string(),
+            step: format!("{verb} {what}"),
         })
 }
 
@@ -130,6 +156,19 @@ mod tests {
         let err = run_step("a kernel", &s, &[]).unwrap_err().to_string();
         assert!(err.contains("building a kernel failed"), "{err}");
         assert!(err.contains("compiler exploded"), "{err}");
+    }
+
+    #[test]
+    fn a_refusal_is_its_last_line_alone() {
+        let s = script(
+            "echo 'vmlab-kernel: downloading' >&2\necho 'vmlab-kernel: no archive: run apt-get update' >&2\nexit 69\n",
+        );
+        let err = run_step("Debian's kernel", &s, &[]).unwrap_err();
+        assert!(matches!(err, ImageError::Unavailable { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "Debian's kernel: no archive: run apt-get update"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The DHCP server: one lease (the guest address) for whoever asks, with the
-//! router, DNS, mask, lease time, MTU and hostname options.
+//! The DHCP server: an address from the leases (one for `--net user`, a
+//! stable one per MAC on a lab network), with the router, DNS, mask, lease
+//! time, MTU, hostname and domain options.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -9,10 +10,12 @@ use smoltcp::wire::{
 };
 
 use super::config::NatConfig;
+use super::leases::Leases;
 use super::output::Output;
 
 const OPT_DNS: u8 = 6;
 const OPT_HOSTNAME: u8 = 12;
+const OPT_DOMAIN: u8 = 15;
 const OPT_MTU: u8 = 26;
 /// Room for the fixed part, our options and a generous hostname.
 const MAX_REPLY: usize = 576 + 256;
@@ -28,8 +31,16 @@ pub(crate) enum DhcpOutcome {
     Malformed,
 }
 
-/// Answers one DHCP message from the guest (UDP payload to port 67).
-pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpOutcome {
+/// Answers one DHCP message (UDP payload to port 67) that came in a frame
+/// from `sender`. A client may only ask for itself: a guest making up MACs
+/// cannot drain the pool.
+pub(crate) fn answer(
+    cfg: &NatConfig,
+    leases: &mut Leases,
+    out: &mut Output,
+    sender: EthernetAddress,
+    payload: &[u8],
+) -> DhcpOutcome {
     let Ok(packet) = DhcpPacket::new_checked(payload) else {
         return DhcpOutcome::Malformed;
     };
@@ -37,6 +48,13 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         return DhcpOutcome::Malformed;
     };
     let mac = request.client_hardware_address;
+    if mac != sender || !mac.is_unicast() {
+        return DhcpOutcome::Ignored;
+    }
+    let Some(address) = leases.lease_for(mac) else {
+        log::warn!("nat: dhcp: no address left for {mac}: the pool is exhausted");
+        return DhcpOutcome::Ignored;
+    };
     let (reply_type, outcome) = match request.message_type {
         DhcpMessageType::Discover => (DhcpMessageType::Offer, DhcpOutcome::Offered),
         DhcpMessageType::Request => {
@@ -48,7 +66,7 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
                 return DhcpOutcome::Ignored;
             }
             let wanted = request.requested_ip.unwrap_or(request.client_ip);
-            if wanted == cfg.guest {
+            if wanted == address {
                 (DhcpMessageType::Ack, DhcpOutcome::Acked)
             } else {
                 (DhcpMessageType::Nak, DhcpOutcome::Naked)
@@ -56,26 +74,27 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         }
         DhcpMessageType::Inform => (DhcpMessageType::Ack, DhcpOutcome::Acked),
         DhcpMessageType::Release => {
-            log::info!("nat: dhcp: {mac} released {}", request.client_ip);
+            crate::info_limited!("nat: dhcp: {mac} released {}", request.client_ip);
             return DhcpOutcome::Released;
         }
         DhcpMessageType::Decline => {
-            log::warn!(
-                "nat: dhcp: {mac} declined {}: address in use on its link?",
-                cfg.guest
+            crate::warn_limited!(
+                "nat: dhcp: {mac} declined {address}: address in use on its link?"
             );
             return DhcpOutcome::Ignored;
         }
         _ => return DhcpOutcome::Ignored,
     };
-    if out.guest_mac.is_none() {
-        out.guest_mac = Some(mac);
-    }
+    out.learn(address, mac);
     let nak = reply_type == DhcpMessageType::Nak;
     let inform = request.message_type == DhcpMessageType::Inform;
     let dns = cfg.dns.octets();
     let mtu = cfg.mtu.to_be_bytes();
-    let hostname = &cfg.hostname.as_bytes()[..cfg.hostname.len().min(255)];
+    let name = leases
+        .get(mac)
+        .and_then(|l| l.name.as_deref())
+        .unwrap_or(&cfg.hostname);
+    let hostname = &name.as_bytes()[..name.len().min(255)];
     let mut options = vec![
         DhcpOption {
             kind: OPT_DNS,
@@ -92,6 +111,12 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
             data: hostname,
         });
     }
+    if let Some(domain) = &cfg.domain {
+        options.push(DhcpOption {
+            kind: OPT_DOMAIN,
+            data: domain.as_bytes(),
+        });
+    }
     let lease = cfg.lease_time.as_secs().min(u64::from(u32::MAX)) as u32;
     let reply = DhcpRepr {
         message_type: reply_type,
@@ -106,7 +131,7 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         your_ip: if nak || inform {
             Ipv4Addr::UNSPECIFIED
         } else {
-            cfg.guest
+            address
         },
         server_ip: cfg.gateway,
         router: (!nak).then_some(cfg.gateway),
@@ -148,7 +173,7 @@ pub(crate) fn answer(cfg: &NatConfig, out: &mut Output, payload: &[u8]) -> DhcpO
         SocketAddrV4::new(dst, DHCP_CLIENT_PORT),
         &buf[..len],
     );
-    log::debug!(
+    crate::debug_limited!(
         "nat: dhcp: {:?} from {mac} -> {outcome:?}",
         request.message_type
     );
@@ -160,39 +185,14 @@ mod tests {
     use smoltcp::wire::{DhcpPacket, DhcpRepr};
 
     use super::*;
-    use crate::net::testkit::{Harness, GUEST_MAC};
+    use crate::net::testkit::{dhcp_request, Harness, GUEST_MAC};
 
     fn request(
         kind: DhcpMessageType,
         requested: Option<Ipv4Addr>,
         server: Option<Ipv4Addr>,
     ) -> Vec<u8> {
-        let repr = DhcpRepr {
-            message_type: kind,
-            transaction_id: 0x1234_5678,
-            secs: 0,
-            client_hardware_address: GUEST_MAC,
-            client_ip: Ipv4Addr::UNSPECIFIED,
-            your_ip: Ipv4Addr::UNSPECIFIED,
-            server_ip: Ipv4Addr::UNSPECIFIED,
-            router: None,
-            subnet_mask: None,
-            relay_agent_ip: Ipv4Addr::UNSPECIFIED,
-            broadcast: false,
-            requested_ip: requested,
-            client_identifier: Some(GUEST_MAC),
-            server_identifier: server,
-            parameter_request_list: Some(&[1, 3, 6, 12, 26, 51]),
-            dns_servers: None,
-            max_size: None,
-            lease_duration: None,
-            renew_duration: None,
-            rebind_duration: None,
-            additional_options: &[],
-        };
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut DhcpPacket::new_unchecked(&mut buf)).unwrap();
-        buf
+        dhcp_request(GUEST_MAC, kind, requested, server)
     }
 
     fn exchange(h: &mut Harness, payload: &[u8]) -> Vec<(DhcpMessageType, Vec<u8>)> {
@@ -293,6 +293,22 @@ mod tests {
             )
         )
         .is_empty());
+    }
+
+    #[test]
+    fn a_guest_repeating_itself_gets_a_few_log_lines() {
+        let mut h = Harness::new(NatConfig::default());
+        let decline = request(DhcpMessageType::Decline, None, None);
+        let discover = request(DhcpMessageType::Discover, None, None);
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..200 {
+                exchange(&mut h, &decline);
+                exchange(&mut h, &discover);
+            }
+        });
+        let dhcp: Vec<_> = lines.iter().filter(|l| l.contains("dhcp:")).collect();
+        let burst = crate::rate_limit::LOG_BURST as usize;
+        assert_eq!(dhcp.len(), 2 * burst, "{dhcp:#?}");
     }
 
     #[test]

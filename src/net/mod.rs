@@ -21,15 +21,22 @@
 //! a TAP device as an `event_manager::MutEventSubscriber`.
 
 mod backend;
+mod budget;
 mod config;
 mod counters;
 mod dhcp;
+mod dns;
+mod egress;
 mod engine;
 mod error;
-mod flow;
-mod forward;
+mod flow_table;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod icmp;
+mod ingress;
+mod leases;
+mod listeners;
 mod output;
 mod port;
 mod registry;
@@ -39,18 +46,23 @@ mod tcp;
 #[cfg(test)]
 pub(crate) mod testkit;
 mod udp;
+mod view;
 
 pub use backend::{run_until, TapNat};
-pub use config::{parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound};
+pub use config::{
+    parse_resolv_conf, resolvers_from_file, HostLoopback, NatConfig, Outbound, PolicyParseError,
+    DEFAULT_BUFFER_BUDGET,
+};
 pub use counters::Counters;
 pub use engine::{Nat, TICK};
 pub use error::NatError;
-pub use flow::{FlowInfo, FlowProtocol};
-pub use forward::ForwardListeners;
 pub use frame::{
     GuestFrame, NetHdr, Offloads, F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
     GSO_TCPV6, GSO_UDP, NET_HDR_LEN,
 };
+pub use leases::{Lease, LeaseError, Leases};
+pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
-pub use tap::Tap;
+pub use tap::{in_netns, Tap};
+pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};

@@ -5,7 +5,7 @@
 //! reads) stop when it is past its high mark, and control frames beyond its
 //! hard cap are dropped and counted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::wire::{
@@ -30,6 +30,8 @@ const HIGH_MARK: usize = 256;
 const HARD_CAP: usize = 1024;
 /// Buffers kept for reuse.
 const POOL_MAX: usize = 64;
+/// Most guest addresses remembered (a /16 of members is far fewer).
+const MAX_NEIGHBORS: usize = 4096;
 
 /// TCP control bits for [`Output::tcp`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,11 +103,15 @@ pub(crate) struct Output {
     queue: VecDeque<GuestFrame>,
     pool: Vec<Vec<u8>>,
     pub gateway_mac: EthernetAddress,
-    /// Learned from the guest's frames; until then frames go to broadcast.
-    pub guest_mac: Option<EthernetAddress>,
+    /// Guests' MACs by address, learned from their frames and leases;
+    /// frames for an address not in it go to broadcast.
+    pub neighbors: HashMap<Ipv4Addr, EthernetAddress>,
     pub offloads: Offloads,
     /// A bulk producer stopped for lack of room; resume it after a flush.
     pub starved: bool,
+    /// A flow stopped for lack of buffer budget; resume flows once memory
+    /// comes back.
+    pub budget_starved: bool,
     ident: u16,
     pub counters: Counters,
 }
@@ -116,9 +122,10 @@ impl Output {
             queue: VecDeque::new(),
             pool: Vec::new(),
             gateway_mac,
-            guest_mac: None,
+            neighbors: HashMap::new(),
             offloads: Offloads::default(),
             starved: false,
+            budget_starved: false,
             ident: 1,
             counters: Counters::default(),
         }
@@ -168,8 +175,25 @@ impl Output {
         self.queue.push_back(GuestFrame { hdr, data });
     }
 
-    fn dst_mac(&self) -> EthernetAddress {
-        self.guest_mac.unwrap_or(EthernetAddress::BROADCAST)
+    /// The MAC of guest address `ip`, if known.
+    pub fn neighbor(&self, ip: Ipv4Addr) -> Option<EthernetAddress> {
+        self.neighbors.get(&ip).copied()
+    }
+
+    /// Remembers that guest address `ip` is at `mac` (bounded: a guest
+    /// making up addresses cannot grow it without end).
+    pub fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        if !mac.is_unicast() {
+            return;
+        }
+        if self.neighbors.len() >= MAX_NEIGHBORS && !self.neighbors.contains_key(&ip) {
+            self.neighbors.clear();
+        }
+        self.neighbors.insert(ip, mac);
+    }
+
+    fn dst_mac(&self, ip: Ipv4Addr) -> EthernetAddress {
+        self.neighbor(ip).unwrap_or(EthernetAddress::BROADCAST)
     }
 
     fn ethernet(&self, buf: &mut [u8], dst: EthernetAddress, ethertype: EthernetProtocol) {
@@ -226,7 +250,7 @@ impl Output {
         buf.reserve(payload_len);
         buf.extend_from_slice(seg.payload.0);
         buf.extend_from_slice(seg.payload.1);
-        let dst_mac = self.dst_mac();
+        let dst_mac = self.dst_mac(*seg.dst.ip());
         self.ethernet(&mut buf, dst_mac, EthernetProtocol::Ipv4);
         self.ipv4(
             &mut buf,
@@ -286,7 +310,7 @@ impl Output {
 
     /// Queues a UDP datagram with a full checksum.
     pub fn udp(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
-        self.udp_to(self.dst_mac(), src, dst, payload);
+        self.udp_to(self.dst_mac(*dst.ip()), src, dst, payload);
     }
 
     /// [`Output::udp`] to an explicit MAC (DHCP answers a client by its chaddr).
@@ -329,7 +353,7 @@ impl Output {
             return;
         }
         let mut buf = self.buffer(ETH_LEN + IPV4_LEN + icmp.len());
-        let dst_mac = self.dst_mac();
+        let dst_mac = self.dst_mac(dst);
         self.ethernet(&mut buf, dst_mac, EthernetProtocol::Ipv4);
         self.ipv4(&mut buf, src, dst, IpProtocol::Icmp, icmp.len());
         let l4 = ETH_LEN + IPV4_LEN;

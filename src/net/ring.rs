@@ -1,5 +1,8 @@
 //! A bounded byte ring that grows on demand up to its limit, so idle flows
-//! cost little and busy ones never exceed their share.
+//! cost little and busy ones never exceed their share. Its memory is drawn
+//! from a [`BufferBudget`] shared by every flow of the NAT.
+
+use super::budget::BufferBudget;
 
 /// First allocation; doubled as needed up to the limit.
 const INITIAL: usize = 16 * 1024;
@@ -10,15 +13,23 @@ pub(crate) struct Ring {
     head: usize,
     len: usize,
     limit: usize,
+    budget: BufferBudget,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.budget.give(self.buf.len());
+    }
 }
 
 impl Ring {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, budget: &BufferBudget) -> Self {
         Ring {
             buf: Vec::new(),
             head: 0,
             len: 0,
             limit: limit.max(1),
+            budget: budget.clone(),
         }
     }
 
@@ -47,16 +58,38 @@ impl Ring {
         if room >= want.min(INITIAL / 2) || self.buf.len() >= self.limit {
             return;
         }
-        let new_cap = (self.buf.len() * 2)
+        let wanted = (self.buf.len() * 2)
             .max(INITIAL)
             .max(self.len + want.min(INITIAL))
             .min(self.limit);
+        let granted = self.budget.take_up_to(wanted - self.buf.len());
+        if granted == 0 {
+            return;
+        }
+        let new_cap = self.buf.len() + granted;
         let mut next = vec![0u8; new_cap];
         let (a, b) = self.slices(0, self.len);
         next[..a.len()].copy_from_slice(a);
         next[a.len()..a.len() + b.len()].copy_from_slice(b);
         self.buf = next;
         self.head = 0;
+    }
+
+    /// Bytes that may be added now: the free space within the limit that
+    /// the allocation or the budget can still hold.
+    pub fn available(&self) -> usize {
+        self.free()
+            .min(self.buf.len() - self.len + self.budget.available())
+    }
+
+    /// Gives the allocation back to the budget while the ring is empty, so
+    /// that flows starved of memory can grow.
+    pub fn release_if_empty(&mut self) {
+        if self.len == 0 && !self.buf.is_empty() {
+            self.budget.give(self.buf.len());
+            self.buf = Vec::new();
+            self.head = 0;
+        }
     }
 
     /// The contiguous free space after the data (up to `want` bytes), to
@@ -134,9 +167,13 @@ impl Ring {
 mod tests {
     use super::*;
 
+    fn unlimited() -> BufferBudget {
+        BufferBudget::new(usize::MAX)
+    }
+
     #[test]
     fn wraps_grows_and_stays_bounded() {
-        let mut r = Ring::new(40_000);
+        let mut r = Ring::new(40_000, &unlimited());
         let data: Vec<u8> = (0..50_000u32).map(|i| i as u8).collect();
         assert_eq!(r.push(&data[..30_000]), 30_000);
         r.consume(25_000);
@@ -156,15 +193,33 @@ mod tests {
 
     #[test]
     fn small_users_stay_small() {
-        let mut r = Ring::new(512 * 1024);
+        let mut r = Ring::new(512 * 1024, &unlimited());
         assert_eq!(r.push(b"tiny"), 4);
         assert!(r.write_space(256 * 1024).len() < 64 * 1024);
         assert!(r.buf.len() <= INITIAL);
     }
 
     #[test]
+    fn growth_stops_at_the_budget_and_an_empty_ring_gives_it_back() {
+        let budget = BufferBudget::new(40_000);
+        let mut a = Ring::new(512 * 1024, &budget);
+        let mut b = Ring::new(512 * 1024, &budget);
+        let data = vec![1u8; 100_000];
+        assert_eq!(a.push(&data), 40_000, "a takes what the budget has");
+        assert_eq!(b.push(&data), 0, "b cannot grow at all");
+        assert_eq!(b.available(), 0);
+        assert!(b.write_space(1000).is_empty());
+        a.consume(40_000);
+        a.release_if_empty();
+        assert_eq!(budget.used(), 0);
+        assert_eq!(b.push(&data[..1000]), 1000);
+        drop(b);
+        assert_eq!(budget.used(), 0, "a dropped ring returns its memory");
+    }
+
+    #[test]
     fn write_space_never_overlaps_data() {
-        let mut r = Ring::new(100);
+        let mut r = Ring::new(100, &unlimited());
         for round in 0..500usize {
             let want = round % 37 + 1;
             let before = r.len();

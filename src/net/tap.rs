@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::error::NatError;
-use super::frame::{GuestFrame, Offloads, NET_HDR_LEN};
+use super::frame::{GuestFrame, NetHdr, Offloads, NET_HDR_LEN};
 use super::port::{GuestPort, PortBusy};
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags.
@@ -96,28 +96,42 @@ impl Tap {
     /// as /run/netns/NAME or /proc/PID/ns/net), while the engine's host
     /// sockets stay in the caller's namespace, as slirp4netns does.
     pub fn open_in_netns(name: &str, netns: &Path) -> Result<Tap, NatError> {
-        let ns = File::open(netns).map_err(|cause| NatError::Netns {
-            path: netns.to_path_buf(),
-            cause,
-        })?;
         let name = name.to_string();
-        let path = netns.to_path_buf();
-        // Only this short-lived thread enters the namespace; the descriptor
-        // it opens keeps working from any namespace.
-        std::thread::spawn(move || {
-            // SAFETY: setns on a thread we own changes only this thread's
-            // network namespace; `ns` is an open namespace descriptor.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc < 0 {
-                return Err(NatError::Netns {
-                    path,
-                    cause: io::Error::last_os_error(),
-                });
+        in_netns(netns, move || Tap::open(&name))
+    }
+
+    /// Keeps the device when its last descriptor closes (a network process
+    /// killed with SIGKILL finds its members' TAPs again), or not.
+    pub fn set_persistent(&self, persistent: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes an int by value; no memory is shared.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETPERSIST,
+                libc::c_ulong::from(persistent),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Writes one frame with its header; never blocks (a full queue in the
+    /// kernel drops, as a wire would).
+    pub fn send_frame(&mut self, hdr: &NetHdr, frame: &[u8]) -> Result<(), PortBusy> {
+        let hdr = hdr.to_bytes();
+        let bufs = [IoSlice::new(&hdr), IoSlice::new(frame)];
+        match self.file.write_vectored(&bufs) {
+            Ok(_) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(PortBusy),
+            Err(err) => {
+                // A down interface or a frame the kernel rejects: drop it,
+                // as a wire would.
+                log::debug!("nat: tap {}: write: {err}", self.name);
+                Ok(())
             }
-            Tap::open(&name)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(NatError::EventLoop(io::Error::other("tap thread panicked"))))
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -138,23 +152,43 @@ impl AsRawFd for Tap {
 
 impl GuestPort for Tap {
     fn send(&mut self, frame: &GuestFrame) -> Result<(), PortBusy> {
-        let hdr = frame.hdr.to_bytes();
-        let bufs = [IoSlice::new(&hdr), IoSlice::new(&frame.data)];
-        match self.file.write_vectored(&bufs) {
-            Ok(_) => Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(PortBusy),
-            Err(err) => {
-                // A down interface or a frame the kernel rejects: drop it,
-                // as a wire would.
-                log::debug!("nat: tap {}: write: {err}", self.name);
-                Ok(())
-            }
-        }
+        self.send_frame(&frame.hdr, &frame.data)
     }
 
     fn offloads(&self) -> Offloads {
         self.offloads
     }
+}
+
+/// Runs `f` on a short-lived thread inside the network namespace at
+/// `netns`; descriptors it opens keep working from any namespace.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, NatError> + Send + 'static,
+) -> Result<T, NatError> {
+    let ns = File::open(netns).map_err(|cause| NatError::Netns {
+        path: netns.to_path_buf(),
+        cause,
+    })?;
+    let path = netns.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: setns on a thread we own changes only this thread's
+        // network namespace; `ns` is an open namespace descriptor.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc < 0 {
+            return Err(NatError::Netns {
+                path,
+                cause: io::Error::last_os_error(),
+            });
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(NatError::EventLoop(io::Error::other(
+            "namespace thread panicked",
+        )))
+    })
 }
 
 #[cfg(test)]

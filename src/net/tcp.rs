@@ -21,9 +21,11 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
+use super::budget::BufferBudget;
 use super::config::NatConfig;
 use super::output::{Output, SynOptions, TcpFlags, TcpSegment, IPV4_LEN, MAX_IP_PACKET, TCP_LEN};
 use super::ring::Ring;
+use super::view::FlowState;
 
 const INITIAL_RTO: Duration = Duration::from_millis(200);
 const MAX_RTO: Duration = Duration::from_secs(10);
@@ -153,7 +155,7 @@ impl TcpFlow {
         stream: TcpStream,
         (guest, remote, host_peer): (SocketAddrV4, SocketAddrV4, SocketAddr),
         iss: u32,
-        cfg: &NatConfig,
+        (cfg, budget): (&NatConfig, &BufferBudget),
         now: Instant,
     ) -> Self {
         TcpFlow {
@@ -170,14 +172,14 @@ impl TcpFlow {
             snd_wnd: 0,
             snd_wscale: 0,
             guest_mss: DEFAULT_MSS,
-            tx: Ring::new(cfg.tcp_buffer),
+            tx: Ring::new(cfg.tcp_buffer, budget),
             host_eof: false,
             fin_sent: false,
             fin_acked: false,
             rcv_nxt: 0,
             rcv_wscale: 0,
             window_scaling: false,
-            rx: Ring::new(cfg.tcp_buffer),
+            rx: Ring::new(cfg.tcp_buffer, budget),
             guest_fin: false,
             host_write_shut: false,
             last_window: 0,
@@ -202,10 +204,16 @@ impl TcpFlow {
         syn: &Seg<'_>,
         host_peer: SocketAddr,
         iss: u32,
-        cfg: &NatConfig,
+        (cfg, budget): (&NatConfig, &BufferBudget),
         now: Instant,
     ) -> Self {
-        let mut flow = TcpFlow::new(stream, (syn.src, syn.dst, host_peer), iss, cfg, now);
+        let mut flow = TcpFlow::new(
+            stream,
+            (syn.src, syn.dst, host_peer),
+            iss,
+            (cfg, budget),
+            now,
+        );
         flow.rcv_nxt = syn.seq.wrapping_add(1);
         flow.take_syn_options(syn, cfg);
         flow
@@ -216,14 +224,14 @@ impl TcpFlow {
         stream: TcpStream,
         (guest, remote): (SocketAddrV4, SocketAddrV4),
         iss: u32,
-        cfg: &NatConfig,
+        (cfg, budget): (&NatConfig, &BufferBudget),
         out: &mut Output,
         now: Instant,
     ) -> Self {
         let host_peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut flow = TcpFlow::new(stream, (guest, remote, host_peer), iss, cfg, now);
+        let mut flow = TcpFlow::new(stream, (guest, remote, host_peer), iss, (cfg, budget), now);
         flow.origin = Origin::Forward;
         flow.phase = Phase::SynSent;
         flow.rcv_wscale = window_shift(cfg.tcp_buffer);
@@ -246,20 +254,20 @@ impl TcpFlow {
         self.snd_wnd = u32::from(syn.window);
     }
 
-    /// Name of the state, from the engine's side of the guest connection.
-    pub fn state_name(&self) -> &'static str {
+    /// The state, from the engine's side of the guest connection.
+    pub fn state(&self) -> FlowState {
         match self.phase {
-            Phase::Connecting => "CONNECTING",
-            Phase::SynSent => "SYN_SENT",
-            Phase::SynReceived => "SYN_RECEIVED",
-            Phase::TimeWait => "TIME_WAIT",
+            Phase::Connecting => FlowState::Connecting,
+            Phase::SynSent => FlowState::SynSent,
+            Phase::SynReceived => FlowState::SynReceived,
+            Phase::TimeWait => FlowState::TimeWait,
             Phase::Open => match (self.fin_sent, self.fin_acked, self.guest_fin) {
-                (false, _, false) => "ESTABLISHED",
-                (false, _, true) => "CLOSE_WAIT",
-                (true, false, false) => "FIN_WAIT_1",
-                (true, true, false) => "FIN_WAIT_2",
-                (true, false, true) => "LAST_ACK",
-                (true, true, true) => "CLOSED",
+                (false, _, false) => FlowState::Established,
+                (false, _, true) => FlowState::CloseWait,
+                (true, false, false) => FlowState::FinWait1,
+                (true, true, false) => FlowState::FinWait2,
+                (true, false, true) => FlowState::LastAck,
+                (true, true, true) => FlowState::Closed,
             },
         }
     }
@@ -270,7 +278,13 @@ impl TcpFlow {
 
     /// The window we offer the guest, before scaling.
     fn window(&self) -> u32 {
-        self.rx.free() as u32
+        self.rx.available() as u32
+    }
+
+    /// Gives empty rings' memory back to the budget.
+    pub fn release_idle_buffers(&mut self) {
+        self.tx.release_if_empty();
+        self.rx.release_if_empty();
     }
 
     fn scaled_window(&self) -> u16 {
@@ -297,7 +311,7 @@ impl TcpFlow {
     }
 
     fn send_syn(&mut self, out: &mut Output, cfg: &NatConfig, now: Instant) {
-        if out.guest_mac.is_none() {
+        if out.neighbor(*self.guest.ip()).is_none() {
             // Nobody to send to yet; the retransmission timer tries again.
             out.arp_request(cfg.gateway, *self.guest.ip());
         } else {
@@ -655,6 +669,14 @@ impl TcpFlow {
                 break;
             }
             let space = self.tx.write_space(HOST_READ);
+            if space.is_empty() {
+                // The NAT's buffer budget is spent: wait for memory.
+                if !out.budget_starved {
+                    out.budget_starved = true;
+                    out.counters.budget_waits += 1;
+                }
+                break;
+            }
             match self.stream.read(space) {
                 Ok(0) => {
                     self.host_eof = true;

@@ -5,14 +5,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{
-    checksum, ArpOperation, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol,
-    Ipv4Packet, TcpOption, TcpPacket, UdpPacket,
+    checksum, ArpOperation, ArpRepr, DhcpMessageType, DhcpPacket, DhcpRepr, EthernetAddress,
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpOption, TcpPacket, UdpPacket,
 };
 
 use super::config::{NatConfig, Outbound};
 use super::engine::Nat;
-use super::forward::ForwardListeners;
 use super::frame::{GuestFrame, NetHdr, F_NEEDS_CSUM};
+use super::listeners::ForwardListeners;
 use super::output::{Output, SynOptions, TcpFlags, TcpSegment};
 use super::registry::EpollRegistry;
 
@@ -120,6 +120,54 @@ pub fn parse(frame: &GuestFrame) -> Seen {
     seen
 }
 
+/// A DNS query (id 0x1234, recursion desired) for `name`, type `qtype`.
+pub fn dns_query(name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    q
+}
+
+/// A DHCP message from `mac`, as a client sends it.
+pub fn dhcp_request(
+    mac: EthernetAddress,
+    kind: DhcpMessageType,
+    requested: Option<Ipv4Addr>,
+    server: Option<Ipv4Addr>,
+) -> Vec<u8> {
+    let repr = DhcpRepr {
+        message_type: kind,
+        transaction_id: 0x1234_5678,
+        secs: 0,
+        client_hardware_address: mac,
+        client_ip: Ipv4Addr::UNSPECIFIED,
+        your_ip: Ipv4Addr::UNSPECIFIED,
+        server_ip: Ipv4Addr::UNSPECIFIED,
+        router: None,
+        subnet_mask: None,
+        relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+        broadcast: false,
+        requested_ip: requested,
+        client_identifier: Some(mac),
+        server_identifier: server,
+        parameter_request_list: Some(&[1, 3, 6, 12, 15, 26, 51]),
+        dns_servers: None,
+        max_size: None,
+        lease_duration: None,
+        renew_duration: None,
+        rebind_duration: None,
+        additional_options: &[],
+    };
+    let mut buf = vec![0u8; repr.buffer_len()];
+    repr.emit(&mut DhcpPacket::new_unchecked(&mut buf)).unwrap();
+    buf
+}
+
 /// Builds guest frames by running the engine's own builders with the roles
 /// swapped (full checksums, no offloads).
 pub struct GuestSide {
@@ -128,9 +176,21 @@ pub struct GuestSide {
 
 impl GuestSide {
     pub fn new() -> Self {
-        let mut out = Output::new(GUEST_MAC);
-        out.guest_mac = Some(NatConfig::default().gateway_mac);
+        Self::with_mac(GUEST_MAC, NatConfig::default().gateway_mac)
+    }
+
+    /// A guest at `mac` whose gateway and DNS are at `gateway_mac`.
+    pub fn with_mac(mac: EthernetAddress, gateway_mac: EthernetAddress) -> Self {
+        let mut out = Output::new(mac);
+        for ip in [GATEWAY_IP, Ipv4Addr::new(10, 0, 2, 3)] {
+            out.learn(ip, gateway_mac);
+        }
         GuestSide { out }
+    }
+
+    /// Frames to `ip` go to `mac` (the gateway of another network).
+    pub fn route(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        self.out.learn(ip, mac);
     }
 
     fn one(&mut self) -> Vec<u8> {
@@ -168,6 +228,11 @@ impl GuestSide {
         self.one()
     }
 
+    /// A bare SYN (no options) from `src` to `dst`.
+    pub fn syn(&mut self, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+        self.tcp(src, dst, 1, None, TcpFlags::SYN, 1000, None, &[])
+    }
+
     pub fn udp(&mut self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
         self.out.udp(src, dst, payload);
         self.one()
@@ -200,13 +265,20 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(cfg: NatConfig) -> Self {
+        let leases = super::leases::Leases::single(cfg.guest);
+        Self::with_leases(cfg, leases)
+    }
+
+    /// An engine for a subnet of guests.
+    pub fn with_leases(cfg: NatConfig, leases: super::leases::Leases) -> Self {
         let mut reg = EpollRegistry::new().unwrap();
-        let mut nat = Nat::new(
+        let mut nat = Nat::with_leases(
             NatConfig {
                 outbound: Outbound::HostOnly,
                 ..cfg
             },
             ForwardListeners::default(),
+            leases,
         );
         nat.start(&mut reg).unwrap();
         Harness {

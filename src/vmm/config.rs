@@ -7,6 +7,7 @@ use std::time::Instant;
 pub use crate::arch::x86_64::kernel::BootFile;
 use crate::cli::DiskSpec;
 use crate::devices::virtio::net::NetSettings;
+use crate::disk::BackingPolicy;
 
 /// The command line vmlab always gives a Linux guest; device entries and
 /// the user's `--cmdline` are appended after it.
@@ -65,4 +66,6 @@ pub struct VmConfig {
     pub started: Instant,
     /// The guest's network card behind the NAT; `None` gives it no NIC.
     pub net: Option<NetSettings>,
+    /// Where the disks' backing files may lie; refused ones fail the build.
+    pub backing_policy: BackingPolicy,
 }

@@ -130,8 +130,10 @@ impl ConsoleInput {
 
     /// Duplicates stdin so the console owns its own descriptor.
     pub fn stdin_fd() -> std::io::Result<OwnedFd> {
-        // SAFETY: dup has no memory effects; the result is checked.
-        let fd = unsafe { libc::dup(libc::STDIN_FILENO) };
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) has no memory effects; the result
+        // is checked. Close-on-exec: helpers vmlab starts must not hold the
+        // terminal.
+        let fd = unsafe { libc::fcntl(libc::STDIN_FILENO, libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }

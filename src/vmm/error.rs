@@ -35,6 +35,8 @@ pub enum VmmError {
     Device { what: &'static str, reason: String },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
             reason: Arc::new(Mutex::new(None)),
-            event: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            event: Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?),
         })
     }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::pause::{PauseError, VcpuGate};
 use crate::devices::virtio::block::BlockWorker;
-use crate::disk::{BlockBackend, DiskError};
+use crate::disk::{BackingPolicy, BlockBackend, DiskError};
 
 /// How long the vCPUs may take to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,11 +53,17 @@ pub struct LiveDisk {
 pub struct LiveDisks {
     gate: Arc<VcpuGate>,
     disks: Vec<LiveDisk>,
+    /// What the new overlays' chains may name (the VM's own rule).
+    policy: BackingPolicy,
 }
 
 impl LiveDisks {
-    pub fn new(gate: Arc<VcpuGate>, disks: Vec<LiveDisk>) -> Self {
-        LiveDisks { gate, disks }
+    pub fn new(gate: Arc<VcpuGate>, disks: Vec<LiveDisk>, policy: BackingPolicy) -> Self {
+        LiveDisks {
+            gate,
+            disks,
+            policy,
+        }
     }
 
     /// Switches the disks at `paths` to the overlays now at those paths;
@@ -75,7 +81,7 @@ impl LiveDisks {
             }
             let old = lock(&disk.worker).backend();
             // Opened while the guest runs: constant time, but not nothing.
-            let new = crate::disk::open_overlay_over(path, old.clone())?;
+            let new = crate::disk::open_overlay_over(path, old.clone(), &self.policy)?;
             picked.push((disk, old, Arc::<dyn BlockBackend>::from(new)));
         }
 

@@ -5,7 +5,7 @@
 //! until a stop is requested, then kicks and joins the vCPUs.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use super::boot_timer::BootTimeline;
@@ -42,7 +42,6 @@ use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, V
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
-use crate::control::{NatSnapshot, NatView};
 use crate::devices::bus::lock;
 use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
 use crate::devices::virtio::block::{disk_serial, Block};
@@ -53,6 +52,8 @@ use crate::devices::virtio::net::{Net, NetEvents};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
+use crate::net::{NatSnapshot, NatView};
+use crate::seccomp::ThreadClass;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -100,7 +101,7 @@ impl Vm {
         }
         // Disks before anything else: a missing or locked image fails at
         // once, before the guest starts.
-        let disks = open_disks(&config.name, &config.disks)?;
+        let disks = open_disks(&config.name, &config.disks, &config.backing_policy)?;
         let gate = Arc::new(VcpuGate::new());
         let live_disks = Arc::new(LiveDisks::new(
             gate.clone(),
@@ -114,6 +115,7 @@ impl Vm {
                     worker: block.worker(),
                 })
                 .collect(),
+            config.backing_policy.clone(),
         ));
         let kvm = kvm::open()?;
         let max = kvm::max_vcpus(&kvm);
@@ -148,9 +150,10 @@ impl Vm {
             .map(Attached::Queues)
             .collect();
         let mut nat_view: Option<Arc<dyn NatView>> = None;
-        if let Some(net) = config.net.take() {
+        if let Some(mut net) = config.net.take() {
+            let view = net.nat_view.take();
             let net = Arc::new(Mutex::new(Net::new(net)));
-            nat_view = Some(Arc::new(NetNatView(net.clone())));
+            nat_view = Some(view.unwrap_or_else(|| Arc::new(NetNatView(net.clone()))));
             virtio.push(Attached::Net(net));
         }
         let slots = virtio_slots(virtio.len())?;
@@ -187,8 +190,8 @@ impl Vm {
 
         let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
         let timeline = BootTimeline::new(config.started, config.boot_timer);
-        let serial_irq =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create the UART interrupt"))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create the UART interrupt"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(VmmError::kvm("route the UART interrupt"))?;
         let serial = Arc::new(Mutex::new(
@@ -324,7 +327,17 @@ impl Vm {
                     .map_err(VmmError::io("start the stall watchdog"))?;
             events.add_subscriber(Arc::new(Mutex::new(watchdog)));
         }
-        let threads = self.start_vcpus();
+        // Every thread is under its filter before the guest's first
+        // instruction: the vCPUs wait for the event loop's.
+        let (threads, gates) = self.start_vcpus();
+        let filtered = crate::seccomp::install(ThreadClass::EventLoop);
+        for gate in gates {
+            let _ = gate.send(filtered.is_ok());
+        }
+        if let Err(e) = filtered {
+            stop_vcpus(threads);
+            return Err(e.into());
+        }
         while !self.exit.is_requested() {
             if let Err(e) = events.run_with_timeout(-1) {
                 log::error!("event loop failed: {e:?}");
@@ -348,14 +361,35 @@ impl Vm {
         Ok((self.exit.reason().unwrap_or(ExitReason::Halted), footprint))
     }
 
-    fn start_vcpus(&mut self) -> Vec<JoinHandle<()>> {
+    /// Starts the vCPU threads, each under its seccomp filter and waiting
+    /// at its gate: `true` there lets it enter the guest.
+    fn start_vcpus(&mut self) -> (Vec<JoinHandle<()>>, Vec<mpsc::Sender<bool>>) {
         let mut threads = Vec::new();
+        let mut gates = Vec::new();
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (open, gate) = mpsc::channel();
+            let exit = self.exit.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run());
+                .spawn(move || {
+                    if let Err(e) = crate::seccomp::install(ThreadClass::Vcpu) {
+                        exit.request(ExitReason::KvmFailure {
+                            vcpu: index as u8,
+                            what: e.to_string(),
+                            registers: String::new(),
+                            hint: None,
+                        });
+                        return;
+                    }
+                    if gate.recv() == Ok(true) {
+                        vcpu.run();
+                    }
+                });
             match spawned {
-                Ok(handle) => threads.push(handle),
+                Ok(handle) => {
+                    threads.push(handle);
+                    gates.push(open);
+                }
                 Err(e) => {
                     self.exit.request(ExitReason::KvmFailure {
                         vcpu: index as u8,
@@ -367,7 +401,7 @@ impl Vm {
                 }
             }
         }
-        threads
+        (threads, gates)
     }
 }
 
@@ -434,8 +468,12 @@ fn legacy_bus(
 }
 
 /// Opens each `--disk` image (format by content, locked while the VM
-/// runs) as a virtio-blk device.
-fn open_disks(vm_name: &str, specs: &[DiskSpec]) -> Result<Vec<Block>, VmmError> {
+/// runs, backing files as `policy` allows) as a virtio-blk device.
+fn open_disks(
+    vm_name: &str,
+    specs: &[DiskSpec],
+    policy: &crate::disk::BackingPolicy,
+) -> Result<Vec<Block>, VmmError> {
     specs
         .iter()
         .enumerate()
@@ -445,6 +483,7 @@ fn open_disks(vm_name: &str, specs: &[DiskSpec]) -> Result<Vec<Block>, VmmError>
             } else {
                 crate::disk::OpenOptions::read_write()
             };
+            let opts = opts.with_backing_policy(policy.clone());
             let backend = crate::disk::open_image(&spec.path, &opts)?;
             let serial = disk_serial(&spec.path, &format!("{vm_name}-disk{index}"));
             Ok(Block::new(Arc::from(backend), spec.read_only, serial))
@@ -513,14 +552,15 @@ fn attach_virtio(
         Attached::Queues(device) => device.clone(),
         Attached::Net(net) => net.clone(),
     };
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a virtio interrupt"))?;
+    let irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+        .map_err(VmmError::io("create a virtio interrupt"))?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(VmmError::kvm("route a virtio interrupt"))?;
     let queues = lock(&device).queue_max_sizes().len();
     let mut notifiers = Vec::with_capacity(queues);
     for index in 0..queues {
-        let notifier =
-            EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create a queue notifier"))?;
+        let notifier = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create a queue notifier"))?;
         vm.register_ioevent(
             &notifier,
             &IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY),
@@ -598,8 +638,9 @@ struct NetNatView(Arc<Mutex<Net>>);
 
 impl NatView for NetNatView {
     fn snapshot(&self) -> NatSnapshot {
-        let net = lock(&self.0);
-        let nat = net.nat();
-        NatSnapshot::from_nat(&nat.config().forwards, &nat.flows(), &nat.counters())
+        lock(&self.0)
+            .nat()
+            .map(|nat| nat.snapshot())
+            .unwrap_or_default()
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::error::VmmError;
 use crate::arch::x86_64::layout::GED_GSI;
@@ -18,7 +18,8 @@ pub struct PowerButton(Arc<EventFd>);
 impl PowerButton {
     /// Routes an irqfd to the GED's GSI.
     pub(crate) fn new(vm: &VmFd) -> Result<Self, VmmError> {
-        let fd = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("create the power button"))?;
+        let fd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+            .map_err(VmmError::io("create the power button"))?;
         vm.register_irqfd(&fd, GED_GSI)
             .map_err(VmmError::kvm("route the power button interrupt"))?;
         Ok(PowerButton(Arc::new(fd)))

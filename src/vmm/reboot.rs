@@ -72,7 +72,7 @@ pub fn run_rebooting<E: From<VmmError>>(
     let mut boots = 1;
     loop {
         let timeline = vm.timeline();
-        let (reason, footprint) = vm.run_measured()?;
+        let (reason, footprint) = run_boot(vm)?;
         let mut last = LastBoot {
             reason,
             footprint,
@@ -93,6 +93,19 @@ pub fn run_rebooting<E: From<VmmError>>(
         }
         boots += 1;
     }
+}
+
+/// Runs one boot on a thread of its own. The event loop's seccomp filter
+/// binds the thread that runs it for as long as that thread lives, and the
+/// next boot is built (a new KVM VM, disks opened, the kernel read, its
+/// threads started) on this one, which must stay free of it.
+fn run_boot(vm: Vm) -> Result<(ExitReason, Option<Footprint>), VmmError> {
+    std::thread::Builder::new()
+        .name("event-loop".into())
+        .spawn(move || vm.run_measured())
+        .map_err(VmmError::io("start the event loop's thread"))?
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 #[cfg(test)]

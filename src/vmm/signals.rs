@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::exit::{ExitReason, ExitSignal};
 
@@ -45,7 +45,7 @@ pub struct TerminationSignals {
 
 impl TerminationSignals {
     pub fn install(exit: ExitSignal) -> std::io::Result<Self> {
-        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         WAKE_FD.store(wake.as_raw_fd(), Ordering::SeqCst);
         for num in HANDLED {
             vmm_sys_util::signal::register_signal_handler(num, on_signal)

@@ -231,7 +231,7 @@ impl Vcpu {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(ExitReason::Reset),
                     kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Next::Stop(ExitReason::GuestPanic),
                     other => {
-                        log::warn!("vCPU {}: ignoring system event {other}", self.index);
+                        crate::warn_limited!("vCPU {}: ignoring system event {other}", self.index);
                         Next::Continue
                     }
                 },
@@ -244,7 +244,7 @@ impl Vcpu {
                     Next::Continue
                 }
                 other => {
-                    log::warn!("vCPU {}: unexpected exit {other:?}", self.index);
+                    crate::warn_limited!("vCPU {}: unexpected exit {other:?}", self.index);
                     Next::Continue
                 }
             },

@@ -43,6 +43,15 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Makes `path`, a 1 MiB qcow2 image naming `backing` (of `format`)
+/// unchecked, as a downloaded image may.
+pub fn unchecked_overlay(path: &Path, backing: &str, format: &str) {
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&[
+        "create", "-f", "qcow2", "-u", "-b", backing, "-F", format, p, "1M",
+    ]);
+}
+
 /// `qemu-img check`: panics on corruption; returns the number of leaked
 /// clusters (exit status 3 means leaks only).
 pub fn qemu_check(path: &Path) -> u64 {
@@ -120,13 +129,18 @@ pub fn vmlab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmlab"))
 }
 
-/// Options that open an image to read it whatever else holds it.
+/// A backing policy for the tests' own images, which are trusted: their
+/// chains may lead anywhere (but vmlab's ssh directory).
+pub fn anywhere() -> vmlab::disk::BackingPolicy {
+    vmlab::disk::BackingPolicy::vmlab().allowing(["/"])
+}
+
+/// Options that open an image to read it whatever else holds it, and
+/// wherever its chain leads.
 pub fn unlocked() -> vmlab::disk::OpenOptions {
     vmlab::disk::OpenOptions {
-        read_only: true,
         lock: vmlab::disk::LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..vmlab::disk::OpenOptions::read_only().with_backing_policy(anywhere())
     }
 }
 

@@ -112,6 +112,11 @@ impl Program {
         self
     }
 
+    /// jmp to an earlier offset.
+    pub fn jmp_back(self, target: usize) -> Self {
+        self.jump_back(0xeb, target)
+    }
+
     /// jz to an earlier offset.
     pub fn jz_back(self, target: usize) -> Self {
         self.jump_back(0x74, target)

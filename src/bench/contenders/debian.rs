@@ -126,7 +126,8 @@ mod tests {
         let disk_path = dir.path().join("sample.qcow2");
         std::fs::write(&disk_path, "stale").unwrap();
         let disk = spec.fresh_disk(&disk_path).unwrap();
-        let chain = crate::disk::image_info(disk.path()).unwrap();
+        let chain =
+            crate::disk::image_info(disk.path(), &crate::disk::BackingPolicy::vmlab()).unwrap();
         assert_eq!(chain[0].format, crate::disk::ImageFormat::Qcow2);
         assert_eq!(chain.len(), 2, "a linked clone: {chain:?}");
         assert_eq!(

@@ -57,6 +57,7 @@ pub fn extract(image: &Path, raw: &Path, rootfs: &Path) -> Result<(), String> {
             mode: CloneMode::Full,
             format: Some(ImageFormat::Raw),
             force: true,
+            ..CloneOptions::default()
         },
     )
     .map_err(|e| format!("cannot write {} out raw: {e}", image.display()))?;
@@ -143,7 +144,7 @@ mod tests {
             &CloneOptions {
                 mode: CloneMode::Full,
                 format: Some(ImageFormat::Qcow2),
-                force: false,
+                ..CloneOptions::default()
             },
         )
         .unwrap();

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -106,25 +107,21 @@ impl Book {
     /// them in place. A full disk fails here, before anything depends on it.
     pub fn stage(&self, vm: &VmDir) -> Result<StagedBook> {
         let path = Self::path(vm);
-        let tmp = vm
-            .path()
-            .join(format!(".{BOOK_FILE}.tmp{}", std::process::id()));
+        let err = || ControlError::io("cannot write the snapshot records", &path);
+        // A fresh private file: the records name the VM's disk layers.
+        let (tmp, mut file) =
+            crate::fsutil::create_temporary_beside(&path, crate::fsutil::PRIVATE_FILE_MODE)
+                .map_err(err())?;
         let staged = StagedBook {
             tmp,
-            path,
+            path: path.clone(),
             committed: false,
         };
         let text = serde_json::to_string_pretty(self).expect("records always serialize");
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&staged.tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.write_all(b"\n")?;
-            file.sync_all()
-        };
-        write().map_err(ControlError::io(
-            "cannot write the snapshot records",
-            &staged.path,
-        ))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            .and_then(|()| file.sync_all())
+            .map_err(err())?;
         Ok(staged)
     }
 
@@ -166,6 +163,8 @@ pub fn lock_book(vm: &VmDir) -> Result<BookLock> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::fsutil::PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(ControlError::io("cannot open the snapshot lock", &path))?;
     Flock::lock(file, FlockArg::LockExclusive)
@@ -213,6 +212,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["snapshots.json"]);
+    }
+
+    #[test]
+    fn records_are_private_and_never_written_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let _home = crate::control::state::tests::temp_home();
+        let vm = VmDir::named("vm1").unwrap();
+        std::fs::create_dir_all(vm.path()).unwrap();
+        let victim = vm.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let pid = std::process::id();
+        for name in [
+            format!(".{BOOK_FILE}.tmp{pid}"),
+            format!(".{BOOK_FILE}.tmp{pid}-0"),
+        ] {
+            std::os::unix::fs::symlink(&victim, vm.path().join(name)).unwrap();
+        }
+        let book = sample();
+        book.save(&vm).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(Book::load(&vm).unwrap(), book);
+        let mode = |name: &str| {
+            let meta = std::fs::metadata(vm.path().join(name)).unwrap();
+            meta.permissions().mode() & 0o777
+        };
+        assert_eq!(mode(BOOK_FILE), 0o600);
+        drop(lock_book(&vm).unwrap());
+        assert_eq!(mode(LOCK_FILE), 0o600);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use super::book::Book;
 use crate::control::error::{ControlError, Result};
 use crate::control::state::VmDir;
-use crate::disk::DiskError;
+use crate::disk::{BackingPolicy, DiskError};
 
 /// What marks a file of a VM directory as a frozen layer: disk layers that
 /// `vmlab clone` and snapshots leave behind.
@@ -70,13 +70,14 @@ impl LayerGraph {
         let mut graph = LayerGraph::default();
         for vm in VmDir::list()? {
             let settings = vm.load_settings()?;
+            let policy = settings.backing_policy();
             for disk in &settings.disks {
-                let top = graph.add_chain(&vm, &disk.path)?;
+                let top = graph.add_chain(&vm, &disk.path, &policy)?;
                 graph.tops.insert(top);
             }
             for snapshot in Book::load(&vm)?.snapshots {
                 for part in &snapshot.disks {
-                    let layer = graph.add_chain(&vm, &vm.path().join(&part.layer))?;
+                    let layer = graph.add_chain(&vm, &vm.path().join(&part.layer), &policy)?;
                     graph.named.insert(layer);
                 }
             }
@@ -84,13 +85,14 @@ impl LayerGraph {
         Ok(graph)
     }
 
-    /// Adds the chain behind `image`; returns `image`'s canonical path.
-    fn add_chain(&mut self, vm: &VmDir, image: &Path) -> Result<PathBuf> {
+    /// Adds the chain behind `image`, which must pass `policy`; returns
+    /// `image`'s canonical path.
+    fn add_chain(&mut self, vm: &VmDir, image: &Path, policy: &BackingPolicy) -> Result<PathBuf> {
         let disk_err = |source| ControlError::Disk {
             vm: vm.name().to_string(),
             source,
         };
-        let chain = crate::disk::backing_chain(image).map_err(disk_err)?;
+        let chain = crate::disk::checked_backing_chain(image, policy).map_err(disk_err)?;
         let canonical = chain
             .iter()
             .map(|p| p.canonicalize().map_err(|e| disk_err(DiskError::io(p, e))))
@@ -121,6 +123,7 @@ pub fn compact(vm: &VmDir) -> Result<Compaction> {
         .path()
         .canonicalize()
         .map_err(ControlError::io("cannot read", vm.path()))?;
+    let policy = vm.load_settings()?.backing_policy();
     let mut done = Compaction::default();
     let mut skipped = BTreeSet::new();
     for _ in 0..MAX_MERGES {
@@ -146,7 +149,7 @@ pub fn compact(vm: &VmDir) -> Result<Compaction> {
         let Some((layer, reader)) = next else {
             break;
         };
-        match crate::disk::merge_into_backing(&reader) {
+        match crate::disk::merge_into_backing(&reader, &policy) {
             Ok(_) => done.merged += 1,
             Err(DiskError::Locked { .. }) => {
                 log::info!(
@@ -189,7 +192,7 @@ fn delete_orphans(dir: &Path, graph: &LayerGraph) -> usize {
 }
 
 /// Deletes what killed commands left half-written in `dir`: a staged image
-/// (`.NAME.vmlab-PID-NANOS.tmp`) or staged records (`.snapshots.json.tmpPID`)
+/// (`.NAME.vmlab-PID-NANOS.tmp`) or staged records (`.snapshots.json.tmpPID-N`)
 /// of a process that is gone.
 fn delete_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -241,7 +244,7 @@ mod tests {
     #[test]
     fn temporaries_name_their_owner() {
         assert_eq!(temporary_owner(".disk.qcow2.vmlab-123-456.tmp"), Some(123));
-        assert_eq!(temporary_owner(".snapshots.json.tmp77"), Some(77));
+        assert_eq!(temporary_owner(".snapshots.json.tmp77-0"), Some(77));
         assert_eq!(temporary_owner(".vm.conf.tmp77"), None);
         assert_eq!(temporary_owner("disk.qcow2"), None);
         assert_eq!(temporary_owner(".disk.vmlab-x-1.tmp"), None);

@@ -106,6 +106,10 @@ fn snapshot_disks(vm: &VmDir, settings: &VmSettings) -> Result<Vec<PathBuf>> {
                 vm.path().display()
             )));
         }
+        // Its layers will lead where it leads: refused now, not at the
+        // next start or restore.
+        crate::disk::checked_backing_chain(path, &settings.backing_policy())
+            .map_err(disk_error(vm))?;
         if crate::disk::probe_format(path).map_err(disk_error(vm))? == ImageFormat::Raw {
             return Err(ControlError::Refused(format!(
                 "VM {name}'s disk {} is raw: snapshots need qcow2 disks; convert it while the VM is stopped (vmlab clone --full --format qcow2 {} NEW.qcow2) and attach NEW.qcow2 instead",
@@ -317,6 +321,7 @@ pub fn restore(vm_name: &str, name: &str) -> Result<Compaction> {
 }
 
 fn prepare_restore(vm: &VmDir, snapshot: &Snapshot) -> Result<Vec<crate::disk::PreparedOverlay>> {
+    let policy = vm.load_settings()?.backing_policy();
     snapshot
         .disks
         .iter()
@@ -324,6 +329,7 @@ fn prepare_restore(vm: &VmDir, snapshot: &Snapshot) -> Result<Vec<crate::disk::P
             crate::disk::prepare_overlay_onto(
                 &vm.path().join(&part.disk),
                 &vm.path().join(&part.layer),
+                &policy,
             )
             .map_err(disk_error(vm))
         })

@@ -43,7 +43,9 @@ impl BusDevice for AcpiPmRegisters {
             if sleep_type == ACPI_S5_SLEEP_TYPE {
                 self.exit.request(ExitReason::PowerOff);
             } else {
-                log::warn!("guest asked for unsupported ACPI sleep type {sleep_type}; ignored");
+                crate::warn_limited!(
+                    "guest asked for unsupported ACPI sleep type {sleep_type}; ignored"
+                );
             }
         } else if port == u64::from(ACPI_RESET_PORT) && value == ACPI_RESET_VALUE {
             self.exit.request(ExitReason::Reset);
@@ -80,6 +82,17 @@ mod tests {
         dev.write(BASE, 1, &[0xff]);
         dev.write(BASE, 0, &[]);
         assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn unsupported_sleep_requests_in_a_loop_log_a_few_lines() {
+        let (mut dev, _exit) = regs();
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..1000 {
+                dev.write(BASE, 0, &[(3 << 2) | (1 << 5)]);
+            }
+        });
+        assert_eq!(lines.len(), crate::rate_limit::LOG_BURST as usize);
     }
 
     #[test]

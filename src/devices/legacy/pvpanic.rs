@@ -27,7 +27,7 @@ impl BusDevice for PvPanic {
         match data.first() {
             Some(v) if v & PVPANIC_PANICKED != 0 => self.exit.request(ExitReason::GuestPanic),
             Some(v) if v & PVPANIC_CRASH_LOADED != 0 => {
-                log::warn!("guest kernel crashed and is loading a crash kernel")
+                crate::warn_limited!("guest kernel crashed and is loading a crash kernel")
             }
             _ => {}
         }
@@ -37,6 +37,17 @@ impl BusDevice for PvPanic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crash_kernel_writes_in_a_loop_log_a_few_lines() {
+        let mut dev = PvPanic::new(ExitSignal::new().unwrap());
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..1000 {
+                dev.write(0x505, 0, &[PVPANIC_CRASH_LOADED]);
+            }
+        });
+        assert_eq!(lines.len(), crate::rate_limit::LOG_BURST as usize);
+    }
 
     #[test]
     fn panic_write_stops_the_vm_with_an_error() {

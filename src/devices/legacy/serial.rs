@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::devices::BusDevice;
 
@@ -29,11 +29,11 @@ impl vm_superio::serial::SerialEvents for InputRoom {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        log::debug!("serial: a console output byte could not be written");
+        crate::debug_limited!("serial: a console output byte could not be written");
     }
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            log::warn!("serial: cannot signal input room: {e}");
+            crate::warn_limited!("serial: cannot signal input room: {e}");
         }
     }
 }
@@ -48,7 +48,7 @@ pub struct Serial {
 impl Serial {
     /// A UART raising `interrupt` and writing guest output to `out`.
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let input_room = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let input_room = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         let uart = vm_superio::Serial::with_events(
             EventFdTrigger(interrupt),
             InputRoom(input_room.clone()),
@@ -75,7 +75,7 @@ impl Serial {
         match self.uart.enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial: cannot queue input: {e:?}");
+                crate::warn_limited!("serial: cannot queue input: {e:?}");
                 0
             }
         }
@@ -96,7 +96,7 @@ impl BusDevice for Serial {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let Some(&value) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, value) {
-                log::debug!("serial: write to register {offset}: {e:?}");
+                crate::debug_limited!("serial: write to register {offset}: {e:?}");
             }
         }
     }

@@ -2,10 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::events::QueueHandler;
 use super::interrupt::VirtioInterrupt;
+use super::queue::QueueService;
 use crate::vmm::memory::GuestMemoryMmap;
 
 /// Everything a device needs to start serving its queues.
@@ -19,13 +20,18 @@ pub struct ActivateContext {
     pub features: u64,
 }
 
+impl ActivateContext {
+    /// What the device named `device` (for the log) serves its queues with.
+    pub fn service(&self, device: impl Into<String>) -> QueueService {
+        QueueService::new(device, self.mem.clone(), self.interrupt.clone())
+    }
+}
+
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("queue {0} is required but the driver did not enable it")]
     QueueNotReady(usize),
-    #[error("{0}")]
-    Device(String),
 }
 
 /// A virtio device model.
@@ -47,7 +53,7 @@ pub trait VirtioDevice: Send {
 
     /// Writes the configuration space; most devices ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::debug_limited!(
             "virtio: ignored {}-byte config write at {offset:#x}",
             data.len()
         );
@@ -70,43 +76,6 @@ pub trait VirtioDevice: Send {
     /// (the default): the main event loop calls `process_queue`.
     fn io_thread_handler(&self) -> Option<Arc<Mutex<dyn QueueHandler>>> {
         None
-    }
-}
-
-/// Serves every available chain of `queue` with `handle`, which returns
-/// the number of bytes it wrote into the chain (the used length). Uses the
-/// notification-suppression protocol: with EVENT_IDX the driver only kicks
-/// when `avail_event` says the device is waiting, so the device must
-/// publish it (`enable_notification`) and re-check for buffers that raced
-/// in. Returns whether any chain was used; an error means the driver broke
-/// the queue and the device needs a reset.
-pub fn serve_queue<F>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    mut handle: F,
-) -> Result<bool, String>
-where
-    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, String>,
-{
-    let mut used_any = false;
-    loop {
-        queue
-            .disable_notification(mem)
-            .map_err(|e| format!("queue notification: {e:?}"))?;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = handle(chain)?;
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| format!("used ring: {e:?}"))?;
-            used_any = true;
-        }
-        let more = queue
-            .enable_notification(mem)
-            .map_err(|e| format!("queue notification: {e:?}"))?;
-        if !more {
-            return Ok(used_any);
-        }
     }
 }
 

@@ -30,7 +30,7 @@ impl VirtioInterrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            log::warn!("virtio: cannot raise an interrupt: {e}");
+            crate::warn_limited!("virtio: cannot raise an interrupt: {e}");
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -40,9 +40,10 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    /// Starts a thread named `name` running an event loop with `subscriber`.
+    /// Starts a thread named `name` running an event loop with `subscriber`;
+    /// returns once the thread is under its seccomp filter.
     pub fn spawn(name: &str, subscriber: Subscriber) -> std::io::Result<IoThread> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let watcher = Stop {
             event: stop.try_clone()?,
             stopped: Arc::new(AtomicBool::new(false)),
@@ -53,9 +54,16 @@ impl IoThread {
         events.add_subscriber(Arc::new(Mutex::new(watcher)));
         events.add_subscriber(subscriber);
         let thread_name = name.to_string();
+        let (filtered, installed) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let result = crate::seccomp::install(crate::seccomp::ThreadClass::BlockIo);
+                let failed = result.is_err();
+                let _ = filtered.send(result);
+                if failed {
+                    return;
+                }
                 while !stopped.load(Ordering::SeqCst) {
                     if let Err(e) = events.run_with_timeout(-1) {
                         log::error!("{thread_name}: event loop failed: {e:?}");
@@ -63,6 +71,11 @@ impl IoThread {
                     }
                 }
             })?;
+        match installed.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(std::io::Error::other(e)),
+            Err(_) => return Err(std::io::Error::other("the thread ended at its start")),
+        }
         Ok(IoThread {
             name: name.to_string(),
             stop,

@@ -132,7 +132,9 @@ impl MmioTransport {
             }
             REG_CONFIG_GENERATION => 0,
             _ => {
-                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                crate::debug_limited!(
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -144,7 +146,9 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_DRIVER_FEATURES => {
                 if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-                    log::warn!("virtio-mmio: driver features written outside negotiation; ignored");
+                    crate::warn_limited!(
+                        "virtio-mmio: driver features written outside negotiation; ignored"
+                    );
                     return;
                 }
                 match self.driver_features_sel {
@@ -170,23 +174,29 @@ impl MmioTransport {
             | REG_QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
             REG_QUEUE_NOTIFY => {
                 // Valid notifications are ioeventfds and never exit to us.
-                log::debug!("virtio-mmio: notify for a queue that does not exist ({value})");
+                crate::debug_limited!(
+                    "virtio-mmio: notify for a queue that does not exist ({value})"
+                );
             }
             REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             REG_STATUS => self.write_status(value),
-            _ => log::debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+            _ => crate::debug_limited!(
+                "virtio-mmio: write to read-only or unknown register {offset:#x}"
+            ),
         }
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         if !self.queue_setup_allowed() {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: queue register {offset:#x} written outside queue setup; ignored"
             );
             return;
         }
         let Some(queue) = self.selected_queue() else {
-            log::warn!("virtio-mmio: queue register written for a queue that does not exist");
+            crate::warn_limited!(
+                "virtio-mmio: queue register written for a queue that does not exist"
+            );
             return;
         };
         match offset {
@@ -208,7 +218,7 @@ impl MmioTransport {
             return;
         }
         if value & STATUS_FAILED != 0 {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: the driver gave up on device type {}",
                 self.device_type
             );
@@ -226,7 +236,7 @@ impl MmioTransport {
                 self.status = value;
             } else {
                 // Leaving FEATURES_OK clear is how the device says no.
-                log::warn!(
+                crate::warn_limited!(
                     "virtio-mmio: driver asked for features {:#x}, device offers {:#x}; refused",
                     self.driver_features,
                     self.device_features
@@ -238,7 +248,7 @@ impl MmioTransport {
             self.status = value;
             self.activate();
         } else {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: status {value:#x} after {old:#x} skips a step of device initialisation; refused"
             );
         }
@@ -255,7 +265,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (index, queue) in self.queues.iter().enumerate() {
             if queue.ready() && !queue.is_valid(&self.mem) {
-                log::warn!(
+                crate::warn_limited!(
                     "virtio-mmio: queue {index} of device type {} is invalid",
                     self.device_type
                 );
@@ -273,7 +283,7 @@ impl MmioTransport {
             features: self.driver_features,
         };
         if let Err(e) = lock(&self.device).activate(ctx) {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device type {} cannot start: {e}",
                 self.device_type
             );
@@ -304,7 +314,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            log::debug!(
+            crate::debug_limited!(
                 "virtio-mmio: {}-byte read at {offset:#x} is not a register access",
                 data.len()
             );
@@ -320,7 +330,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!(
+            crate::debug_limited!(
                 "virtio-mmio: {}-byte write at {offset:#x} is not a register access",
                 data.len()
             );
@@ -539,6 +549,28 @@ mod tests {
         assert_eq!(probe.lock().unwrap().resets, 1);
         wr(&mut t, REG_QUEUE_SEL, 0);
         assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn a_driver_hammering_bad_registers_logs_a_few_lines_per_kind() {
+        let (mut t, _) = transport();
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..1000 {
+                wr(&mut t, REG_STATUS, ALL_OK); // skips steps
+                wr(&mut t, REG_QUEUE_READY, 1); // outside queue setup
+                wr(&mut t, REG_QUEUE_NOTIFY, 7); // no such queue
+                rd(&mut t, 0x0f0); // unknown register
+            }
+        });
+        assert_eq!(
+            lines.len(),
+            4 * crate::rate_limit::LOG_BURST as usize,
+            "{lines:#?}"
+        );
+        assert!(lines
+            .last()
+            .unwrap()
+            .starts_with("DEBUG virtio-mmio: read of write-only"));
     }
 
     #[test]

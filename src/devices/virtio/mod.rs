@@ -9,15 +9,23 @@
 pub mod block;
 pub mod device;
 pub mod events;
+pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod io_thread;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
+#[cfg(test)]
+mod test_support;
 
 pub use device::{ActivateContext, ActivateError, VirtioDevice};
+pub use fault::{DeviceFault, DriverFault, HostFault};
 pub use interrupt::VirtioInterrupt;
 pub use mmio::MmioTransport;
+pub use queue::QueueService;
 
 /// Device type IDs (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;

@@ -3,15 +3,14 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-use super::device::{serve_queue, ActivateContext, ActivateError, VirtioDevice};
-use super::interrupt::VirtioInterrupt;
+use super::device::{ActivateContext, ActivateError, VirtioDevice};
+use super::fault::{DeviceFault, DriverFault, HostFault};
+use super::queue::{Chain, QueueService};
 use super::TYPE_RNG;
-use crate::vmm::memory::GuestMemoryMmap;
 
 const QUEUE_SIZE: u16 = 256;
 /// Largest single request served, so one guest buffer cannot make the
@@ -19,9 +18,8 @@ const QUEUE_SIZE: u16 = 256;
 const MAX_REQUEST: usize = 64 * 1024;
 
 struct Active {
-    mem: GuestMemoryMmap,
+    service: QueueService,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
 }
 
 pub struct Rng {
@@ -38,31 +36,31 @@ impl Rng {
             buf: Vec::new(),
         })
     }
+}
 
-    /// Serves every available request; returns whether any was used.
-    fn serve(&mut self) -> Result<bool, String> {
-        let Some(active) = self.active.as_mut() else {
-            return Ok(false);
-        };
-        let (source, buf, mem) = (&mut self.source, &mut self.buf, &active.mem);
-        serve_queue(&mut active.queue, mem, |chain| {
-            let mut written = 0usize;
-            for desc in chain.writable() {
-                let want = (desc.len() as usize).min(MAX_REQUEST - written);
-                if want == 0 {
-                    break;
-                }
-                buf.resize(want, 0);
-                source
-                    .read_exact(buf)
-                    .map_err(|e| format!("reading host entropy: {e}"))?;
-                mem.write_slice(buf, desc.addr())
-                    .map_err(|e| format!("buffer outside guest memory: {e}"))?;
-                written += want;
-            }
-            Ok(written as u32)
-        })
+/// Fills `chain`'s writable buffers with entropy from `source`; returns the
+/// bytes written.
+fn fill(
+    chain: Chain<'_>,
+    service: &QueueService,
+    source: &mut File,
+    buf: &mut Vec<u8>,
+) -> Result<u32, DeviceFault> {
+    let mut written = 0usize;
+    for desc in chain.writable() {
+        let want = (desc.len() as usize).min(MAX_REQUEST - written);
+        if want == 0 {
+            break;
+        }
+        buf.resize(want, 0);
+        source.read_exact(buf).map_err(HostFault::Entropy)?;
+        service
+            .mem()
+            .write_slice(buf, desc.addr())
+            .map_err(|_| DriverFault::outside_memory(desc.addr(), want))?;
+        written += want;
     }
+    Ok(written as u32)
 }
 
 impl VirtioDevice for Rng {
@@ -83,13 +81,10 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let service = ctx.service("virtio-rng");
         let queue = ctx.queues.into_iter().next().filter(|q| q.ready());
         let queue = queue.ok_or(ActivateError::QueueNotReady(0))?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(Active { service, queue });
         Ok(())
     }
 
@@ -98,20 +93,14 @@ impl VirtioDevice for Rng {
     }
 
     fn process_queue(&mut self, _index: usize) {
-        match self.serve() {
-            Ok(true) => {
-                let active = self.active.as_mut().expect("served, so active");
-                if active.queue.needs_notification(&active.mem).unwrap_or(true) {
-                    active.interrupt.signal_used_queue();
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!("virtio-rng: {e}; the device needs a reset");
-                if let Some(active) = self.active.take() {
-                    active.interrupt.mark_needs_reset();
-                }
-            }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let (source, buf, service) = (&mut self.source, &mut self.buf, &active.service);
+        let served = service.serve(&mut active.queue, |chain| fill(chain, service, source, buf));
+        if served.is_err() {
+            // Deaf until the driver resets the device.
+            self.active = None;
         }
     }
 }
@@ -119,6 +108,10 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::interrupt::VirtioInterrupt;
+    use crate::devices::virtio::test_support::returns_in_time;
+    use crate::vmm::memory::GuestMemoryMmap;
+    use std::sync::Arc;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -229,5 +222,22 @@ mod tests {
             vq.used().ring().ref_at(0).unwrap().load().len(),
             MAX_REQUEST as u32
         );
+    }
+
+    #[test]
+    fn an_avail_index_beyond_the_queue_size_needs_reset_instead_of_spinning() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.add_desc_chains(&[desc(0x10_0000, 64, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        vq.avail().idx().store(17);
+        let (rng, interrupt) = activate(&m, &vq);
+        let mut rng = returns_in_time(rng, |rng| rng.process_queue(0));
+        assert!(interrupt.needs_reset());
+        assert_eq!(vq.used().idx().load(), 0);
+        // Deaf until reset: another kick does nothing.
+        vq.avail().idx().store(1);
+        rng.process_queue(0);
+        assert_eq!(vq.used().idx().load(), 0);
     }
 }

@@ -11,6 +11,7 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36;
 pub const OFF_REFTABLE_OFFSET: u64 = 48;
+pub const OFF_INCOMPATIBLE: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 
 const V2_HEADER_LEN: u32 = 72;

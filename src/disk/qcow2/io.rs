@@ -5,6 +5,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use super::cache::{get_be64, set_be64};
+use super::overlap::Metadata;
 use super::{Mapping, State, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::disk::backend::BlockStatus;
 use crate::disk::error::Result;
@@ -32,6 +33,7 @@ impl State {
             }
             self.make_room_l2()?;
             let (host, _) = self.alloc_clusters(1)?;
+            self.record_metadata(host / self.cs, 1, Metadata::L2Table)?;
             let slot = self
                 .l2_cache
                 .insert(host, vec![0u8; self.cs as usize], true);
@@ -228,6 +230,7 @@ impl State {
     }
 
     pub(super) fn write(&mut self, offset: u64, bufs: &[IoSlice<'_>], len: u64) -> Result<()> {
+        self.check_intact()?;
         let mut pos = 0;
         while pos < len {
             let guest = offset + pos;
@@ -235,6 +238,7 @@ impl State {
             match m {
                 Mapping::Data { host, copied: true } => {
                     let at = host + (guest & (self.cs - 1));
+                    self.check_data_write(at, run)?;
                     let mut part = iovec::sub(bufs, pos, run);
                     self.unsynced = true;
                     iovec::pwrite_vectored(&self.file, &mut part, at)
@@ -245,6 +249,7 @@ impl State {
                     copied: false,
                 } if self.refcount(host / self.cs)? == 1 => {
                     // Sole owner without the flag: mark it and write in place.
+                    self.check_data_write(host, self.cs)?;
                     self.set_copied(guest, host)?;
                     continue;
                 }
@@ -300,7 +305,15 @@ impl State {
         let last_end = end.div_ceil(cs) * cs;
         let n = (last_end - first) / cs;
         // The table first, so its own allocation does not split the run.
-        self.l2_slot(self.l1_index(guest), true)?;
+        let slot = self
+            .l2_slot(self.l1_index(guest), true)?
+            .expect("allocating lookup");
+        // What the run's entries hold now must be freeable before anything
+        // is written.
+        let i0 = self.l2_index(guest);
+        for i in 0..n as usize {
+            self.storage_of(get_be64(&self.l2_cache.get(slot).data, i0 + i))?;
+        }
         let (host, fresh) = self.alloc_clusters(n)?;
         let old_is_zero = |st: &State, at: u64| match m {
             Mapping::Zero { .. } => true,
@@ -336,7 +349,6 @@ impl State {
         let slot = self
             .l2_slot(self.l1_index(guest), true)?
             .expect("allocating lookup");
-        let i0 = self.l2_index(guest);
         for i in 0..n as usize {
             let old = get_be64(&self.l2_cache.get(slot).data, i0 + i);
             self.queue_free(old)?;
@@ -347,19 +359,27 @@ impl State {
         Ok(())
     }
 
-    /// Queues the storage an L2 entry held for freeing at the next flush.
-    fn queue_free(&mut self, entry: u64) -> Result<()> {
-        match self.decode(entry)? {
-            Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 => {
-                self.pending_free.push((host, self.cs));
-            }
+    /// The host bytes an L2 entry holds, checked to be no metadata: what
+    /// replacing the entry will free.
+    fn storage_of(&mut self, entry: u64) -> Result<Option<(u64, u64)>> {
+        let held = match self.decode(entry)? {
+            Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 => (host, self.cs),
             Mapping::Compressed { entry } => {
                 let shift = 62 - (self.cluster_bits - 8);
                 let offset = entry & ((1u64 << shift) - 1);
                 let sectors = ((entry >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
-                self.pending_free.push((offset & !511, sectors * 512));
+                (offset & !511, sectors * 512)
             }
-            _ => {}
+            _ => return Ok(None),
+        };
+        self.check_free(held.0, held.1)?;
+        Ok(Some(held))
+    }
+
+    /// Queues the storage an L2 entry held for freeing at the next flush.
+    fn queue_free(&mut self, entry: u64) -> Result<()> {
+        if let Some(held) = self.storage_of(entry)? {
+            self.pending_free.push(held);
         }
         Ok(())
     }
@@ -367,6 +387,7 @@ impl State {
     /// Makes `[offset, offset + len)` read as zeroes: whole clusters by their
     /// L2 entries (freeing their storage), partial ones by writing zeroes.
     pub(super) fn zero_range(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_intact()?;
         let cs = self.cs;
         let end = offset + len;
         let mut full_start = offset.div_ceil(cs) * cs;

@@ -5,13 +5,15 @@
 //! (see `writeback.rs`): data and refcount increments, then L2 tables, then
 //! the L1 table, each stage made durable before the next is written; freed
 //! clusters are only counted down once the tables no longer naming them are
-//! durable. A crash may leak clusters, never corrupt the image.
+//! durable. A crash may leak clusters, never corrupt the image. A hostile
+//! image cannot make guest data overwrite its metadata (see `overlap.rs`).
 
 mod allocation;
 mod cache;
 mod create;
 mod header;
 mod io;
+mod overlap;
 mod refcount;
 mod writeback;
 
@@ -28,10 +30,12 @@ pub use header::{Header, QCOW2_MAGIC};
 
 use self::cache::TableCache;
 use self::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use self::overlap::MetadataMap;
 use super::backend::{check_range, BlockBackend, BlockStatus, ImageFormat};
 use super::error::{DiskError, Result};
 use super::iovec;
 use super::open::OpenOptions;
+use crate::escape;
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -100,6 +104,10 @@ pub(crate) struct State {
     zeroes: Vec<u8>,
     /// The last decompressed cluster, keyed by its L2 entry.
     decompressed: Option<(u64, Vec<u8>)>,
+    /// Where metadata lies (writers only), for the overlap checks.
+    metadata: MetadataMap,
+    /// An overlap was found: the image takes no more writes.
+    marked_corrupt: bool,
 }
 
 impl Qcow2Image {
@@ -157,9 +165,14 @@ impl Qcow2Image {
             unsynced: false,
             zeroes: Vec::new(),
             decompressed: None,
+            metadata: MetadataMap::default(),
+            marked_corrupt: false,
             hdr,
             file,
         };
+        if !read_only {
+            state.map_metadata()?;
+        }
         if !read_only && state.hdr.autoclear_features != 0 {
             // Autoclear features we do not maintain must be cleared by a
             // writer, so that their stale data is not trusted later.
@@ -373,7 +386,7 @@ impl Drop for Qcow2Image {
         }
         let mut st = self.lock();
         if let Err(e) = st.close() {
-            log::error!("{}: closing image: {e}", self.path.display());
+            log::error!("{}: closing image: {e}", escape::path(&self.path));
         }
     }
 }

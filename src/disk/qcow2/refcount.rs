@@ -4,6 +4,7 @@
 
 use super::cache::{get_refcount, set_refcount};
 use super::header::OFF_REFTABLE_OFFSET;
+use super::overlap::Metadata;
 use super::{State, REFT_OFFSET_MASK};
 use crate::disk::error::Result;
 
@@ -133,6 +134,7 @@ impl State {
         // caller has moved the hint past what it is allocating).
         let b = self.find_free(1)?;
         self.free_hint = b + 1;
+        self.record_metadata(b, 1, Metadata::RefcountBlock)?;
         let block_off = b * self.cs;
         self.claim(block_off, self.cs)?;
         self.make_room_refblock()?;
@@ -167,6 +169,7 @@ impl State {
             }
             idx += 1;
         }
+        self.check_allocation(start, n)?;
         Ok(start)
     }
 
@@ -226,6 +229,7 @@ impl State {
             return Err(self.corrupt("refcount table would exceed 8 MiB"));
         }
         self.free_hint = start + clusters;
+        self.record_metadata(start, clusters, Metadata::RefcountTable)?;
         let offset = start * self.cs;
         self.claim(offset, clusters * self.cs)?;
         self.known_zero_from = self.known_zero_from.max(offset + clusters * self.cs);
@@ -246,6 +250,7 @@ impl State {
         field[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
         self.write_at(&field, OFF_REFTABLE_OFFSET)?;
         self.sync()?;
+        self.forget_metadata(old_offset / self.cs, old_clusters);
         if old_offset != 0 {
             for i in 0..old_clusters {
                 self.update_refcount(old_offset / self.cs + i, -1)?;

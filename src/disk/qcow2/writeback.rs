@@ -10,6 +10,7 @@
 
 use super::cache::set_be64;
 use super::header::{Header, OFF_L1_SIZE, OFF_SIZE};
+use super::overlap::Metadata;
 use super::{State, L1E_OFFSET_MASK};
 use crate::disk::error::{DiskError, Result};
 
@@ -86,6 +87,7 @@ impl State {
 
     /// Grows the virtual size, moving the L1 table when it must grow.
     pub(super) fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.check_intact()?;
         if new_size < self.hdr.size {
             return Err(DiskError::Shrink {
                 path: self.path.clone(),
@@ -108,6 +110,7 @@ impl State {
             }
             let clusters = (needed * 8).div_ceil(self.cs);
             let (offset, _) = self.alloc_clusters(clusters)?;
+            self.record_metadata(offset / self.cs, clusters, Metadata::L1Table)?;
             let mut table = vec![0u8; (clusters * self.cs) as usize];
             for (i, e) in self.l1.iter().enumerate() {
                 set_be64(&mut table, i, *e);
@@ -120,6 +123,8 @@ impl State {
             field[4..].copy_from_slice(&offset.to_be_bytes());
             self.write_at(&field, OFF_L1_SIZE)?;
             self.sync()?;
+            let old_clusters = (old.1 * 8).div_ceil(self.cs);
+            self.forget_metadata(old.0 / self.cs, old_clusters);
             self.hdr.l1_table_offset = offset;
             self.hdr.l1_size = needed as u32;
             self.l1.resize(needed as usize, 0);

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::devices::virtio::device::{ActivateContext, VirtioDevice};
 use crate::devices::virtio::interrupt::VirtioInterrupt;
+use crate::devices::virtio::test_support::returns_in_time;
 use crate::devices::virtio::F_VERSION_1;
 use crate::disk::{self, BlockStatus, ImageFormat, LockMode, OpenOptions};
 use crate::vmm::memory::GuestMemoryMmap;
@@ -55,8 +56,7 @@ fn open(path: &Path, read_only: bool) -> Arc<dyn BlockBackend> {
     let opts = OpenOptions {
         read_only,
         lock: LockMode::None,
-        format: None,
-        cache_bytes: None,
+        ..OpenOptions::read_only()
     };
     Arc::from(disk::open_image(path, &opts).unwrap())
 }
@@ -729,6 +729,20 @@ fn hostile_chain_longer_than_4_gib() {
         raw(DATA, u32::MAX, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
         raw(STATUS, 1, VRING_DESC_F_WRITE, 0),
     ]);
+}
+
+#[test]
+fn avail_index_beyond_the_queue_size_needs_reset_instead_of_spinning() {
+    let m = mem();
+    let (_dir, rig) = hostile_rig(&m);
+    rig.vq
+        .add_desc_chains(&chain(0, &[(HDR, 16, Dir::R), (STATUS, 1, Dir::W)]), 0)
+        .unwrap();
+    rig.vq.avail().idx().store(QSIZE + 1);
+    // On the disk's own I/O thread, as in a VM.
+    returns_in_time(rig.dev.worker(), |worker| lock(worker).process());
+    assert!(rig.interrupt.needs_reset());
+    assert_eq!(rig.vq.used().idx().load(), 0, "nothing used");
 }
 
 #[test]

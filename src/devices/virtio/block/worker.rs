@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::guest_io;
@@ -12,9 +12,10 @@ use super::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
     SECTOR_SIZE,
 };
-use crate::devices::virtio::device::serve_queue;
 use crate::devices::virtio::events::QueueHandler;
+use crate::devices::virtio::fault::DriverFault;
 use crate::devices::virtio::interrupt::VirtioInterrupt;
+use crate::devices::virtio::queue::QueueService;
 use crate::disk::BlockBackend;
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -38,9 +39,8 @@ const SEGMENT_LEN: u64 = 16;
 const FLAG_UNMAP: u32 = 1;
 
 struct Active {
-    mem: GuestMemoryMmap,
+    service: QueueService,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
     /// The driver did not take VIRTIO_BLK_F_FLUSH: every write must be
     /// durable before it completes (a write-through cache).
     write_through: bool,
@@ -75,10 +75,10 @@ impl BlockWorker {
         interrupt: Arc<VirtioInterrupt>,
         write_through: bool,
     ) {
+        let name = format!("virtio-blk {}", self.backend.path().display());
         self.active = Some(Active {
-            mem,
+            service: QueueService::new(name, mem, interrupt),
             queue,
-            interrupt,
             write_through,
         });
     }
@@ -115,30 +115,17 @@ impl BlockWorker {
             serial: &self.serial,
             write_through: active.write_through,
         };
-        let mem = &active.mem;
-        let served = serve_queue(&mut active.queue, mem, |chain| {
-            let req = request::parse(chain, mem).map_err(|e| e.to_string())?;
+        let service = &active.service;
+        let mem = service.mem();
+        let served = service.serve(&mut active.queue, |chain| {
+            let req = request::parse(chain, mem).map_err(DriverFault::from)?;
             let (status, written) = disk.execute(mem, &req);
             mem.write_obj(status, req.status)
-                .map_err(|e| format!("status byte: {e}"))?;
+                .map_err(|_| DriverFault::outside_memory(req.status, 1))?;
             Ok(written.saturating_add(1))
         });
-        match served {
-            Ok(true) => {
-                if active.queue.needs_notification(mem).unwrap_or(true) {
-                    active.interrupt.signal_used_queue();
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!(
-                    "virtio-blk {}: {e}; the device needs a reset",
-                    self.backend.path().display()
-                );
-                if let Some(active) = self.active.take() {
-                    active.interrupt.mark_needs_reset();
-                }
-            }
+        if served.is_err() {
+            self.active = None;
         }
     }
 }
@@ -172,7 +159,7 @@ impl Disk<'_> {
             },
             T_DISCARD | T_WRITE_ZEROES => (self.zero_ranges(mem, req), 0),
             other => {
-                log::debug!("virtio-blk: unsupported request type {other}");
+                crate::debug_limited!("virtio-blk: unsupported request type {other}");
                 (S_UNSUPP, 0)
             }
         }
@@ -189,13 +176,13 @@ impl Disk<'_> {
     fn data_range(&self, req: &Request, bufs: &[GuestBuf]) -> Option<(u64, u64)> {
         let len = total_len(bufs);
         if len % SECTOR_SIZE != 0 {
-            log::debug!("virtio-blk: {len}-byte transfer is not whole sectors");
+            crate::debug_limited!("virtio-blk: {len}-byte transfer is not whole sectors");
             return None;
         }
         match self.range(req.sector, len) {
             Some(offset) => Some((offset, len)),
             None => {
-                log::debug!(
+                crate::debug_limited!(
                     "virtio-blk: {len} bytes at sector {} lie beyond the disk's end",
                     req.sector
                 );
@@ -217,7 +204,7 @@ impl Disk<'_> {
         match self.backend.read_vectored_at(offset, &mut bufs) {
             Ok(()) => (S_OK, len),
             Err(e) => {
-                log::warn!("virtio-blk: read failed: {e}");
+                crate::warn_limited!("virtio-blk: read failed: {e}");
                 (S_IOERR, 0)
             }
         }
@@ -234,7 +221,7 @@ impl Disk<'_> {
             return S_IOERR;
         };
         if let Err(e) = self.backend.write_vectored_at(offset, &bufs) {
-            log::warn!("virtio-blk: write failed: {e}");
+            crate::warn_limited!("virtio-blk: write failed: {e}");
             return S_IOERR;
         }
         if self.write_through {
@@ -251,7 +238,7 @@ impl Disk<'_> {
         match self.backend.flush() {
             Ok(()) => S_OK,
             Err(e) => {
-                log::warn!("virtio-blk: flush failed: {e}");
+                crate::warn_limited!("virtio-blk: flush failed: {e}");
                 S_IOERR
             }
         }
@@ -304,7 +291,7 @@ impl Disk<'_> {
                 self.backend.write_zeroes(offset, bytes)
             };
             if let Err(e) = done {
-                log::warn!("virtio-blk: zeroing failed: {e}");
+                crate::warn_limited!("virtio-blk: zeroing failed: {e}");
                 return S_IOERR;
             }
         }

@@ -10,7 +10,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::Net;
 use crate::devices::bus::lock;
-use crate::net::{Nat, TICK};
+use crate::net::TICK;
 
 /// Token of the NAT's timer; queue notifiers use their queue index. All
 /// keep bit 31 clear, which marks the NAT's own tokens.
@@ -69,8 +69,8 @@ impl MutEventSubscriber for NetEvents {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let token = events.data();
         let mut net = lock(&self.net);
-        if Nat::owns_token(token) {
-            net.nat_event(token, events.event_set(), ops);
+        if net.owns_token(token) {
+            net.backend_event(token, events.event_set(), ops);
         } else if token == TOKEN_TIMER {
             let _ = self.timer.wait();
             net.tick(ops);
@@ -79,7 +79,7 @@ impl MutEventSubscriber for NetEvents {
             let _ = notifier.read();
             net.queue_notified(token as usize, ops);
         }
-        let needed = net.nat().needs_tick();
+        let needed = net.needs_tick();
         drop(net);
         self.update_timer(needed, token == TOKEN_TIMER);
     }

@@ -1,7 +1,8 @@
-//! virtio-net on the userspace NAT: the guest's `eth0`.
+//! virtio-net: the guest's `eth0`, on a [`NetBackend`]: the userspace NAT
+//! (`--net user`) or a lab network's switch port (`--net NAME`).
 //!
-//! Two queues: RX (0), where the guest posts buffers that the NAT's frames
-//! fill, and TX (1), whose chains become [`Nat::handle_frame`] calls. Every
+//! Two queues: RX (0), where the guest posts buffers that the backend's
+//! frames fill, and TX (1), whose chains go to the backend. Every
 //! frame carries the 12-byte `virtio_net_hdr` the NAT speaks natively
 //! ([`NetHdr`]), so checksum and TSO offloads pass straight through: the
 //! guest sends 64 KiB TCP segments with partial checksums and receives them
@@ -14,6 +15,7 @@
 //! All of it runs on the VM's event loop ([`NetEvents`]): queue
 //! notifications, the NAT's host sockets and its timer.
 
+mod backend;
 mod events;
 mod rx;
 mod tx;
@@ -27,13 +29,13 @@ use virtio_bindings::bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::device::{read_config_bytes, serve_queue, ActivateContext, ActivateError};
-use super::interrupt::VirtioInterrupt;
+use super::device::{read_config_bytes, ActivateContext, ActivateError};
+use super::queue::QueueService;
 use super::{VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, TYPE_NET};
 use crate::cli::MacAddress;
-use crate::net::{ForwardListeners, Nat, NatConfig, Offloads, SocketRegistry};
-use crate::vmm::memory::GuestMemoryMmap;
+use crate::net::{ForwardListeners, Nat, NatConfig, NatView, Offloads, SocketRegistry};
 
+pub use backend::NetBackend;
 pub use events::NetEvents;
 use rx::{RxPort, Unplugged};
 use tx::TxChain;
@@ -63,9 +65,24 @@ const FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
 /// Everything the VM needs to give a guest its network card.
 pub struct NetSettings {
     pub mac: MacAddress,
-    pub nat: NatConfig,
-    /// Bound before the VM is built, so a busy port fails first.
-    pub listeners: ForwardListeners,
+    pub mtu: u16,
+    pub backend: Box<dyn NetBackend>,
+    /// What `nat show` sees when the NAT is not in this process (a lab
+    /// network's member); None: the backend's own NAT.
+    pub nat_view: Option<Arc<dyn NatView>>,
+}
+
+impl NetSettings {
+    /// A card behind its own NAT; `listeners` were bound before the VM is
+    /// built, so a busy port fails first.
+    pub fn nat(mac: MacAddress, nat: NatConfig, listeners: ForwardListeners) -> Self {
+        NetSettings {
+            mac,
+            mtu: nat.mtu,
+            backend: Box::new(Nat::new(nat, listeners)),
+            nat_view: None,
+        }
+    }
 }
 
 /// What the device counts besides the NAT's own counters.
@@ -83,10 +100,9 @@ pub struct NetCounters {
 
 /// The queues while the driver has the device running.
 struct Active {
-    mem: GuestMemoryMmap,
+    service: QueueService,
     rx: Queue,
     tx: Queue,
-    interrupt: Arc<VirtioInterrupt>,
     offloads: Offloads,
     mergeable: bool,
 }
@@ -94,7 +110,7 @@ struct Active {
 pub struct Net {
     mac: MacAddress,
     mtu: u16,
-    nat: Nat,
+    backend: Box<dyn NetBackend>,
     active: Option<Active>,
     tx_buf: Vec<u8>,
     counters: NetCounters,
@@ -102,11 +118,10 @@ pub struct Net {
 
 impl Net {
     pub fn new(settings: NetSettings) -> Self {
-        let mtu = settings.nat.mtu;
         Net {
             mac: settings.mac,
-            mtu,
-            nat: Nat::new(settings.nat, settings.listeners),
+            mtu: settings.mtu,
+            backend: settings.backend,
             active: None,
             tx_buf: Vec::with_capacity(tx::MAX_CHAIN_BYTES),
             counters: NetCounters::default(),
@@ -117,23 +132,32 @@ impl Net {
         self.mac
     }
 
-    pub fn nat(&self) -> &Nat {
-        &self.nat
+    /// The NAT, when it runs in this process (not for a lab network's
+    /// member: its NAT is the network's).
+    pub fn nat(&self) -> Option<&Nat> {
+        self.backend.nat()
+    }
+
+    /// Whether the backend wants the device's timer.
+    pub fn needs_tick(&self) -> bool {
+        self.backend.needs_tick()
+    }
+
+    pub fn owns_token(&self, token: u32) -> bool {
+        self.backend.owns_token(token)
     }
 
     pub fn counters(&self) -> NetCounters {
         self.counters
     }
 
-    /// Registers the NAT's forward listeners with the event loop.
+    /// Registers the backend's descriptors with the event loop.
     pub fn start(&mut self, reg: &mut dyn SocketRegistry) {
-        if let Err(e) = self.nat.start(reg) {
-            log::error!("virtio-net: {e}");
-        }
+        self.backend.start(reg);
     }
 
-    /// The guest notified a queue: TX chains go to the NAT, and either way
-    /// the NAT gets another chance to fill RX buffers.
+    /// The guest notified a queue: TX chains go to the backend, and either
+    /// way the backend gets another chance to fill RX buffers.
     pub fn queue_notified(&mut self, index: usize, reg: &mut dyn SocketRegistry) {
         if index == TX_QUEUE {
             self.process_tx(reg);
@@ -141,20 +165,20 @@ impl Net {
         self.flush(reg);
     }
 
-    /// A host socket of the NAT is ready.
-    pub fn nat_event(
+    /// A descriptor of the backend is ready.
+    pub fn backend_event(
         &mut self,
         token: u32,
         events: event_manager::EventSet,
         reg: &mut dyn SocketRegistry,
     ) {
-        self.nat.handle_event(token, events, reg);
+        self.backend.event(token, events, reg);
         self.flush(reg);
     }
 
-    /// The NAT's timer (every [`crate::net::TICK`]).
+    /// The backend's timer (every [`crate::net::TICK`]).
     pub fn tick(&mut self, reg: &mut dyn SocketRegistry) {
-        self.nat.tick(reg);
+        self.backend.tick(reg);
         self.flush(reg);
     }
 
@@ -162,57 +186,45 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let (nat, buf, counters) = (&mut self.nat, &mut self.tx_buf, &mut self.counters);
-        let mem = &active.mem;
-        let served = serve_queue(&mut active.tx, mem, |chain| {
-            match TxChain::read(chain, mem, buf)? {
+        let (backend, buf, counters) = (&mut self.backend, &mut self.tx_buf, &mut self.counters);
+        let service = &active.service;
+        let served = service.serve(&mut active.tx, |chain| {
+            match TxChain::read(chain, service.mem(), buf)? {
                 TxChain::Frame { hdr, frame } => {
                     counters.tx_frames += 1;
-                    nat.handle_frame(&hdr, frame, reg);
+                    backend.guest_frame(&hdr, frame, reg);
                 }
                 TxChain::Malformed(why) => {
                     counters.tx_malformed += 1;
-                    log::debug!("virtio-net: TX chain dropped: {why}");
+                    crate::debug_limited!("virtio-net: TX chain dropped: {why}");
                 }
             }
             // TX buffers are read-only for the device: nothing written.
             Ok(0)
         });
-        match served {
-            Ok(true) => notify(&mut active.tx, mem, &active.interrupt),
-            Ok(false) => {}
-            Err(e) => self.broken(&e),
+        if served.is_err() {
+            // The NAT and its flows live on; a new driver gets them back.
+            self.active = None;
         }
     }
 
-    /// Hands the NAT's queued frames to the guest's RX buffers.
+    /// Hands the backend's frames to the guest's RX buffers.
     fn flush(&mut self, reg: &mut dyn SocketRegistry) {
         let Some(active) = self.active.as_mut() else {
-            self.nat.flush(&mut Unplugged, reg);
+            self.backend.flush(&mut Unplugged, reg);
             return;
         };
         let mut port = RxPort::new(
             &mut active.rx,
-            &active.mem,
+            &active.service,
             active.mergeable,
             active.offloads,
             &mut self.counters,
         );
-        self.nat.flush(&mut port, reg);
-        let (used, fault) = port.finish();
-        if let Some(fault) = fault {
-            self.broken(&fault);
-        } else if used {
-            notify(&mut active.rx, &active.mem, &active.interrupt);
-        }
-    }
-
-    /// The driver broke a queue: stop and ask for a reset (the NAT and its
-    /// flows live on; a new driver gets them back).
-    fn broken(&mut self, why: &str) {
-        log::warn!("virtio-net: {why}; the device needs a reset");
-        if let Some(active) = self.active.take() {
-            active.interrupt.mark_needs_reset();
+        self.backend.flush(&mut port, reg);
+        let outcome = port.finish();
+        if active.service.finish(&mut active.rx, outcome).is_err() {
+            self.active = None;
         }
     }
 
@@ -224,13 +236,6 @@ impl Net {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         config
-    }
-}
-
-/// Signals used buffers in `queue` when the driver wants to hear of them.
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) {
-    if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
     }
 }
 
@@ -252,6 +257,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let service = ctx.service("virtio-net");
         let mut queues = ctx.queues.into_iter();
         let rx = queues.next().filter(|q| q.ready());
         let rx = rx.ok_or(ActivateError::QueueNotReady(RX_QUEUE))?;
@@ -260,17 +266,16 @@ impl VirtioDevice for Net {
         let has = |b: u32| ctx.features & bit(b) != 0;
         let csum = has(VIRTIO_NET_F_GUEST_CSUM);
         self.active = Some(Active {
-            mem: ctx.mem,
+            service,
             rx,
             tx,
-            interrupt: ctx.interrupt,
             offloads: Offloads {
                 csum,
                 tso4: csum && has(VIRTIO_NET_F_GUEST_TSO4),
             },
             mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
         });
-        log::info!(
+        crate::info_limited!(
             "virtio-net: up, MAC {}, features {:#x}",
             self.mac,
             ctx.features
@@ -285,7 +290,7 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize) {
         // The machine wires this device's queues to `NetEvents`, which has
         // the event loop the NAT needs; this path only exists for the trait.
-        log::debug!("virtio-net: queue {index} notified outside the event loop; ignored");
+        crate::debug_limited!("virtio-net: queue {index} notified outside the event loop; ignored");
     }
 }
 

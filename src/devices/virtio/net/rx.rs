@@ -1,12 +1,13 @@
 //! The RX queue as the NAT's [`GuestPort`]: each frame fills one chain, or
 //! several with mergeable buffers, header first.
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::NetCounters;
+use crate::devices::virtio::fault::{DeviceFault, DriverFault};
+use crate::devices::virtio::queue::{Chain, QueueService};
 use crate::net::{GuestFrame, GuestPort, Offloads, PortBusy, NET_HDR_LEN};
-use crate::vmm::memory::GuestMemoryMmap;
 
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_AT: usize = 10;
@@ -14,13 +15,13 @@ const NUM_BUFFERS_AT: usize = 10;
 /// Borrows the RX queue for one flush of the NAT.
 pub(super) struct RxPort<'a> {
     queue: &'a mut Queue,
-    mem: &'a GuestMemoryMmap,
+    service: &'a QueueService,
     mergeable: bool,
     offloads: Offloads,
     counters: &'a mut NetCounters,
     used: bool,
     /// The driver broke the queue; nothing more is delivered.
-    fault: Option<String>,
+    fault: Option<DriverFault>,
     /// Where the current frame's header goes (the first chain's start).
     header_at: Vec<(GuestAddress, usize)>,
     /// Chains taken for the current frame: head index and bytes written.
@@ -30,14 +31,14 @@ pub(super) struct RxPort<'a> {
 impl<'a> RxPort<'a> {
     pub fn new(
         queue: &'a mut Queue,
-        mem: &'a GuestMemoryMmap,
+        service: &'a QueueService,
         mergeable: bool,
         offloads: Offloads,
         counters: &'a mut NetCounters,
     ) -> Self {
         RxPort {
             queue,
-            mem,
+            service,
             mergeable,
             offloads,
             counters,
@@ -48,26 +49,26 @@ impl<'a> RxPort<'a> {
         }
     }
 
-    /// Whether any buffer was used, and the fault that broke the queue.
-    pub fn finish(self) -> (bool, Option<String>) {
-        (self.used, self.fault)
+    /// Whether any buffer was used, or the fault that broke the queue:
+    /// what [`QueueService::finish`] reports to the driver.
+    pub fn finish(self) -> Result<bool, DeviceFault> {
+        match self.fault {
+            Some(fault) => Err(fault.into()),
+            None => Ok(self.used),
+        }
     }
 
     /// The next posted chain. When there is none, notifications are turned
     /// on (EVENT_IDX: `avail_event` published) so the driver kicks as soon
     /// as it posts more, and a chain that raced in is taken.
-    fn next_chain(&mut self) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
-        if let Some(chain) = self.queue.pop_descriptor_chain(self.mem) {
-            return Some(chain);
+    fn next_chain(&mut self) -> Result<Option<Chain<'a>>, DriverFault> {
+        if let Some(chain) = self.service.pop(self.queue)? {
+            return Ok(Some(chain));
         }
-        match self.queue.enable_notification(self.mem) {
-            Ok(true) => self.queue.pop_descriptor_chain(self.mem),
-            Ok(false) => None,
-            Err(e) => {
-                self.fault = Some(format!("RX queue notification: {e:?}"));
-                None
-            }
+        if self.service.enable_notification(self.queue)? {
+            return self.service.pop(self.queue);
         }
+        Ok(None)
     }
 
     /// Writes the frame's bytes into `chain`'s writable buffers, starting
@@ -75,10 +76,10 @@ impl<'a> RxPort<'a> {
     /// Returns the bytes the chain received.
     fn fill(
         &mut self,
-        chain: DescriptorChain<&'a GuestMemoryMmap>,
+        chain: Chain<'a>,
         data: &[u8],
         done: &mut usize,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, DriverFault> {
         let first = self.chains.is_empty();
         let mut header_left = if first { NET_HDR_LEN } else { 0 };
         let mut taken = 0usize;
@@ -95,9 +96,10 @@ impl<'a> RxPort<'a> {
             }
             let n = room.min(data.len() - *done);
             if n > 0 {
-                self.mem
+                self.service
+                    .mem()
                     .write_slice(&data[*done..*done + n], addr)
-                    .map_err(|e| format!("RX buffer outside guest memory: {e}"))?;
+                    .map_err(|_| DriverFault::outside_memory(addr, n))?;
                 *done += n;
                 taken += n;
             }
@@ -114,16 +116,13 @@ impl<'a> RxPort<'a> {
     }
 
     /// Delivers one frame; `Ok(false)` when the guest has too few buffers.
-    fn deliver(&mut self, frame: &GuestFrame) -> Result<bool, String> {
+    fn deliver(&mut self, frame: &GuestFrame) -> Result<bool, DriverFault> {
         let start = self.queue.next_avail();
         self.header_at.clear();
         self.chains.clear();
         let mut done = 0usize;
         loop {
-            let Some(chain) = self.next_chain() else {
-                if let Some(fault) = self.fault.take() {
-                    return Err(fault);
-                }
+            let Some(chain) = self.next_chain()? else {
                 // Put the chains taken so far back for the next attempt.
                 self.queue.set_next_avail(start);
                 return Ok(false);
@@ -132,7 +131,7 @@ impl<'a> RxPort<'a> {
             let len = self.fill(chain, &frame.data, &mut done)?;
             if len == 0 {
                 if self.mergeable {
-                    return Err("RX buffer smaller than the virtio-net header".into());
+                    return Err(DriverFault::RxBufferTooSmall);
                 }
                 return self.too_big(start);
             }
@@ -150,15 +149,14 @@ impl<'a> RxPort<'a> {
         header[NUM_BUFFERS_AT..].copy_from_slice(&count.to_le_bytes());
         let mut offset = 0;
         for &(addr, n) in &self.header_at {
-            self.mem
+            self.service
+                .mem()
                 .write_slice(&header[offset..offset + n], addr)
-                .map_err(|e| format!("RX buffer outside guest memory: {e}"))?;
+                .map_err(|_| DriverFault::outside_memory(addr, n))?;
             offset += n;
         }
         for &(head, len) in &self.chains {
-            self.queue
-                .add_used(self.mem, head, len)
-                .map_err(|e| format!("RX used ring: {e:?}"))?;
+            self.service.complete(self.queue, head, len)?;
         }
         self.counters.rx_frames += 1;
         self.used = true;
@@ -167,7 +165,7 @@ impl<'a> RxPort<'a> {
 
     /// The frame does not fit the guest's buffers: it is dropped and the
     /// buffers stay posted for the next frame.
-    fn too_big(&mut self, start: u16) -> Result<bool, String> {
+    fn too_big(&mut self, start: u16) -> Result<bool, DriverFault> {
         self.queue.set_next_avail(start);
         self.counters.rx_too_big += 1;
         Ok(true)

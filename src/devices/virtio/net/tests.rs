@@ -3,6 +3,7 @@
 //! backpressure.
 
 use std::net::{SocketAddrV4, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{ArpOperation, ArpRepr};
@@ -13,13 +14,15 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::devices::virtio::interrupt::INT_USED_RING;
+use crate::devices::virtio::interrupt::{VirtioInterrupt, INT_USED_RING};
+use crate::devices::virtio::test_support::returns_in_time;
 use crate::devices::virtio::F_VERSION_1;
 use crate::net::testkit::{self, GuestSide, GATEWAY_IP, GUEST_IP};
 use crate::net::{
     EpollRegistry, GuestFrame, GuestPort, NetHdr, NullRegistry, Outbound, F_NEEDS_CSUM, GSO_TCPV4,
     NET_HDR_LEN,
 };
+use crate::vmm::memory::GuestMemoryMmap;
 
 const RX_RING: u64 = 0x0;
 const TX_RING: u64 = 0x1_0000;
@@ -35,6 +38,18 @@ fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+/// A device on a NAT that reaches nothing beyond the host.
+fn host_only_net() -> Net {
+    Net::new(NetSettings::nat(
+        MacAddress::for_vm("test"),
+        NatConfig {
+            outbound: Outbound::HostOnly,
+            ..NatConfig::default()
+        },
+        ForwardListeners::default(),
+    ))
 }
 
 struct Rig<'m> {
@@ -55,14 +70,7 @@ impl<'m> Rig<'m> {
     fn new(mem: &'m GuestMemoryMmap, features: u64) -> Self {
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), RING_SIZE);
         let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), RING_SIZE);
-        let mut net = Net::new(NetSettings {
-            mac: MacAddress::for_vm("test"),
-            nat: NatConfig {
-                outbound: Outbound::HostOnly,
-                ..NatConfig::default()
-            },
-            listeners: ForwardListeners::default(),
-        });
+        let mut net = host_only_net();
         let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         net.activate(ActivateContext {
             mem: mem.clone(),
@@ -139,6 +147,12 @@ impl<'m> Rig<'m> {
         self.net.queue_notified(queue, reg);
     }
 
+    /// Kicks `queue` from another thread; fails if the device never returns.
+    fn kick_in_time(&mut self, queue: usize) {
+        let net = std::mem::replace(&mut self.net, host_only_net());
+        self.net = returns_in_time(net, move |net| net.queue_notified(queue, &mut NullRegistry));
+    }
+
     /// Used RX entries so far, each as the bytes the device wrote (the
     /// chain's buffers concatenated, cut at the used length).
     fn received(&self) -> Vec<Vec<u8>> {
@@ -213,14 +227,14 @@ fn assert_arp_reply(data: &[u8]) {
 
 #[test]
 fn config_space_has_mac_link_up_and_mtu() {
-    let net = Net::new(NetSettings {
-        mac: "52:54:00:01:02:03".parse().unwrap(),
-        nat: NatConfig {
+    let net = Net::new(NetSettings::nat(
+        "52:54:00:01:02:03".parse().unwrap(),
+        NatConfig {
             mtu: 9000,
             ..NatConfig::default()
         },
-        listeners: ForwardListeners::default(),
-    });
+        ForwardListeners::default(),
+    ));
     let mut config = [0u8; 12];
     net.read_config(0, &mut config);
     assert_eq!(config[..6], [0x52, 0x54, 0, 1, 2, 3]);
@@ -254,11 +268,11 @@ fn activation_needs_both_queues() {
         .create_queue()
         .unwrap();
     tx_queue.set_ready(false);
-    let mut net = Net::new(NetSettings {
-        mac: MacAddress::for_vm("t"),
-        nat: NatConfig::default(),
-        listeners: ForwardListeners::default(),
-    });
+    let mut net = Net::new(NetSettings::nat(
+        MacAddress::for_vm("t"),
+        NatConfig::default(),
+        ForwardListeners::default(),
+    ));
     let err = net.activate(ActivateContext {
         mem: m.clone(),
         queues: vec![rx.create_queue().unwrap(), tx_queue],
@@ -301,7 +315,7 @@ fn tx_frame_reaches_the_nat_and_the_reply_fills_an_rx_buffer() {
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.tx_used(), 1);
     assert_eq!(rig.net.counters().tx_frames, 1);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 1);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 1);
     let frames = rig.frames();
     assert_eq!(frames.len(), 1);
     let (hdr, num_buffers, data) = &frames[0];
@@ -383,7 +397,7 @@ fn poll(rig: &mut Rig, reg: &mut EpollRegistry, limit: Duration, done: impl Fn(&
     let deadline = Instant::now() + limit;
     while !done(rig) && Instant::now() < deadline {
         for (token, events) in reg.wait(Duration::from_millis(10)).unwrap() {
-            rig.net.nat_event(token, events, reg);
+            rig.net.backend_event(token, events, reg);
         }
     }
 }
@@ -438,12 +452,12 @@ fn without_rx_buffers_the_nat_stops_reading_and_resumes_when_posted() {
         // Loopback delivery is immediate: a short settle suffices.
         poll(&mut rig, &mut reg, Duration::from_millis(300), |_| false);
     }
-    let waiting = rig.net.nat().pending_frames();
+    let waiting = rig.net.nat().unwrap().pending_frames();
     assert!(
         (1..SENT).contains(&waiting),
         "the NAT holds what the guest cannot take and leaves the rest in the socket: {waiting}"
     );
-    assert_eq!(rig.net.nat().counters().dropped_to_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().dropped_to_guest, 0);
     assert!(rig.received().is_empty());
 
     // The guest posts buffers and notifies RX: everything arrives, in order.
@@ -459,7 +473,7 @@ fn without_rx_buffers_the_nat_stops_reading_and_resumes_when_posted() {
     for (i, p) in got.iter().enumerate() {
         assert_eq!(p[..], (i as u16).to_be_bytes(), "datagram {i}");
     }
-    assert_eq!(rig.net.nat().counters().dropped_to_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().dropped_to_guest, 0);
 }
 
 #[test]
@@ -483,7 +497,7 @@ fn tso_segments_from_the_nat_keep_their_offload_header() {
     let mut counters = NetCounters::default();
     let mut port = RxPort::new(
         &mut active.rx,
-        &active.mem,
+        &active.service,
         true,
         active.offloads,
         &mut counters,
@@ -496,7 +510,7 @@ fn tso_segments_from_the_nat_keep_their_offload_header() {
             tso4: true
         }
     );
-    assert_eq!(port.finish(), (true, None));
+    assert!(matches!(port.finish(), Ok(true)));
     let frames = rig.frames();
     assert_eq!(frames[0].0, frame.hdr);
     assert_eq!(frames[0].2, frame.data);
@@ -532,7 +546,7 @@ fn tx_chain_with_a_writable_buffer_is_dropped() {
     ]);
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.net.counters().tx_malformed, 1);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
     assert!(!rig.interrupt.needs_reset());
 }
 
@@ -564,7 +578,7 @@ fn tx_buffer_outside_guest_memory_needs_reset_without_panic() {
     rig.send_frame(&arp_request());
     rig.kick(TX_QUEUE, &mut NullRegistry);
     rig.net.tick(&mut NullRegistry);
-    assert_eq!(rig.net.nat().counters().frames_from_guest, 0);
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
 }
 
 #[test]
@@ -613,7 +627,7 @@ fn tx_garbage_frames_are_counted_by_the_nat() {
     rig.post_tx(&bytes, &[]);
     rig.kick(TX_QUEUE, &mut NullRegistry);
     assert_eq!(rig.net.counters().tx_frames, 1);
-    assert_eq!(rig.net.nat().counters().malformed, 1);
+    assert_eq!(rig.net.nat().unwrap().counters().malformed, 1);
 }
 
 #[test]
@@ -646,6 +660,33 @@ fn rx_chain_without_writable_buffers_needs_reset_with_mergeable_buffers() {
 }
 
 #[test]
+fn tx_avail_index_beyond_the_queue_size_needs_reset_instead_of_spinning() {
+    let m = mem();
+    let mut rig = Rig::new(&m, FEATURES);
+    rig.send_frame(&arp_request());
+    rig.tx.avail().idx().store(RING_SIZE + 1);
+    rig.kick_in_time(TX_QUEUE);
+    assert!(rig.interrupt.needs_reset());
+    assert!(rig.net.active.is_none());
+    assert_eq!(rig.net.nat().unwrap().counters().frames_from_guest, 0);
+}
+
+#[test]
+fn rx_avail_index_beyond_the_queue_size_needs_reset_instead_of_stalling() {
+    let m = mem();
+    let mut rig = Rig::new(&m, FEATURES);
+    rig.post_rx(&[2048]);
+    rig.rx.avail().idx().store(RING_SIZE + 1);
+    // The gateway's ARP reply has nowhere legal to go.
+    rig.send_frame(&arp_request());
+    rig.kick_in_time(TX_QUEUE);
+    assert_eq!(rig.tx_used(), 1, "TX itself is fine");
+    assert!(rig.interrupt.needs_reset());
+    assert!(rig.net.active.is_none());
+    assert_eq!(rig.rx.used().idx().load(), 0);
+}
+
+#[test]
 fn reset_stops_the_device_and_keeps_the_nat() {
     let m = mem();
     let mut rig = Rig::new(&m, FEATURES);
@@ -655,25 +696,28 @@ fn reset_stops_the_device_and_keeps_the_nat() {
     assert_eq!(rig.tx_used(), 0);
     // Frames the NAT makes meanwhile wait (Unplugged is always busy).
     rig.net
-        .nat
-        .handle_frame(&NetHdr::default(), &arp_request(), &mut NullRegistry);
+        .backend
+        .guest_frame(&NetHdr::default(), &arp_request(), &mut NullRegistry);
     rig.net.flush(&mut NullRegistry);
-    assert_eq!(rig.net.nat().pending_frames(), 1);
+    assert_eq!(rig.net.nat().unwrap().pending_frames(), 1);
 }
 
 #[test]
 fn the_nat_timer_is_only_needed_while_there_is_traffic() {
     let m = mem();
     let mut rig = Rig::new(&m, FEATURES);
-    assert!(!rig.net.nat().needs_tick(), "an idle VM needs no timer");
+    assert!(
+        !rig.net.nat().unwrap().needs_tick(),
+        "an idle VM needs no timer"
+    );
     rig.post_rx(&[2048]);
     rig.send_frame(&arp_request());
     rig.kick(TX_QUEUE, &mut NullRegistry);
-    assert!(!rig.net.nat().needs_tick(), "ARP opens no flow");
+    assert!(!rig.net.nat().unwrap().needs_tick(), "ARP opens no flow");
     let mut reg = EpollRegistry::new().unwrap();
     let _peer = udp_peer(&mut rig, &mut reg);
     assert!(
-        rig.net.nat().needs_tick(),
+        rig.net.nat().unwrap().needs_tick(),
         "a UDP flow has a timeout to run"
     );
 }

@@ -1,8 +1,9 @@
 //! One TX chain read into a frame: the 12-byte header, then Ethernet bytes.
 
-use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
+use crate::devices::virtio::fault::DriverFault;
+use crate::devices::virtio::queue::Chain;
 use crate::net::{NetHdr, NET_HDR_LEN};
 use crate::vmm::memory::GuestMemoryMmap;
 
@@ -26,10 +27,10 @@ impl<'b> TxChain<'b> {
     /// error (the driver broke the queue: the device needs a reset);
     /// anything else wrong is [`TxChain::Malformed`].
     pub fn read(
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: Chain<'_>,
         mem: &GuestMemoryMmap,
         buf: &'b mut Vec<u8>,
-    ) -> Result<TxChain<'b>, String> {
+    ) -> Result<TxChain<'b>, DriverFault> {
         buf.clear();
         for desc in chain {
             if desc.is_write_only() {
@@ -42,7 +43,7 @@ impl<'b> TxChain<'b> {
             }
             buf.resize(start + len, 0);
             mem.read_slice(&mut buf[start..], desc.addr())
-                .map_err(|e| format!("TX buffer outside guest memory: {e}"))?;
+                .map_err(|_| DriverFault::outside_memory(desc.addr(), len))?;
         }
         let Some(hdr) = NetHdr::parse(buf) else {
             return Ok(TxChain::Malformed(

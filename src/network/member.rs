@@ -1,0 +1,212 @@
+//! A network's members as its process holds them: each is a switch port
+//! (a VM's Unix socket, or a namespace's TAP device), and the fabric that
+//! moves a frame from one port to the ports the switch chose.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+
+use smoltcp::wire::EthernetAddress;
+
+use super::view::{MemberKind, MemberView};
+use crate::cli::{ForwardRule, MacAddress};
+use crate::net::{GuestFrame, GuestPort, Nat, NetHdr, Offloads, PortBusy, SocketRegistry, Tap};
+use crate::switch::stream::StreamPort;
+use crate::switch::{PortId, Route, Switch};
+
+/// How a member is connected.
+pub(super) enum Link {
+    Stream(StreamPort),
+    Tap {
+        tap: Tap,
+        netns: PathBuf,
+        /// vmlab sets its address (else DHCP in the namespace does).
+        configure: bool,
+        /// The namespace's identity (device, inode) when it was attached:
+        /// the TAP keeps the namespace alive, so its deletion shows only as
+        /// its file going away or naming another namespace.
+        identity: (u64, u64),
+    },
+}
+
+pub(super) struct Member {
+    pub name: String,
+    pub mac: MacAddress,
+    pub ip: Ipv4Addr,
+    pub link: Link,
+    pub forwards: Vec<ForwardRule>,
+    /// Readiness not yet drained (edge-triggered).
+    pub readable: bool,
+    /// Stopped reading because a port it sends to is full.
+    pub paused: bool,
+}
+
+impl Member {
+    pub fn fd(&self) -> RawFd {
+        match &self.link {
+            Link::Stream(port) => port.as_raw_fd(),
+            Link::Tap { tap, .. } => tap.as_raw_fd(),
+        }
+    }
+
+    pub fn view(&self) -> MemberView {
+        MemberView {
+            name: self.name.clone(),
+            mac: self.mac,
+            ip: self.ip,
+            kind: match &self.link {
+                Link::Stream(_) => MemberKind::Vm,
+                Link::Tap { tap, netns, .. } => MemberKind::Netns {
+                    path: netns.clone(),
+                    device: tap.name().to_string(),
+                },
+            },
+            forwards: self.forwards.clone(),
+        }
+    }
+
+    /// Queues a frame for the member; false when it had no room (dropped).
+    fn send(&mut self, hdr: &NetHdr, frame: &[u8]) -> bool {
+        match &mut self.link {
+            Link::Stream(port) => port.send(hdr, frame).is_ok(),
+            Link::Tap { tap, .. } => tap.send_frame(hdr, frame).is_ok(),
+        }
+    }
+
+    /// Its outgoing buffer is past half full: senders should wait.
+    pub fn is_filling(&self) -> bool {
+        match &self.link {
+            Link::Stream(port) => port.is_filling(),
+            Link::Tap { .. } => false,
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        matches!(&self.link, Link::Stream(port) if port.pending() > 0)
+    }
+
+    /// Writes what waits; Ok(false) while the peer is full.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        match &mut self.link {
+            Link::Stream(port) => port.flush(),
+            Link::Tap { .. } => Ok(true),
+        }
+    }
+}
+
+/// The switch and the member ports, borrowed together to move frames.
+pub(super) struct Fabric<'a> {
+    pub switch: &'a mut Switch,
+    pub members: &'a mut HashMap<PortId, Member>,
+    pub gateway_port: PortId,
+}
+
+/// Where a frame from a member went.
+pub(super) enum Delivered {
+    /// Everywhere it had to (or dropped where full, counted).
+    Done,
+    /// Its one destination is filling up: the source should pause.
+    DestinationFilling,
+    /// It is the gateway's: hand it to the NAT.
+    ToGateway,
+    /// Flooded to the members, and the gateway must see it too.
+    AlsoToGateway,
+}
+
+fn addresses(frame: &[u8]) -> Option<(EthernetAddress, EthernetAddress)> {
+    let dst = EthernetAddress::from_bytes(frame.get(0..6)?);
+    let src = EthernetAddress::from_bytes(frame.get(6..12)?);
+    Some((src, dst))
+}
+
+impl Fabric<'_> {
+    /// Sends a frame from port `from` where the switch says (the source
+    /// member is not in `members` while its frames are read).
+    pub fn deliver(&mut self, from: PortId, hdr: &NetHdr, frame: &[u8]) -> Delivered {
+        let Some((src, dst)) = addresses(frame) else {
+            return Delivered::Done;
+        };
+        match self.switch.route(from, src, dst) {
+            Route::Drop => Delivered::Done,
+            Route::One(port) if port == self.gateway_port => Delivered::ToGateway,
+            Route::One(port) => {
+                let Some(member) = self.members.get_mut(&port) else {
+                    return Delivered::Done;
+                };
+                if !member.send(hdr, frame) {
+                    self.switch.counters.dropped += 1;
+                }
+                if member.is_filling() {
+                    Delivered::DestinationFilling
+                } else {
+                    Delivered::Done
+                }
+            }
+            Route::Flood(ports) => {
+                let mut gateway = false;
+                for port in ports {
+                    if port == self.gateway_port {
+                        gateway = true;
+                    } else if let Some(member) = self.members.get_mut(&port) {
+                        if !member.send(hdr, frame) {
+                            self.switch.counters.dropped += 1;
+                        }
+                    }
+                }
+                if gateway {
+                    Delivered::AlsoToGateway
+                } else {
+                    Delivered::Done
+                }
+            }
+        }
+    }
+
+    /// A frame from a member, to its destinations and the NAT if it is
+    /// one of them; false when the source should pause.
+    pub fn carry(
+        &mut self,
+        nat: &mut Nat,
+        reg: &mut dyn SocketRegistry,
+        from: PortId,
+        hdr: &NetHdr,
+        frame: &[u8],
+    ) -> bool {
+        match self.deliver(from, hdr, frame) {
+            Delivered::Done => true,
+            Delivered::DestinationFilling => false,
+            Delivered::ToGateway | Delivered::AlsoToGateway => {
+                nat.handle_frame(hdr, frame, reg);
+                true
+            }
+        }
+    }
+}
+
+/// The NAT's side of the switch: frames from the gateway go where the
+/// switch says; a full destination holds the NAT back (it stops reading
+/// host sockets) instead of dropping.
+impl GuestPort for Fabric<'_> {
+    fn send(&mut self, frame: &GuestFrame) -> Result<(), PortBusy> {
+        let filling = addresses(&frame.data)
+            .and_then(|(_, dst)| self.switch.lookup(dst))
+            .and_then(|port| self.members.get(&port))
+            .is_some_and(Member::is_filling);
+        if filling {
+            return Err(PortBusy);
+        }
+        self.deliver(self.gateway_port, &frame.hdr, &frame.data);
+        Ok(())
+    }
+
+    /// Every member takes partial checksums and TSO segments: VMs finish
+    /// them for a guest that cannot, TAPs pass them to the kernel.
+    fn offloads(&self) -> Offloads {
+        Offloads {
+            csum: true,
+            tso4: true,
+        }
+    }
+}
