@@ -89,8 +89,8 @@ const VCPU: &[c_long] = &[
 /// The event loop (the process's main thread): the NAT's host sockets and
 /// forward listeners, console input, the stop and signal eventfds; and,
 /// once the VM has ended, joining the other threads, reading its own
-/// memory footprint, writing the run report, restoring the terminal and
-/// removing the control socket and pid file.
+/// memory footprint, closing the disks, writing the run report, restoring
+/// the terminal and removing the control socket and pid file.
 const EVENT_LOOP: &[c_long] = &[
     libc::SYS_ioctl,
     libc::SYS_epoll_wait,
@@ -118,6 +118,13 @@ const EVENT_LOOP: &[c_long] = &[
     libc::SYS_fchmod,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // The disks close here once the VM has ended: a qcow2 image writes back
+    // the tables it still caches (a guest that never flushed leaves some;
+    // the rig's e2e_blk found it).
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
     libc::SYS_sched_getaffinity,
 ];
 
@@ -168,6 +175,15 @@ const CONTROL: &[c_long] = &[
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_getdents64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    // A live snapshot opens the new overlays under the VM's backing-file
+    // policy, which resolves paths (realpath reads every component's link).
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    // `vmlab nat show` of a lab-network member asks the network's process.
+    libc::SYS_socket,
+    libc::SYS_connect,
 ];
 
 /// The syscalls `class` may make.
