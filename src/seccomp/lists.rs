@@ -12,8 +12,8 @@ use super::ThreadClass;
 
 /// Every thread: memory, locks, time, signals, exiting, and the logs (any
 /// thread may log or print on the serial console, and a log file rotates
-/// on the thread whose line fills it: rename, open, dup2 onto stderr, or
-/// truncate when the rename fails).
+/// on the thread whose line fills it: rename, open, fchmod to its owner
+/// only, dup2 onto stderr, or truncate when the rename fails).
 const EVERY_THREAD: &[c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -33,6 +33,9 @@ const EVERY_THREAD: &[c_long] = &[
     libc::SYS_dup2,
     libc::SYS_dup3,
     libc::SYS_ftruncate,
+    // A rotated log's new file is made private whatever the umask (the
+    // vCPU thread of a guest that fills vmm.log was killed: syscall 91).
+    libc::SYS_fchmod,
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -86,7 +89,7 @@ const VCPU: &[c_long] = &[
     libc::SYS_epoll_ctl,
 ];
 
-/// The event loop (the process's main thread): the NAT's host sockets and
+/// The event loop (a thread of its own each boot, see vmm::reboot): the NAT's host sockets and
 /// forward listeners, console input, the stop and signal eventfds; and,
 /// once the VM has ended, joining the other threads, reading its own
 /// memory footprint, closing the disks, writing the run report, restoring
