@@ -56,6 +56,7 @@ fn main() {
             warmup: 1,
         },
         ssh: SshPeers::Auto,
+        flavor: vmlab::image::Flavor::Lean,
     };
 
     if host.kind != HostKind::Pvm {

@@ -12,8 +12,9 @@ use vmlab::bench::{BootBench, Progress, RunOptions, SshPeers};
 use vmlab::cli::{ByteSize, DiskSpec, ForwardRule, MacAddress};
 use vmlab::control::{self, Attach, ControlError, StopOutcome, VmDir, VmSettings};
 use vmlab::disk::{self, BackingPolicy, CloneMode, CloneOptions, CreateOptions, ImageFormat};
+use vmlab::image::{Flavor, ImageSpec};
 use vmlab::net::{ForwardListeners, HostLoopback, Nat, NatConfig, Outbound, Tap, TapNat};
-use vmlab::vmm::{ConsoleConfig, RunReport};
+use vmlab::vmm::{ConsoleConfig, LastBoot, OnReboot, RunReport, Vm};
 
 /// `print!` and `println!` that return [`vmlab::cli::stdout::StdoutError`]
 /// instead of panicking when stdout is a closed pipe.
@@ -121,12 +122,20 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ImageCommand {
-    /// Build the Debian base image (needs root: debootstrap) unless this
+    /// Build a Debian base image (needs root: debootstrap) unless this
     /// recipe's is cached; prints its path.
     Build {
         /// Rebuild even if cached (refused while a VM uses the image).
         #[arg(long)]
         force: bool,
+        /// `lean` (vmlab's kernel and init, the fastest boot) or `full`
+        /// (systemd, Debian's cloud kernel and modules).
+        #[arg(long, value_name = "FLAVOR", default_value = "lean")]
+        flavor: Flavor,
+        /// Extra Debian packages baked into a full image, comma-separated
+        /// (e.g. docker.io); each package set is its own cached image.
+        #[arg(long, value_name = "LIST", value_parser = package_list)]
+        packages: Option<PackageList>,
     },
     /// Get the default guests' kernel: `lean` compiles vmlab's own (minutes;
     /// the default guests boot it from then on), `debian` fetches Debian's
@@ -194,6 +203,11 @@ struct BenchBootArgs {
     /// Leave out the ssh-ready contenders (listed as missing).
     #[arg(long)]
     no_ssh: bool,
+    /// `full`: time vmlab and QEMU microvm to ssh-ready (split at init) on
+    /// the full Debian image, each booting the kernel and initrd it carries
+    /// [default: lean, all six contenders].
+    #[arg(long, value_name = "FLAVOR", default_value = "lean")]
+    flavor: Flavor,
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +273,19 @@ struct RunArgs {
     /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddress>,
+    /// The Debian guest of a new named VM: `lean` (vmlab's kernel and init)
+    /// or `full` (systemd, Debian's kernel from the VM's own /boot); chosen
+    /// at its first run [default: lean].
+    #[arg(long, value_name = "FLAVOR")]
+    flavor: Option<Flavor>,
+    /// Extra packages of a new full VM's image (built first if needed),
+    /// comma-separated, as `vmlab image build --packages` takes them.
+    #[arg(long, value_name = "LIST", value_parser = package_list)]
+    packages: Option<PackageList>,
+    /// What a guest reboot does: `restart` it in place (a named VM's
+    /// default) or `exit` vmlab (an unnamed VM's default).
+    #[arg(long, value_name = "WHAT")]
+    on_reboot: Option<OnReboot>,
     #[command(flatten)]
     reach: ReachArgs,
     #[command(flatten)]
@@ -511,7 +538,11 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
             bench.run()?;
             Ok(0)
         }
-        Command::Image(ImageCommand::Build { force }) => image_build(force),
+        Command::Image(ImageCommand::Build {
+            force,
+            flavor,
+            packages,
+        }) => image_build(force, flavor, packages.unwrap_or_default()),
         Command::Image(ImageCommand::Kernel { which }) => image_kernel(which),
     }
 }
@@ -523,6 +554,9 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
                 "--detach needs --name NAME: a VM in the background is reached by its name"
             )
         }
+        None if args.flavor.is_some() || args.packages.is_some() => anyhow::bail!(
+            "--flavor and --packages need --name NAME: a Debian VM keeps its own disk"
+        ),
         None if args.disk_size.is_some() => {
             anyhow::bail!(
                 "--disk-size needs --name NAME: it grows a named VM's first disk for good"
@@ -543,7 +577,12 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     } else {
         vm.load_settings()?
     };
+    choose_image(&args, name, created, &base)?;
     let mut settings = merge_settings(base, &args)?;
+    if created {
+        settings.flavor = args.flavor.unwrap_or_default();
+        settings.packages = args.packages.clone().unwrap_or_default().0;
+    }
     if vm.is_running()? {
         return Err(ControlError::Running(name.to_string()).into());
     }
@@ -609,6 +648,44 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
     result
 }
 
+/// Checks `--flavor` and `--packages` against the VM: they pick the image
+/// of a new Debian VM, and may only repeat an existing VM's choice.
+fn choose_image(args: &RunArgs, name: &str, created: bool, saved: &VmSettings) -> Result<()> {
+    if args.flavor.is_none() && args.packages.is_none() {
+        return Ok(());
+    }
+    if created {
+        anyhow::ensure!(
+            args.kernel.is_none(),
+            "--flavor and --packages pick a Debian image and its kernel, --kernel boots one of your own: drop one of them"
+        );
+        return Ok(());
+    }
+    anyhow::ensure!(
+        saved.debian,
+        "VM {name} boots a kernel of its own, not a Debian image: drop --flavor and --packages"
+    );
+    let asked = ImageSpec::new(
+        args.flavor.unwrap_or(saved.flavor),
+        &args
+            .packages
+            .clone()
+            .map_or_else(|| saved.packages.clone(), |p| p.0),
+    )?;
+    let has = saved.image_spec()?;
+    anyhow::ensure!(
+        asked == has,
+        "VM {name} is a {} Debian VM{} (chosen at its first run, its disk is a clone of that image): drop --flavor and --packages, or make a new VM with another --name",
+        has.flavor(),
+        if has.packages().is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", has.packages().join(","))
+        }
+    );
+    Ok(())
+}
+
 /// The command line's settings over `base` (a named VM's saved ones).
 fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings> {
     let absolute =
@@ -650,6 +727,9 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if !args.backing.allow_backing.is_empty() {
         settings.allow_backing = args.backing.paths()?;
     }
+    if let Some(policy) = args.on_reboot {
+        settings.on_reboot = Some(policy);
+    }
     if !args.disks.is_empty() {
         settings.disks = args
             .disks
@@ -681,25 +761,30 @@ fn run_vm(
     if !args.no_seccomp {
         vmlab::seccomp::prepare()?;
     }
-    let (timeline, (reason, footprint)) = match named {
+    // A reboot's boot is timed from its own start.
+    let mut build = |console, boot: u32| {
+        let origin = if boot == 0 { started } else { Instant::now() };
+        control::launch::vm_config(name, &settings, console, args.boot_timer, origin)
+    };
+    let last = match named {
         None => {
-            let config = control::launch::vm_config(
-                name,
-                &settings,
-                ConsoleConfig::stdio(),
-                args.boot_timer,
-                started,
-            )?;
-            let vm = vmlab::vmm::Vm::build(config)?;
-            (vm.timeline(), vm.run_measured()?)
+            let first = Vm::build(build(ConsoleConfig::stdio(), 0)?)?;
+            let policy = settings.on_reboot.unwrap_or(OnReboot::Exit);
+            vmlab::vmm::run_rebooting(policy, first, |boot| {
+                eprintln!("vmlab: guest rebooted: starting it again");
+                Ok::<_, anyhow::Error>(Some(Vm::build(build(ConsoleConfig::stdio(), boot)?)?))
+            })?
         }
         Some(dir) => {
-            let vm = control::start_named(dir, &settings, Attach::Terminal, |console| {
-                control::launch::vm_config(name, &settings, console, args.boot_timer, started)
-            })?;
-            (vm.vm.timeline(), vm.run_measured()?)
+            control::start_named(dir, &settings, Attach::Terminal, &mut build)?.run(&mut build)?
         }
     };
+    let LastBoot {
+        reason,
+        footprint,
+        timeline,
+        ..
+    } = last;
     if args.boot_timer || verbose > 0 {
         eprintln!("vmlab: {}", timeline.summary());
         if let Some(footprint) = &footprint {
@@ -723,19 +808,25 @@ fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     }
     let vm = VmDir::existing(name)?;
     let settings = vm.load_settings()?;
+    // Only the first boot continues from the saved state; a reboot
+    // afterwards boots cold like any other.
     let resume = control::suspend::saved_state(&vm);
-    let named = control::start_named(&vm, &settings, Attach::Detached, |console| {
-        let mut config = control::launch::vm_config(name, &settings, console, false, started)?;
-        config.resume = resume.clone();
+    let mut build = |console, boot: u32| {
+        let origin = if boot == 0 { started } else { Instant::now() };
+        let mut config = control::launch::vm_config(name, &settings, console, false, origin)?;
+        if boot == 0 {
+            config.resume = resume.clone();
+        }
         Ok(config)
-    })?;
+    };
+    let named = control::start_named(&vm, &settings, Attach::Detached, &mut build)?;
     if resume.is_some() {
         control::suspend::forget_saved_state(&vm)?;
     }
     control::daemon::signal_ready();
-    let (reason, _) = named.run_measured()?;
-    eprintln!("vmlab: {reason}");
-    Ok(reason.exit_code())
+    let last = named.run(&mut build)?;
+    eprintln!("vmlab: {}", last.reason);
+    Ok(last.reason.exit_code())
 }
 
 fn ps() -> Result<i32> {
@@ -953,12 +1044,14 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn image_build(force: bool) -> Result<i32> {
-    let outcome = vmlab::image::build_image(force)?;
+fn image_build(force: bool, flavor: Flavor, packages: PackageList) -> Result<i32> {
+    let spec = ImageSpec::new(flavor, &packages.0)?;
+    let outcome = vmlab::image::build(&spec, force)?;
     let index = &outcome.image.index;
     if outcome.built {
         eprintln!(
-            "vmlab: built the Debian {} image in {:.1} s: {} MiB on disk, {} GiB virtual",
+            "vmlab: built the {} Debian {} image in {:.1} s: {} MiB on disk, {} GiB virtual",
+            index.flavor,
             index.suite,
             outcome.elapsed.as_secs_f64(),
             index.file_size >> 20,
@@ -975,6 +1068,14 @@ fn image_kernel(which: vmlab::image::GuestKernel) -> Result<i32> {
     let guest = vmlab::image::refresh_default_guest(which)?;
     println!("{}", guest.kernel.display());
     Ok(0)
+}
+
+/// A comma-separated list of Debian packages, as `--packages` takes it.
+#[derive(Clone, Debug, Default)]
+struct PackageList(Vec<String>);
+
+fn package_list(text: &str) -> Result<PackageList, String> {
+    Ok(PackageList(vmlab::image::parse_package_list(text)))
 }
 
 /// The VM a clone argument names: a bare word (no '/') that is an existing
@@ -995,7 +1096,15 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
     for path in args.json.iter().chain(&args.plot) {
         vmlab::bench::check_output_path(path)?;
     }
+    if args.flavor == Flavor::Full {
+        anyhow::ensure!(
+            !args.no_ssh && args.kernel.is_none() && args.initrd.is_none(),
+            "--flavor full times the full image, kernel and initrd its own, to ssh-ready: drop --no-ssh, --kernel and --initrd"
+        );
+    }
     let (kernel, initrd) = match (args.kernel, args.initrd) {
+        // The full image's VMs boot its own kernel: no lean guest needed.
+        _ if args.flavor == Flavor::Full => (PathBuf::new(), PathBuf::new()),
         (Some(kernel), Some(initrd)) => (kernel, initrd),
         (kernel, initrd) => {
             // The benchmark's guest is the lean one: built now if need be.
@@ -1008,7 +1117,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
     };
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
         anyhow::ensure!(
-            path.is_file(),
+            args.flavor == Flavor::Full || path.is_file(),
             "{what} {} not found: give an existing file",
             path.display()
         );
@@ -1027,6 +1136,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
             (_, true) => SshPeers::Off,
             _ => SshPeers::Auto,
         },
+        flavor: args.flavor,
     };
     let report = bench.run(&Progress::stderr())?;
     out!("{}", vmlab::bench::table::render(&report));

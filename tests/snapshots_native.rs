@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use disk_support::{anywhere, check_chains_in, pattern, qemu_img_ok, read_image, unlocked};
 use support::tiny_guest::Program;
+use support::wait_for;
 use vmlab::disk::{backing_chain, create_image, open_image, CreateOptions, OpenOptions};
 
 const DISK_SIZE: u64 = 4 << 20;
@@ -448,6 +449,51 @@ fn live_snapshots_of_a_running_vm() {
         }
         check_chains(&lab, vm);
     }
+}
+
+/// A named VM restarts in place when its guest reboots: each boot opens
+/// the disks again (the ended boot's are closed first, or their locks would
+/// refuse it), and a live snapshot switches the boot that runs now.
+#[test]
+fn a_live_snapshot_after_a_reboot_in_place_switches_the_new_boot() {
+    let lab = Lab::new();
+    let kernel = lab.dir.path().join("rebooting.elf");
+    Program::new()
+        .print(b"rebooting\n")
+        .out(0xe9, b'U')
+        .reset()
+        .write_elf(&kernel);
+    lab.make_vm("vm1", &kernel);
+    write(&lab.disk("vm1", 0), 0, b"first");
+    let before: Vec<Vec<u8>> = (0..2).map(|i| read_image(&lab.disk("vm1", i))).collect();
+    lab.start("vm1");
+    let log = lab.vm_dir("vm1").join("serial.log");
+    let serial = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("a few boots in the serial log", || {
+        serial().matches("rebooting").count() >= 3
+    });
+    // The next boot runs a guest that stays up.
+    std::fs::copy(&lab.halting, lab.dir.path().join("halting.tmp")).unwrap();
+    std::fs::rename(lab.dir.path().join("halting.tmp"), &kernel).unwrap();
+    wait_for("the guest that stays up", || {
+        serial().contains("tiny guest up")
+    });
+
+    let out = lab.ok(&["snapshot", "create", "vm1", "after-reboots"]);
+    assert!(out.contains("taken live (guest paused"), "{out}");
+    let ps = lab.ok(&["ps"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("vm1") && l.contains("running")),
+        "{ps}"
+    );
+    lab.stop(&["vm1"]);
+    for (i, expected) in before.iter().enumerate() {
+        let layer = snapshot_layer(&lab, "vm1", "after-reboots", DISKS[i]);
+        assert!(read_image(&layer) == *expected, "disk {i}");
+        assert!(read_image(&lab.disk("vm1", i)) == *expected, "disk {i}");
+    }
+    check_chains(&lab, "vm1");
 }
 
 #[test]

@@ -11,9 +11,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use support::tiny_guest::Program;
+use support::wait_for;
 
 struct Lab {
     dir: tempfile::TempDir,
@@ -139,14 +139,6 @@ fn alive(pid: u32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(false)
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn mode(path: &Path) -> u32 {
@@ -427,6 +419,197 @@ fn ssh_config_uses_the_forward_to_22_and_clone_by_name_needs_a_stopped_vm() {
     let copy = lab.dir.path().join("vm1");
     lab.ok(&["clone", image.to_str().unwrap(), copy.to_str().unwrap()]);
     assert!(Path::new(&copy).is_file());
+}
+
+/// A guest that prints `line` and reboots at once (a pause would be a
+/// loop, and loops crawl on this PVM host), about 20 boots a second.
+fn rebooting_guest(path: &Path, line: &[u8]) {
+    Program::new()
+        .print(line)
+        .out(0xe9, b'U')
+        .reset()
+        .write_elf(path);
+}
+
+#[test]
+fn a_named_vm_restarts_in_place_on_reboot_and_reads_its_kernel_again() {
+    let lab = Lab::new();
+    let kernel = lab.dir.path().join("rebooting.elf");
+    rebooting_guest(&kernel, b"boot one\n");
+    let args = [
+        "run", "--name", "vm1", "--detach", "--mem", "32M", "--kernel",
+    ];
+    lab.ok(&[&args[..], &[kernel.to_str().unwrap()]].concat());
+    let pid = lab.pid("vm1").unwrap();
+    wait_for("a second boot in the serial log", || {
+        serial_log(&lab, "vm1").matches("boot one").count() >= 2
+    });
+    assert!(alive(pid), "the same process runs the second boot");
+    assert_eq!(lab.pid("vm1"), Some(pid));
+    assert!(lab.ps_line("vm1").contains("running"));
+
+    // A new kernel in place of the old one boots at the next reboot.
+    let next = lab.dir.path().join("next.elf");
+    rebooting_guest(&next, b"boot two\n");
+    std::fs::rename(&next, &kernel).unwrap();
+    wait_for("the new kernel's line", || {
+        serial_log(&lab, "vm1").contains("boot two")
+    });
+    assert_eq!(lab.pid("vm1"), Some(pid));
+
+    // Once stopped, the next reboot ends the VM rather than restarting it
+    // (the tiny guest never takes the power button).
+    let out = lab.vmlab(&["stop", "--timeout", "20", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("vm1: powered off"),
+        "{}",
+        text(&out)
+    );
+    assert!(!alive(pid));
+    let log = std::fs::read_to_string(lab.vm_dir("vm1").join("vmm.log")).unwrap();
+    assert!(log.contains("guest rebooted: starting it again"), "{log}");
+    assert!(
+        log.trim_end()
+            .ends_with("guest rebooted (vmlab ends the VM on reset)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn on_reboot_exit_ends_a_named_vm_at_its_first_reboot_and_is_saved() {
+    let lab = Lab::new();
+    let kernel = lab.dir.path().join("rebooting.elf");
+    rebooting_guest(&kernel, b"boot once\n");
+    let k = kernel.to_str().unwrap();
+    let args = [
+        "run",
+        "--name",
+        "vm1",
+        "--detach",
+        "--mem",
+        "32M",
+        "--on-reboot",
+        "exit",
+    ];
+    lab.ok(&[&args[..], &["--kernel", k]].concat());
+    wait_for("the VM to end at its reboot", || {
+        lab.ps_line("vm1").contains("stopped")
+    });
+    assert_eq!(serial_log(&lab, "vm1").matches("boot once").count(), 1);
+    let conf = std::fs::read_to_string(lab.vm_dir("vm1").join("vm.conf")).unwrap();
+    assert!(conf.contains("on-reboot = exit"), "{conf}");
+
+    // An unnamed VM ends at a reboot by default, with status 0.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmlab"))
+        .args(["run", "--mem", "32M", "--kernel", k])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("boot once")
+            .count(),
+        1
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest rebooted"));
+}
+
+/// A raw ext4 disk made from `tree` (paths and contents) with mkfs.ext4.
+fn ext4_disk(dir: &Path, name: &str, tree: &[(&str, &[u8])]) -> PathBuf {
+    let root = dir.join(format!("{name}.tree"));
+    for (path, bytes) in tree {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let image = dir.join(name);
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-d",
+            root.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ])
+        .output()
+        .expect("mkfs.ext4 runs (e2fsprogs)");
+    assert!(out.status.success(), "{}", text(&out));
+    image
+}
+
+#[test]
+fn a_vms_flavor_is_kept_and_a_full_vm_without_a_kernel_says_so() {
+    let lab = Lab::new();
+    let disk = ext4_disk(lab.dir.path(), "nokernel.raw", &[("etc/hostname", b"x\n")]);
+    let dir = lab.vm_dir("node1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = format!(
+        "cpus = 1\nmem = 64M\ndisk = {}\nguest = debian\nflavor = full\n",
+        disk.display()
+    );
+    std::fs::write(dir.join("vm.conf"), &conf).unwrap();
+
+    let err = lab.fails(&["run", "--name", "node1", "--flavor", "lean"]);
+    assert!(err.contains("VM node1 is a full Debian VM"), "{err}");
+    let err = lab.fails(&["run", "--name", "node1", "--packages", "docker.io"]);
+    assert!(err.contains("VM node1 is a full Debian VM"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("vm.conf")).unwrap(),
+        conf,
+        "unchanged"
+    );
+
+    // The same choice again is fine; the disk has no kernel to boot.
+    let err = lab.fails(&["run", "--name", "node1", "--flavor", "full"]);
+    assert!(err.contains("has no kernel at /boot/vmlinuz"), "{err}");
+    assert!(err.contains("nokernel.raw"), "{err}");
+
+    // Links to something that is not a kernel.
+    let text_kernel = ext4_disk(
+        lab.dir.path(),
+        "text.raw",
+        &[
+            ("boot/vmlinuz", b"not a kernel, just text\n"),
+            ("boot/initrd.img", b"initrd"),
+        ],
+    );
+    let conf = conf.replace(disk.to_str().unwrap(), text_kernel.to_str().unwrap());
+    std::fs::write(dir.join("vm.conf"), &conf).unwrap();
+    let err = lab.fails(&["run", "--name", "node1"]);
+    assert!(
+        err.contains("text.raw:/boot/vmlinuz' is not a Linux kernel"),
+        "{err}"
+    );
+
+    let err = lab.fails(&["run", "--flavor", "full"]);
+    assert!(err.contains("need --name"), "{err}");
+    let kernel = lab.kernel.to_str().unwrap();
+    let err = lab.fails(&[
+        "run", "--name", "vm2", "--flavor", "full", "--kernel", kernel,
+    ]);
+    assert!(err.contains("drop one of them"), "{err}");
+    let err = lab.fails(&["run", "--name", "vm3", "--packages", "docker.io"]);
+    assert!(err.contains("--packages needs --flavor full"), "{err}");
+    let err = lab.fails(&[
+        "run",
+        "--name",
+        "vm3",
+        "--flavor",
+        "full",
+        "--packages",
+        "Bad!",
+    ]);
+    assert!(err.contains("not a Debian package name"), "{err}");
+    for name in ["vm2", "vm3"] {
+        assert!(!lab.vm_dir(name).exists(), "{name}: nothing left behind");
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `vmlab bench boot`: vmlab, QEMU microvm and runc brought to the same
 //! "init started" signal, interleaved, with vmlab's own cost; and, when the
-//! Debian image is there, the same three to ssh-ready.
+//! Debian image is there, the same three to ssh-ready. With the full
+//! flavor: vmlab and QEMU microvm to ssh-ready (split at init) on the full
+//! image, both booting the kernel and initrd that image carries.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +16,7 @@ use super::host::{HostInfo, HostKind};
 use super::process::find_program;
 use super::report::{BenchReport, Target};
 use super::runner::{self, Progress, RunOptions};
-use crate::image::DebianImage;
+use crate::image::{DebianImage, Flavor, ImageSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -34,6 +36,8 @@ pub enum BenchError {
     NoOutputDir(PathBuf),
     #[error("the ssh-ready contenders (--ssh): {0}")]
     SshGuest(String),
+    #[error("the full image's kernel: {0}")]
+    FullBoot(String),
 }
 
 /// Whether the ssh-ready contenders run.
@@ -81,6 +85,9 @@ pub struct BootBench {
     pub mem_mib: u64,
     pub options: RunOptions,
     pub ssh: SshPeers,
+    /// Which Debian image the ssh-ready contenders boot; the full one is
+    /// only timed to ssh-ready (its init is systemd, no container's).
+    pub flavor: Flavor,
 }
 
 impl BootBench {
@@ -96,6 +103,21 @@ impl BootBench {
     /// The contenders, in sampling order; `scratch` holds their files.
     /// `debian` is what the ssh-ready ones boot, or why they cannot.
     pub fn contenders(&self, scratch: &Path, debian: &DebianGuest) -> Vec<Box<dyn Contender>> {
+        if self.flavor == Flavor::Full {
+            return vec![
+                Box::new(VmlabSsh::new(
+                    self.vmlab.clone(),
+                    debian.clone(),
+                    Flavor::Full,
+                    scratch.join("vmlab-full-ssh"),
+                )),
+                Box::new(QemuSsh::new(
+                    debian.clone(),
+                    Flavor::Full,
+                    scratch.join("qemu-full-ssh"),
+                )),
+            ];
+        }
         vec![
             Box::new(Vmlab::to_init(
                 self.vmlab.clone(),
@@ -107,9 +129,14 @@ impl BootBench {
             Box::new(VmlabSsh::new(
                 self.vmlab.clone(),
                 debian.clone(),
+                Flavor::Lean,
                 scratch.join("vmlab-ssh"),
             )),
-            Box::new(QemuSsh::new(debian.clone(), scratch.join("qemu-ssh"))),
+            Box::new(QemuSsh::new(
+                debian.clone(),
+                Flavor::Lean,
+                scratch.join("qemu-ssh"),
+            )),
             Box::new(RuncSshd::new(debian.clone(), scratch.join("runc-sshd"))),
         ]
     }
@@ -118,10 +145,46 @@ impl BootBench {
     /// the cached image (built first with `Build`), the user's key pair
     /// (made on first use, as `vmlab run --name` would) and the system ssh.
     /// Fails only with `Build`, when they cannot run; otherwise whatever is
-    /// lacking makes them missing.
-    pub fn debian_guest(&self) -> Result<DebianGuest, BenchError> {
-        self.debian_guest_from(crate::image::cached_image, || {
-            crate::image::debian_image().map_err(|e| e.to_string())
+    /// lacking makes them missing. The full image's kernel and initrd are
+    /// copied out of it into `scratch`, for both VMMs to boot.
+    pub fn debian_guest(&self, scratch: &Path) -> Result<DebianGuest, BenchError> {
+        let spec = match self.flavor {
+            Flavor::Lean => ImageSpec::lean(),
+            Flavor::Full => ImageSpec::new(Flavor::Full, &[]).expect("no packages"),
+        };
+        let guest = self.debian_guest_from(
+            || crate::image::cached_image_for(&spec),
+            || crate::image::image_for(&spec).map_err(|e| e.to_string()),
+        )?;
+        match (guest, self.flavor) {
+            (Ok(spec), Flavor::Full) => self.with_full_boot(spec, scratch).map(Ok),
+            (guest, _) => Ok(guest),
+        }
+    }
+
+    /// `spec` booting the kernel and initrd its full image carries, copied
+    /// to `scratch/full-boot/` (QEMU takes files; vmlab gets the same).
+    fn with_full_boot(&self, spec: DebianSpec, scratch: &Path) -> Result<DebianSpec, BenchError> {
+        let fail = |e: String| BenchError::FullBoot(e);
+        let boot = crate::image::read_disk_boot(
+            &spec.base,
+            self.mem_mib << 20,
+            &crate::disk::BackingPolicy::vmlab(),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let dir = scratch.join("full-boot");
+        std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+        for (file, path) in [(&boot.kernel, &kernel), (&boot.initrd, &initrd)] {
+            file.read_all()
+                .and_then(|bytes| std::fs::write(path, bytes))
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        }
+        Ok(DebianSpec {
+            kernel,
+            initrd: Some(initrd),
+            flavor: Flavor::Full,
+            ..spec
         })
     }
 
@@ -146,6 +209,8 @@ impl BootBench {
                 .ok_or("ssh not found on PATH (Debian: apt-get install openssh-client)")?;
             Ok(DebianSpec {
                 kernel: self.kernel.clone(),
+                initrd: None,
+                flavor: Flavor::Lean,
                 base: image.base,
                 mem_mib: self.mem_mib,
                 key,
@@ -163,8 +228,8 @@ impl BootBench {
     /// boot there).
     pub fn run(&self, progress: &Progress) -> Result<BenchReport, BenchError> {
         let host = check_host()?;
-        let debian = self.debian_guest()?;
         let scratch = scratch_dir()?;
+        let debian = self.debian_guest(scratch.as_path())?;
         let mut contenders = self.contenders(scratch.as_path(), &debian);
         let mut report = runner::run(&mut contenders, self.options, host, progress);
         report.targets = targets(&report);
@@ -260,6 +325,7 @@ mod tests {
             mem_mib: 256,
             options: RunOptions { runs: 1, warmup: 0 },
             ssh,
+            flavor: Flavor::Lean,
         }
     }
 
@@ -283,12 +349,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_full_flavor_is_vmlab_and_qemu_to_ssh_ready() {
+        let full = BootBench {
+            flavor: Flavor::Full,
+            ..bench(SshPeers::Auto)
+        };
+        let missing = Err(Missing("no image".into()));
+        let ids: Vec<String> = full
+            .contenders(Path::new("/tmp/x"), &missing)
+            .iter()
+            .map(|c| c.describe().id)
+            .collect();
+        assert_eq!(ids, ["vmlab-full-ssh", "qemu-microvm-full-ssh"]);
+        let err = full
+            .with_full_boot(
+                super::super::contenders::debian_spec_for_tests(PathBuf::from("/nope.qcow2")),
+                Path::new("/tmp"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the full image's kernel") && err.contains("/nope.qcow2"),
+            "{err}"
+        );
+    }
+
     fn image(base: &str) -> DebianImage {
         DebianImage {
             base: PathBuf::from(base),
             index: crate::image::ImageIndex {
                 recipe: "r".into(),
                 suite: "bookworm".into(),
+                flavor: "lean".into(),
+                packages: Vec::new(),
                 base: "base.qcow2".into(),
                 virtual_size: 1 << 30,
                 file_size: 1 << 20,

@@ -46,6 +46,8 @@ pub enum ControlError {
     Image(#[from] crate::image::ImageError),
     #[error(transparent)]
     Net(#[from] crate::net::NatError),
+    #[error(transparent)]
+    DiskBoot(#[from] crate::image::DiskBootError),
     #[error("invalid snapshot name '{name}': {why} (e.g. before-upgrade)")]
     BadSnapshotName { name: String, why: String },
     #[error("VM {vm} already has a snapshot named {name} (see vmlab snapshot ls {vm}; remove it with vmlab snapshot rm {vm} {name})")]

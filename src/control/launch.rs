@@ -10,7 +10,7 @@ use super::error::Result;
 use super::settings::{NetChoice, VmSettings};
 use crate::cli::{DiskSpec, MacAddress};
 use crate::devices::virtio::net::NetSettings;
-use crate::image::GuestIdentity;
+use crate::image::{Flavor, GuestIdentity};
 use crate::net::{ForwardListeners, NatConfig};
 use crate::network::link::{MemberLink, MemberNatView};
 use crate::network::protocol::JoinRequest;
@@ -45,8 +45,8 @@ pub fn vm_config(
         cpus: settings.cpus,
         mem_size: settings.mem.bytes(),
         boot: BootSource::Linux {
-            kernel,
-            initrd,
+            kernel: kernel.into(),
+            initrd: initrd.map(Into::into),
             cmdline: settings.cmdline.clone(),
         },
         console,
@@ -59,10 +59,12 @@ pub fn vm_config(
     })
 }
 
-/// A VM on the default Debian image: its disks already hold its overlay
-/// (see [`prepare_debian`]); the image's kernel boots it with the VM's name
-/// as hostname, the user's public key and the VM's name as the instance id
-/// (a clone, having a new name, makes itself new host keys and machine-id).
+/// A VM on a Debian image: its disks already hold its overlay (see
+/// [`prepare_debian`]); it boots with the VM's name as hostname, the user's
+/// public key and the VM's name as the instance id (a clone, having a new
+/// name, makes itself new host keys and machine-id). The lean flavor boots
+/// the default guest kernel; the full one the kernel and initrd its own disk carries
+/// (read again at every boot), unless the settings name others.
 fn debian_config(
     name: &str,
     settings: &VmSettings,
@@ -72,8 +74,44 @@ fn debian_config(
 ) -> Result<VmConfig> {
     let key = crate::image::user_key()?;
     let identity = GuestIdentity::new(name, &key.public_key)?.with_instance(name)?;
-    let guest = crate::image::debian_guest(&identity)?;
-    let mut cmdline = guest.cmdline.join(" ");
+    let (kernel, initrd, params) = match settings.flavor {
+        Flavor::Lean => {
+            let guest = crate::image::debian_guest(&identity)?;
+            // Debian's packaged kernel comes with the initramfs holding its
+            // disk drivers; a kernel of the user's brings its own, or none.
+            let initrd = match &settings.kernel {
+                Some(_) => settings.initrd.clone(),
+                None => settings.initrd.clone().or(guest.initrd),
+            };
+            let kernel = settings.kernel.clone().unwrap_or(guest.kernel);
+            (kernel.into(), initrd.map(Into::into), guest.cmdline)
+        }
+        Flavor::Full => {
+            let params = crate::image::boot_params_for(Flavor::Full, &identity);
+            match (&settings.kernel, settings.disks.first()) {
+                (Some(kernel), _) => (
+                    kernel.clone().into(),
+                    settings.initrd.clone().map(Into::into),
+                    params,
+                ),
+                (None, Some(disk)) => {
+                    let boot = crate::image::read_disk_boot(
+                        &disk.path,
+                        settings.mem.bytes(),
+                        &settings.backing_policy(),
+                    )?;
+                    log::info!("booting {} from {}", boot.kernel_path, disk.path.display());
+                    (boot.kernel, Some(boot.initrd), params)
+                }
+                (None, None) => {
+                    return Err(ControlError::Refused(format!(
+                        "VM {name} is a full Debian VM without a disk to boot from: give --disk (its root disk first) or --kernel"
+                    )))
+                }
+            }
+        }
+    };
+    let mut cmdline = params.join(" ");
     if !settings.cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&settings.cmdline);
@@ -83,11 +121,8 @@ fn debian_config(
         cpus: settings.cpus,
         mem_size: settings.mem.bytes(),
         boot: BootSource::Linux {
-            initrd: match &settings.kernel {
-                Some(_) => settings.initrd.clone(),
-                None => settings.initrd.clone().or(guest.initrd),
-            },
-            kernel: settings.kernel.clone().unwrap_or(guest.kernel),
+            kernel,
+            initrd,
             cmdline,
         },
         console,
@@ -100,11 +135,12 @@ fn debian_config(
     })
 }
 
-/// Makes a new named VM a Debian one: builds the base image if needed (with
-/// progress) and puts a linked qcow2 overlay of it, `disk.qcow2`, in the
-/// VM's directory as its first disk. Constant time whatever the base's size.
+/// Makes a new named VM a Debian one, of the settings' flavor and packages:
+/// builds that base image if needed (with progress) and puts a linked qcow2
+/// overlay of it, `disk.qcow2`, in the VM's directory as its first disk.
+/// Constant time whatever the base's size.
 pub fn prepare_debian(dir: &Path, settings: &mut VmSettings) -> Result<()> {
-    let image = crate::image::debian_image()?;
+    let image = crate::image::image_for(&settings.image_spec()?)?;
     let overlay = dir.join("disk.qcow2");
     crate::fsutil::create_private_dir(dir).map_err(super::error::ControlError::io(
         "cannot create the VM directory",

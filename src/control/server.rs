@@ -34,6 +34,12 @@ impl DiskSwitch for LiveDisks {
     }
 }
 
+/// The running machine's suspender, if a machine runs (a reboot makes a
+/// new one).
+pub trait SuspendSource: Send + Sync {
+    fn suspender(&self) -> Option<Arc<Suspender>>;
+}
+
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,7 +55,7 @@ pub struct ControlContext {
     /// The disks a live snapshot switches; None in tests without a VM.
     pub disks: Option<Arc<dyn DiskSwitch>>,
     /// What `vmlab suspend` saves the VM with; None in tests without a VM.
-    pub suspender: Option<Arc<Suspender>>,
+    pub suspender: Option<Arc<dyn SuspendSource>>,
     pub hub: Arc<ConsoleHub>,
     /// Where console clients' keystrokes go (the UART's input pipe); None
     /// when the VM reads its terminal directly.
@@ -79,6 +85,11 @@ impl ControlContext {
             stopping: AtomicBool::new(false),
             accept_errors: AtomicU64::new(0),
         }
+    }
+
+    /// Whether `vmlab stop` has pressed the power button.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     fn answer(&self, request: &Request) -> Response {
@@ -140,11 +151,11 @@ impl ControlContext {
     /// Saves the VM to `path` and ends it; the answer goes to `stream`
     /// once the state is durable, before the process can exit.
     fn suspend(&self, path: &std::path::Path, stream: &UnixStream) {
-        let Some(suspender) = &self.suspender else {
+        let Some(suspender) = self.suspender.as_ref().and_then(|s| s.suspender()) else {
             reply(
                 stream,
                 &Response::Error {
-                    message: "this VM cannot be suspended".into(),
+                    message: "this VM cannot be suspended now (it is rebooting): try again".into(),
                 },
             );
             return;

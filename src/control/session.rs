@@ -1,18 +1,27 @@
 //! Starting a named VM: claim its name, wire its console to the serial log
-//! (and the terminal or console clients), open its control socket.
+//! (and the terminal or console clients), open its control socket; then
+//! run it, starting the guest again in place when it reboots (its
+//! `--on-reboot` policy), with the same name, socket, console and log.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::console_hub::ConsoleHub;
 use super::error::{ControlError, Result};
-use super::server::{self, ControlContext};
+use super::server::{self, ControlContext, DiskSwitch, SuspendSource};
 use super::settings::VmSettings;
 use super::state::{RunLock, VmDir, SERIAL_LOG_LIMIT};
+use crate::devices::bus::lock;
 use crate::logging::RotatingFile;
-use crate::vmm::{ConsoleConfig, ConsoleInput, Vm, VmConfig};
+use crate::net::{NatSnapshot, NatView};
+use crate::vmm::{
+    ConsoleConfig, ConsoleInput, LastBoot, LiveDisks, LiveSnapshotError, OnReboot, PowerButton,
+    Suspender, Vm, VmConfig,
+};
 
 /// Where a named VM's console is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,15 +39,114 @@ pub enum Attach {
 pub struct NamedVm {
     pub vm: Vm,
     _lock: RunLock,
+    dir: VmDir,
+    console: ConsoleWiring,
+    ctx: Arc<ControlContext>,
+    current: Arc<CurrentBoot>,
+    policy: OnReboot,
 }
 
-/// Claims `dir`'s name and builds the VM with `build`, which turns the
-/// console wiring into a `VmConfig`.
+/// What each boot's console is made of.
+struct ConsoleWiring {
+    hub: Arc<ConsoleHub>,
+    /// The read end of the console clients' keystroke pipe (detached VMs):
+    /// each boot reads a duplicate, so it outlives every boot.
+    keystrokes: Option<OwnedFd>,
+    /// The serial log, to name in messages.
+    log_path: PathBuf,
+}
+
+impl ConsoleWiring {
+    fn config(&self) -> Result<ConsoleConfig> {
+        let input = match &self.keystrokes {
+            None => ConsoleInput::Stdin,
+            Some(read) => ConsoleInput::Fd(read.try_clone().map_err(ControlError::io(
+                "cannot duplicate the console pipe of",
+                &self.log_path,
+            ))?),
+        };
+        Ok(ConsoleConfig {
+            input,
+            output: Box::new(self.hub.writer()),
+        })
+    }
+}
+
+/// The running boot's power button, NAT, disks and suspender, which the
+/// control socket reaches through this (a reboot makes a new machine).
+struct CurrentBoot {
+    power_button: Mutex<PowerButton>,
+    nat: Mutex<Option<Arc<dyn NatView>>>,
+    /// None between two boots: the ended boot's disks are closed before
+    /// the next opens them (their write locks would refuse it).
+    disks: Mutex<Option<Arc<LiveDisks>>>,
+    /// None between two boots: there is no machine to save.
+    suspender: Mutex<Option<Arc<Suspender>>>,
+}
+
+impl CurrentBoot {
+    fn new(vm: &Vm) -> Self {
+        CurrentBoot {
+            power_button: Mutex::new(vm.power_button()),
+            nat: Mutex::new(vm.nat_view()),
+            disks: Mutex::new(Some(vm.live_disks())),
+            suspender: Mutex::new(Some(vm.suspender())),
+        }
+    }
+
+    fn set(&self, vm: &Vm) {
+        *lock(&self.power_button) = vm.power_button();
+        *lock(&self.nat) = vm.nat_view();
+        *lock(&self.disks) = Some(vm.live_disks());
+        *lock(&self.suspender) = Some(vm.suspender());
+    }
+
+    /// Lets go of the boot that ended.
+    fn ended(&self) {
+        *lock(&self.disks) = None;
+        *lock(&self.suspender) = None;
+    }
+}
+
+impl SuspendSource for CurrentBoot {
+    fn suspender(&self) -> Option<Arc<Suspender>> {
+        lock(&self.suspender).clone()
+    }
+}
+
+impl DiskSwitch for CurrentBoot {
+    fn switch_to_overlays(
+        &self,
+        paths: &[PathBuf],
+    ) -> std::result::Result<Duration, LiveSnapshotError> {
+        // A boot that ended meanwhile refuses the pause (its vCPU gate is
+        // closed): the snapshot fails whole, nothing switched.
+        let disks = lock(&self.disks)
+            .clone()
+            .ok_or(LiveSnapshotError::Rebooting)?;
+        disks.switch_to_overlays(paths)
+    }
+}
+
+impl NatView for CurrentBoot {
+    fn snapshot(&self) -> NatSnapshot {
+        lock(&self.nat)
+            .as_ref()
+            .map_or_else(NatSnapshot::default, |nat| nat.snapshot())
+    }
+}
+
+/// Turns the console wiring and the boot's number (0 first, 1 after the
+/// first reboot, ...) into the machine's configuration.
+pub trait BuildBoot: FnMut(ConsoleConfig, u32) -> Result<VmConfig> {}
+impl<F: FnMut(ConsoleConfig, u32) -> Result<VmConfig>> BuildBoot for F {}
+
+/// Claims `dir`'s name and builds its first boot with `build`.
 pub fn start_named(
     dir: &VmDir,
     settings: &VmSettings,
     attach: Attach,
-    build: impl FnOnce(ConsoleConfig) -> Result<VmConfig>,
+    build: &mut impl BuildBoot,
 ) -> Result<NamedVm> {
     let lock = dir.lock_exclusive()?;
     // Never boot disks a killed `snapshot restore` left half-restored.
@@ -50,19 +158,20 @@ pub fn start_named(
     let log = RotatingFile::create(&log_path, SERIAL_LOG_LIMIT)
         .map_err(ControlError::io("cannot create", &log_path))?;
     let hub = ConsoleHub::new(Some(Box::new(log)), attach == Attach::Terminal);
-    let (input, keystrokes) = match attach {
-        Attach::Terminal => (ConsoleInput::Stdin, None),
+    let (keystrokes, keystroke_writer) = match attach {
+        Attach::Terminal => (None, None),
         Attach::Detached => {
             let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| ControlError::io("cannot create a pipe for", &log_path)(e.into()))?;
-            (ConsoleInput::Fd(read), Some(Mutex::new(File::from(write))))
+            (Some(read), Some(Mutex::new(File::from(write))))
         }
     };
-    let config = build(ConsoleConfig {
-        input,
-        output: Box::new(hub.writer()),
-    })?;
-    let vm = Vm::build(config)?;
+    let console = ConsoleWiring {
+        hub: hub.clone(),
+        keystrokes,
+        log_path: log_path.clone(),
+    };
+    let vm = Vm::build(build(console.config()?, 0)?)?;
 
     let runtime = crate::dirs::ensure_runtime_dir().map_err(ControlError::io(
         "cannot prepare the runtime directory",
@@ -75,34 +184,64 @@ pub fn start_named(
         &socket,
     ))?;
     lock.write_pid()?;
-    let button = vm.power_button();
+    let current = Arc::new(CurrentBoot::new(&vm));
+    let button = current.clone();
     let mut ctx = ControlContext::new(
         dir.name().to_string(),
         settings.forwards.clone(),
-        Box::new(move || button.press()),
+        Box::new(move || crate::devices::bus::lock(&button.power_button).press()),
         hub,
     );
     ctx.started = Instant::now();
-    ctx.nat = vm.nat_view();
-    ctx.disks = Some(vm.live_disks());
-    ctx.suspender = Some(vm.suspender());
-    ctx.console_input = keystrokes;
-    server::spawn(listener, Arc::new(ctx)).map_err(ControlError::io("cannot serve", &socket))?;
-    Ok(NamedVm { vm, _lock: lock })
+    if vm.nat_view().is_some() {
+        ctx.nat = Some(current.clone());
+    }
+    ctx.disks = Some(current.clone());
+    ctx.suspender = Some(current.clone());
+    ctx.console_input = keystroke_writer;
+    let ctx = Arc::new(ctx);
+    server::spawn(listener, ctx.clone()).map_err(ControlError::io("cannot serve", &socket))?;
+    Ok(NamedVm {
+        vm,
+        _lock: lock,
+        dir: dir.clone(),
+        console,
+        ctx,
+        current,
+        policy: settings.reboot_policy(),
+    })
 }
 
 impl NamedVm {
-    /// Runs the VM to its end, then frees the name (socket, pid file).
-    pub fn run_measured(
-        self,
-    ) -> Result<
-        (
-            crate::vmm::ExitReason,
-            Option<crate::vmm::footprint::Footprint>,
-        ),
-        crate::vmm::VmmError,
-    > {
-        let NamedVm { vm, _lock } = self;
-        vm.run_measured()
+    /// Runs the VM to its end, each reboot a fresh boot from `build` (as
+    /// the policy says; not once `vmlab stop` was asked), then frees the
+    /// name (socket, pid file).
+    pub fn run(self, build: &mut impl BuildBoot) -> Result<LastBoot> {
+        let NamedVm {
+            vm,
+            _lock,
+            dir,
+            console,
+            ctx,
+            current,
+            policy,
+        } = self;
+        crate::vmm::run_rebooting(policy, vm, |boot| {
+            if ctx.is_stopping() {
+                return Ok(None);
+            }
+            eprintln!(
+                "vmlab: guest rebooted: starting it again (--on-reboot exit ends it instead)"
+            );
+            // `snapshot create` holds this lock from freezing the disks to
+            // switching the running boot onto its overlays: the new boot
+            // opens its disks (and reads its kernel) either before the
+            // freeze, and is the one switched, or after it is whole.
+            let _snapshots = super::snapshot::book::lock_book(&dir)?;
+            current.ended();
+            let vm = Vm::build(build(console.config()?, boot)?)?;
+            current.set(&vm);
+            Ok(Some(vm))
+        })
     }
 }

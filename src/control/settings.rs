@@ -7,6 +7,10 @@
 //! mem = 1G
 //! forward = tcp:127.0.0.1:2222:22
 //! disk = /home/me/.local/share/vmlab/vms/vm1/disk.qcow2
+//! guest = debian
+//! flavor = full
+//! packages = docker.io
+//! on-reboot = restart
 //! allow-backing = /srv/images/base.qcow2
 //! net = lab
 //! ip = 192.168.100.20
@@ -20,7 +24,9 @@ use std::str::FromStr;
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
 use crate::disk::BackingPolicy;
+use crate::image::{Flavor, ImageSpec};
 use crate::net::{HostLoopback, Outbound};
+use crate::vmm::OnReboot;
 
 /// Guest memory when neither the user nor the file says.
 pub const DEFAULT_MEM: u64 = 512 << 20;
@@ -81,6 +87,13 @@ pub struct VmSettings {
     /// Boots the default Debian image (its kernel, `root=/dev/vda` on the
     /// VM's own overlay, identity on the command line) instead of `kernel`.
     pub debian: bool,
+    /// Which Debian image the VM's disk was cloned from (with `debian`):
+    /// chosen at the first run, fixed afterwards.
+    pub flavor: Flavor,
+    /// The extra packages of that (full) image.
+    pub packages: Vec<String>,
+    /// What a guest reboot does; None: the default, a restart in place.
+    pub on_reboot: Option<OnReboot>,
     /// What the network card is on (`--net`).
     pub net: NetChoice,
     /// The VM's reserved address on its lab network (`--ip`).
@@ -105,6 +118,9 @@ impl Default for VmSettings {
             initrd: None,
             cmdline: String::new(),
             debian: false,
+            flavor: Flavor::Lean,
+            packages: Vec::new(),
+            on_reboot: None,
             net: NetChoice::User,
             ip: None,
             host_loopback: HostLoopback::All,
@@ -140,6 +156,13 @@ impl VmSettings {
         }
         if self.debian {
             let _ = writeln!(out, "guest = debian");
+            let _ = writeln!(out, "flavor = {}", self.flavor);
+        }
+        if !self.packages.is_empty() {
+            let _ = writeln!(out, "packages = {}", self.packages.join(","));
+        }
+        if let Some(policy) = self.on_reboot {
+            let _ = writeln!(out, "on-reboot = {policy}");
         }
         if self.net != NetChoice::User {
             let _ = writeln!(out, "net = {}", self.net);
@@ -203,6 +226,9 @@ impl VmSettings {
                 "cmdline" => settings.cmdline = value.to_string(),
                 "guest" if value == "debian" => settings.debian = true,
                 "guest" => return Err(err(format!("guest '{value}' is not 'debian'"))),
+                "flavor" => settings.flavor = value.parse().map_err(err)?,
+                "packages" => settings.packages = crate::image::parse_package_list(value),
+                "on-reboot" => settings.on_reboot = Some(value.parse().map_err(err)?),
                 "net" => {
                     settings.net = value.parse().map_err(|_| {
                         err(format!("net '{value}' is not user, none or a network name"))
@@ -224,6 +250,16 @@ impl VmSettings {
             }
         }
         Ok(settings)
+    }
+
+    /// The Debian image the VM's disk comes from.
+    pub fn image_spec(&self) -> Result<ImageSpec> {
+        ImageSpec::new(self.flavor, &self.packages).map_err(Into::into)
+    }
+
+    /// What a guest reboot does: the saved policy, else a restart in place.
+    pub fn reboot_policy(&self) -> OnReboot {
+        self.on_reboot.unwrap_or(OnReboot::Restart)
     }
 
     /// Where the VM's disks may find their backing files.
@@ -284,6 +320,9 @@ mod tests {
             initrd: Some(PathBuf::from("/k/initrd.cpio")),
             cmdline: "quiet loglevel=3 a=b".into(),
             debian: true,
+            flavor: Flavor::Full,
+            packages: vec!["docker.io".into(), "linux-image-amd64".into()],
+            on_reboot: Some(OnReboot::Exit),
             net: NetChoice::Lab("lab".into()),
             ip: Some(Ipv4Addr::new(192, 168, 100, 20)),
             host_loopback: HostLoopback::Ports(vec![22, 5432]),
@@ -305,6 +344,27 @@ mod tests {
     }
 
     #[test]
+    fn a_debian_vm_from_before_flavors_is_lean_and_restarts_on_reboot() {
+        let s = VmSettings::parse("guest = debian\n", Path::new("vm.conf")).unwrap();
+        assert!(s.debian);
+        assert_eq!(s.flavor, Flavor::Lean);
+        assert!(s.packages.is_empty());
+        assert_eq!(s.on_reboot, None);
+        assert_eq!(s.reboot_policy(), OnReboot::Restart);
+        assert_eq!(s.image_spec().unwrap(), ImageSpec::lean());
+        let full = VmSettings::parse(
+            "guest = debian\nflavor = full\npackages = docker.io\non-reboot = exit\n",
+            Path::new("vm.conf"),
+        )
+        .unwrap();
+        assert_eq!(full.reboot_policy(), OnReboot::Exit);
+        assert_eq!(
+            full.image_spec().unwrap(),
+            ImageSpec::new(Flavor::Full, &["docker.io".into()]).unwrap()
+        );
+    }
+
+    #[test]
     fn comments_blanks_and_spacing_are_fine() {
         let text = "\n# hi\n  cpus=3  \nmem =  256M\n";
         let s = VmSettings::parse(text, Path::new("c")).unwrap();
@@ -320,6 +380,11 @@ mod tests {
             ("forward = tcp:99999:22", "invalid forward"),
             ("mac = 52:54", "mac '52:54'"),
             ("colour = blue", "unknown key 'colour'"),
+            ("flavor = fat", "flavor 'fat' is not 'lean' or 'full'"),
+            (
+                "on-reboot = halt",
+                "on-reboot 'halt' is not 'restart' or 'exit'",
+            ),
             ("outbound = world", "outbound 'world'"),
             ("host_loopback = 0", "host loopback '0'"),
             ("net = Lab!", "net 'Lab!'"),

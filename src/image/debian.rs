@@ -1,8 +1,9 @@
-//! The default Debian guest: a bookworm root filesystem built from the
-//! recipe in guest/debian/ (debootstrap, then `mkfs.ext4 -d`), converted to
-//! a qcow2 base image by vmlab's own disk layer and cached under
-//! `$XDG_CACHE_HOME/vmlab/images/debian-<recipe hash>/`. VM disks are
-//! linked clones of that base.
+//! The Debian guests: a bookworm root filesystem built from a recipe in
+//! guest/ (guest/debian/ for the lean flavor, guest/debian-full/ for the full
+//! one; debootstrap, then `mkfs.ext4 -d`), converted to a qcow2 base image
+//! by vmlab's own disk layer and cached under
+//! `$XDG_CACHE_HOME/vmlab/images/<entry>/` (see `ImageSpec::entry_name`).
+//! VM disks are linked clones of that base.
 //!
 //! A build happens in a scratch directory beside the cache entry and is
 //! renamed into place only when complete, under a lock file, so a killed or
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::flavor::ImageSpec;
 use super::identity::GuestIdentity;
 use super::lock::BuildLock;
 use super::recipe::Recipe;
@@ -23,8 +25,6 @@ use crate::disk::{self, CloneMode, CloneOptions, ImageFormat};
 
 /// The Debian release of the image (the recipe script says the same).
 pub const DEBIAN_SUITE: &str = "bookworm";
-/// The recipe's directory inside guest/.
-const RECIPE_DIR: &str = "debian/";
 /// The base image's file name inside its cache entry.
 const BASE_NAME: &str = "base.qcow2";
 /// What a complete cache entry describes itself with.
@@ -45,6 +45,12 @@ pub struct DebianImage {
 pub struct ImageIndex {
     pub recipe: String,
     pub suite: String,
+    /// `lean` or `full` (an index from before flavors is a lean image's).
+    #[serde(default = "lean_name")]
+    pub flavor: String,
+    /// Extra packages baked in (full flavor).
+    #[serde(default)]
+    pub packages: Vec<String>,
     pub base: String,
     pub virtual_size: u64,
     /// Bytes of the base file on disk.
@@ -79,21 +85,34 @@ pub struct DebianGuest {
     pub cmdline: Vec<String>,
 }
 
-/// The hash of the Debian recipe alone (guest/debian/): other recipes (the
-/// kernel, the initramfs) changing does not rebuild the image. FNV-1a over
-/// each file's path, mode and content, like build.rs.
+fn lean_name() -> String {
+    "lean".into()
+}
+
+/// The hash of the lean Debian recipe alone (guest/debian/): other recipes
+/// (the kernel, the initramfs) changing does not rebuild the image.
 pub fn recipe_hash() -> String {
-    super::recipe::hash_of_files(|rel| rel.starts_with(RECIPE_DIR))
+    ImageSpec::lean().hash()
 }
 
-/// The cache entry of this recipe's image.
+/// The cache entry of the lean image.
 pub fn image_dir() -> PathBuf {
-    crate::dirs::images_dir().join(format!("debian-{}", recipe_hash()))
+    image_dir_for(&ImageSpec::lean())
 }
 
-/// The cached image of this recipe, if it was built.
+/// The cache entry of `spec`'s image.
+pub fn image_dir_for(spec: &ImageSpec) -> PathBuf {
+    crate::dirs::images_dir().join(spec.entry_name())
+}
+
+/// The cached lean image, if it was built.
 pub fn cached_image() -> Option<DebianImage> {
-    read_entry(&image_dir())
+    cached_image_for(&ImageSpec::lean())
+}
+
+/// The cached image of `spec`, if it was built.
+pub fn cached_image_for(spec: &ImageSpec) -> Option<DebianImage> {
+    read_entry(&image_dir_for(spec))
 }
 
 fn read_entry(dir: &Path) -> Option<DebianImage> {
@@ -103,11 +122,17 @@ fn read_entry(dir: &Path) -> Option<DebianImage> {
     base.is_file().then_some(DebianImage { base, index })
 }
 
-/// The base image, building it first if this recipe was never built here.
+/// The lean base image, building it first if this recipe was never built
+/// here.
 pub fn image() -> Result<DebianImage, ImageError> {
-    match cached_image() {
+    image_for(&ImageSpec::lean())
+}
+
+/// `spec`'s base image, building it first if it was never built here.
+pub fn image_for(spec: &ImageSpec) -> Result<DebianImage, ImageError> {
+    match cached_image_for(spec) {
         Some(image) => Ok(image),
-        None => build_image(false).map(|outcome| outcome.image),
+        None => build(spec, false).map(|outcome| outcome.image),
     }
 }
 
@@ -124,26 +149,46 @@ pub fn debian_guest(identity: &GuestIdentity) -> Result<DebianGuest, ImageError>
     })
 }
 
-/// The command line parameters booting the image's init as `identity`.
+/// The command line parameters booting the lean image's init as
+/// `identity`.
 pub fn boot_params(identity: &GuestIdentity) -> Vec<String> {
-    let mut params: Vec<String> = [
-        "root=/dev/vda",
-        "rootfstype=ext4",
-        "rw",
-        &format!("init={GUEST_INIT}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    boot_params_for(super::Flavor::Lean, identity)
+}
+
+/// The command line parameters booting a `flavor` image as `identity`: the
+/// lean image's own init, or the full image's systemd (its initrd mounts
+/// the root read-write), quiet.
+pub fn boot_params_for(flavor: super::Flavor, identity: &GuestIdentity) -> Vec<String> {
+    let mut params: Vec<String> = ["root=/dev/vda", "rootfstype=ext4", "rw"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match flavor {
+        super::Flavor::Lean => params.push(format!("init={GUEST_INIT}")),
+        // Every byte on the serial console is a VM exit: the kernel's and
+        // systemd's boot messages cost seconds under emulation. Errors
+        // still show; `--cmdline "loglevel=7 systemd.show_status=1"`
+        // brings the rest back (later parameters win).
+        // AppArmor is on in Debian's kernels but its userspace is not in
+        // the image: Docker then refuses every container ("the
+        // docker-default profile could not be loaded"). `apparmor=1` in
+        // `--cmdline` turns it back on once `apparmor` is installed.
+        super::Flavor::Full => params.extend(["quiet".to_string(), "apparmor=0".to_string()]),
+    }
     params.extend(identity.cmdline_params());
     params
 }
 
-/// Builds the base image unless this recipe's is cached (or `force`).
-/// Needs root (debootstrap); takes a minute or two, with progress on stderr.
+/// Builds the lean base image unless this recipe's is cached (or `force`).
 pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
+    build(&ImageSpec::lean(), force)
+}
+
+/// Builds `spec`'s base image unless it is cached (or `force`). Needs root
+/// (debootstrap); takes a few minutes, with progress on stderr.
+pub fn build(spec: &ImageSpec, force: bool) -> Result<BuildOutcome, ImageError> {
     let started = Instant::now();
-    let dir = image_dir();
+    let dir = image_dir_for(spec);
     let cache_hit = || {
         read_entry(&dir).map(|image| BuildOutcome {
             image,
@@ -179,14 +224,20 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
 
     let recipe = Recipe::materialize()?;
     let ext4 = scratch.join("rootfs.ext4");
-    run_step(
-        "the Debian base image",
-        &recipe.path("debian/build-rootfs.sh"),
-        &[ext4.to_str().ok_or_else(|| ImageError::Io {
+    let mut args = vec![ext4
+        .to_str()
+        .ok_or_else(|| ImageError::Io {
             what: format!("{}: not UTF-8", ext4.display()),
             source: std::io::ErrorKind::InvalidInput.into(),
-        })?],
-    )?;
+        })?
+        .to_string()];
+    args.extend(spec.script_args());
+    let what = match spec.flavor() {
+        super::Flavor::Lean => "the Debian base image".to_string(),
+        super::Flavor::Full => "the full Debian image".to_string(),
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_step(&what, &recipe.path(spec.flavor().script()), &args)?;
 
     let base = scratch.join(BASE_NAME);
     let spinner = super::step::spinner("converting the root filesystem to qcow2");
@@ -212,8 +263,10 @@ pub fn build_image(force: bool) -> Result<BuildOutcome, ImageError> {
         .blocks()
         * 512;
     let index = ImageIndex {
-        recipe: recipe_hash(),
+        recipe: spec.hash(),
         suite: DEBIAN_SUITE.to_string(),
+        flavor: spec.flavor().name().to_string(),
+        packages: spec.packages().to_vec(),
         base: BASE_NAME.to_string(),
         virtual_size: outcome.virtual_size,
         file_size,
@@ -304,8 +357,8 @@ impl Drop for ScratchDir {
 
 #[cfg(test)]
 mod tests {
+    use super::super::recipe::RECIPE_FILES;
     use super::*;
-    use crate::image::recipe::RECIPE_FILES;
 
     #[test]
     fn recipe_hash_covers_the_debian_recipe_only() {
@@ -346,12 +399,42 @@ mod tests {
     }
 
     #[test]
+    fn the_full_image_boots_systemd_with_the_same_identity() {
+        let id = GuestIdentity::new("node1", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 me")
+            .unwrap()
+            .with_instance("node1")
+            .unwrap();
+        let params = boot_params_for(super::super::Flavor::Full, &id);
+        assert!(params.iter().all(|p| !p.starts_with("init=")), "{params:?}");
+        for want in [
+            "root=/dev/vda",
+            "rw",
+            "vmlab.hostname=node1",
+            "vmlab.instance=node1",
+            "apparmor=0",
+        ] {
+            assert!(params.iter().any(|p| p == want), "{want} in {params:?}");
+        }
+    }
+
+    #[test]
+    fn an_index_from_before_flavors_is_a_lean_image() {
+        let old = r#"{"recipe":"x","suite":"bookworm","base":"base.qcow2","virtual_size":1,
+            "file_size":1,"build_ms":1,"built_at":0}"#;
+        let index: ImageIndex = serde_json::from_str(old).unwrap();
+        assert_eq!(index.flavor, "lean");
+        assert!(index.packages.is_empty());
+    }
+
+    #[test]
     fn an_entry_without_its_index_or_base_is_not_an_image() {
         let dir = tempfile::tempdir().unwrap();
         assert!(read_entry(dir.path()).is_none());
         let index = ImageIndex {
             recipe: recipe_hash(),
             suite: DEBIAN_SUITE.into(),
+            flavor: "lean".into(),
+            packages: Vec::new(),
             base: BASE_NAME.into(),
             virtual_size: 1 << 30,
             file_size: 0,

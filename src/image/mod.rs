@@ -1,11 +1,14 @@
 //! The default guests, built from the recipes in guest/ on first use and
 //! cached under the XDG cache directory: the kernel and initramfs of the
 //! default guest (this file) on Debian's packaged kernel or vmlab's lean
-//! one (guest_kernel.rs), the Debian base image booted from a disk (debian.rs), the
-//! identity each VM gets at boot (identity.rs) and the user's SSH key
-//! (ssh_key.rs).
+//! one (guest_kernel.rs), the Debian base images booted from a disk
+//! (debian.rs) in their two flavors (flavor.rs), the full flavor's kernel
+//! read from the VM's own disk (disk_boot.rs), the identity each VM gets at
+//! boot (identity.rs) and the user's SSH key (ssh_key.rs).
 
 mod debian;
+mod disk_boot;
+mod flavor;
 mod guest_kernel;
 mod identity;
 mod lock;
@@ -16,9 +19,12 @@ mod step;
 use std::path::PathBuf;
 
 pub use debian::{
-    boot_params, build_image, cached_image, debian_guest, image as debian_image, image_dir,
-    recipe_hash, BuildOutcome, DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
+    boot_params, boot_params_for, build, build_image, cached_image, cached_image_for, debian_guest,
+    image as debian_image, image_dir, image_dir_for, image_for, recipe_hash, BuildOutcome,
+    DebianGuest, DebianImage, ImageIndex, DEBIAN_SUITE, GUEST_INIT,
 };
+pub use disk_boot::{read_disk_boot, DiskBoot, DiskBootError, INITRD_LINK, KERNEL_LINK};
+pub use flavor::{parse_package_list, Flavor, ImageSpec};
 pub use guest_kernel::{
     build_lean_kernel, fetch_debian_kernel, lean_kernel_dir, DebianKernel, GuestKernel,
     DEBIAN_MODULES, GUEST_KERNEL_VAR,
@@ -53,6 +59,8 @@ pub enum ImageError {
     },
     #[error("{0}")]
     InvalidIdentity(String),
+    #[error("{0}")]
+    InvalidPackages(String),
     #[error("{0}")]
     InvalidSetting(String),
     /// A recipe refused in one line what it cannot do here (exit status 69):

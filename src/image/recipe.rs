@@ -95,6 +95,12 @@ impl Recipe {
 /// FNV-1a over the embedded recipe files `keep` selects (each file's
 /// path, mode and content, like build.rs): the cache key of what they build.
 pub fn hash_of_files(keep: impl Fn(&str) -> bool) -> String {
+    hash_of_files_then(keep, &[])
+}
+
+/// `hash_of_files`, then `extra` (what else the build takes, such as a
+/// package list); an empty `extra` keeps the files' hash.
+pub fn hash_of_files_then(keep: impl Fn(&str) -> bool, extra: &[u8]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
         for &b in bytes {
@@ -109,6 +115,7 @@ pub fn hash_of_files(keep: impl Fn(&str) -> bool) -> String {
             feed(bytes);
         }
     }
+    feed(extra);
     format!("{hash:016x}")
 }
 

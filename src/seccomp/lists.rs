@@ -12,8 +12,8 @@ use super::ThreadClass;
 
 /// Every thread: memory, locks, time, signals, exiting, and the logs (any
 /// thread may log or print on the serial console, and a log file rotates
-/// on the thread whose line fills it: rename, open, dup2 onto stderr, or
-/// truncate when the rename fails).
+/// on the thread whose line fills it: rename, open, fchmod to its owner
+/// only, dup2 onto stderr, or truncate when the rename fails).
 const EVERY_THREAD: &[c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -89,7 +89,7 @@ const VCPU: &[c_long] = &[
     libc::SYS_epoll_ctl,
 ];
 
-/// The event loop (the process's main thread): the NAT's host sockets and
+/// The event loop (a thread of its own each boot, see vmm::reboot): the NAT's host sockets and
 /// forward listeners, console input, the stop and signal eventfds; and,
 /// once the VM has ended, joining the other threads, reading its own
 /// memory footprint, closing the disks, writing the run report, restoring

@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
+pub use crate::arch::x86_64::kernel::BootFile;
 use crate::cli::DiskSpec;
 use crate::devices::virtio::net::NetSettings;
 use crate::disk::BackingPolicy;
@@ -18,8 +19,8 @@ pub enum BootSource {
     /// A Linux kernel (ELF vmlinux or bzImage) with an optional initrd.
     /// `cmdline` is the user's part, appended to vmlab's own.
     Linux {
-        kernel: PathBuf,
-        initrd: Option<PathBuf>,
+        kernel: BootFile,
+        initrd: Option<BootFile>,
         cmdline: String,
     },
     /// A flat binary copied to `load_addr` and entered there in 64-bit

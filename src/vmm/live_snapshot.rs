@@ -38,6 +38,8 @@ pub enum LiveSnapshotError {
     Busy(PathBuf),
     #[error("{}: the file changed while the snapshot was being taken", .0.display())]
     Changed(PathBuf),
+    #[error("the guest is rebooting: take the snapshot again once it is up")]
+    Rebooting,
 }
 
 /// One virtio disk of the VM, as a live snapshot sees it.

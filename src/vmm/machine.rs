@@ -101,7 +101,7 @@ impl Vm {
     /// Creates the VM, loads the guest and sets up devices and vCPUs.
     pub fn build(mut config: VmConfig) -> Result<Vm, VmmError> {
         if let BootSource::Linux { kernel, initrd, .. } = &config.boot {
-            check_images(kernel, initrd.as_deref()).map_err(BootError::from)?;
+            check_images(kernel, initrd.as_ref()).map_err(BootError::from)?;
         }
         // A state to resume is read and checked before anything is built.
         let saved = config.resume.as_deref().map(SavedState::open).transpose()?;
@@ -199,7 +199,7 @@ impl Vm {
                     &mem,
                     &BootConfig {
                         kernel,
-                        initrd: initrd.as_deref(),
+                        initrd: initrd.as_ref(),
                         cmdline: &full_cmdline,
                         cpus: config.cpus,
                         ram: &ram,

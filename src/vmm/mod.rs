@@ -13,17 +13,19 @@ pub mod memory;
 pub mod pause;
 pub mod power_button;
 pub mod progress;
+pub mod reboot;
 pub mod run_report;
 pub mod signals;
 pub mod suspend;
 pub mod vcpu;
 
-pub use config::{BootSource, ConsoleConfig, ConsoleInput, VmConfig};
+pub use config::{BootFile, BootSource, ConsoleConfig, ConsoleInput, VmConfig};
 pub use error::VmmError;
 pub use exit::ExitReason;
 pub use live_snapshot::{LiveDisks, LiveSnapshotError};
 pub use machine::Vm;
 pub use power_button::PowerButton;
+pub use reboot::{run_rebooting, LastBoot, OnReboot};
 pub use run_report::RunReport;
 pub use suspend::{SuspendReport, Suspender};
 

@@ -28,6 +28,15 @@ extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
 }
 
+/// The termination signal received so far, if any: one that arrives while
+/// no VM runs (between two boots of a rebooting guest) is only recorded.
+pub fn received() -> Option<i32> {
+    match RECEIVED.load(Ordering::SeqCst) {
+        0 => None,
+        num => Some(num),
+    }
+}
+
 /// Turns termination signals into a stop request on the event loop.
 pub struct TerminationSignals {
     wake: EventFd,

@@ -15,6 +15,8 @@
 #   debian_wait_ssh PORT SECS        until `ssh true` succeeds
 #   debian_ssh PORT CMD              run CMD in the guest as root
 #   debian_qemu_powerdown NAME       press QEMU's ACPI power button
+#   vmlab_wait_ssh NAME SECS         until `vmlab ssh NAME -- true` succeeds
+#                                    (a named VM with a forward to port 22)
 
 debian_key() {
     [ -f "$RIG_TMP/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C rig -f "$RIG_TMP/id_ed25519"
@@ -68,4 +70,19 @@ debian_wait_ssh() {
 debian_qemu_powerdown() {
     printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"system_powerdown"}' |
         socat - "UNIX-CONNECT:$RIG_TMP/$1.qmp" >/dev/null
+}
+
+vmlab_wait_ssh() {
+    local deadline=$((SECONDS + $2))
+    # Each try bounded: a guest whose network is not up yet holds the
+    # forwarded connection open.
+    until timeout 60 "$VMLAB" ssh "$1" -- true 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            echo "rig: no ssh to $1 within $2 s" >&2
+            "$VMLAB" ps >&2 || true
+            tail -n 30 "$XDG_DATA_HOME/vmlab/vms/$1/serial.log" >&2 || true
+            return 1
+        fi
+        sleep 1
+    done
 }

@@ -38,3 +38,15 @@ impl Capture {
         self.0.lock().unwrap().clone()
     }
 }
+
+/// Polls `done` until it holds; fails the test after 60 s, naming `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

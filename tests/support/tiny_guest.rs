@@ -171,6 +171,11 @@ impl Program {
         self.out(0x600, (5 << 2) | (1 << 5)).spin()
     }
 
+    /// Reboots through the ACPI reset register (FADT RESET_REG).
+    pub fn reset(self) -> Self {
+        self.out(0x602, 1).spin()
+    }
+
     /// hlt in a loop: the vCPU sleeps in KVM (no interrupt ever wakes it
     /// on a PVM host), so an idle VM costs no CPU.
     pub fn halt_forever(mut self) -> Self {

@@ -2,8 +2,6 @@
 //! and initrd, the command line, ACPI tables, the memory map, the boot
 //! protocol's info block, the GDT and (for 64-bit entry) page tables.
 
-use std::path::Path;
-
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -17,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::acpi::{self, AcpiError, VirtioMmioSlot};
 use super::e820::memory_map;
 use super::gdt::EntryMode;
-use super::kernel::{self, KernelError, KernelFormat};
+use super::kernel::{self, BootFile, KernelError, KernelFormat};
 use super::layout::{
     RamRegion, CMDLINE_ADDR, CMDLINE_MAX_SIZE, GDT_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
     PVH_START_INFO_ADDR, ZERO_PAGE_ADDR,
@@ -30,8 +28,8 @@ use crate::vmm::memory::GuestMemoryMmap;
 
 /// What the boot needs.
 pub struct BootConfig<'a> {
-    pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    pub kernel: &'a BootFile,
+    pub initrd: Option<&'a BootFile>,
     pub cmdline: &'a str,
     pub cpus: u8,
     pub ram: &'a [RamRegion],
@@ -85,7 +83,7 @@ pub fn setup_boot(mem: &GuestMemoryMmap, config: &BootConfig) -> Result<BootSetu
     let low_ram_end = config.ram.first().map_or(0, |r| r.0 + r.1);
     let initrd = config
         .initrd
-        .map(|path| kernel::load_initrd(mem, path, &loaded, low_ram_end))
+        .map(|initrd| kernel::load_initrd(mem, initrd, &loaded, low_ram_end))
         .transpose()?;
 
     let cmdline = build_cmdline(&[config.cmdline])?;

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, KernelLoader};
@@ -100,18 +101,80 @@ pub enum KernelError {
     InitrdTooLarge { path: PathBuf, size_mib: u64 },
 }
 
-fn open(
-    path: &Path,
-    missing: fn(PathBuf) -> KernelError,
-    read: fn(PathBuf, std::io::Error) -> KernelError,
-) -> Result<File, KernelError> {
-    File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            missing(path.to_path_buf())
-        } else {
-            read(path.to_path_buf(), e)
+/// A kernel or initrd to load: a file on the host, or bytes vmlab read from
+/// elsewhere (a VM's own disk) and holds in an anonymous memory file.
+#[derive(Clone, Debug)]
+pub struct BootFile {
+    /// The path, or what messages call the bytes in memory.
+    name: PathBuf,
+    memory: Option<Arc<File>>,
+}
+
+impl BootFile {
+    /// The file at `path`, opened when loaded.
+    pub fn path(path: impl Into<PathBuf>) -> Self {
+        BootFile {
+            name: path.into(),
+            memory: None,
         }
-    })
+    }
+
+    /// Bytes already in `file` (say a memfd), called `name` in messages.
+    pub fn in_memory(name: impl Into<PathBuf>, file: File) -> Self {
+        BootFile {
+            name: name.into(),
+            memory: Some(Arc::new(file)),
+        }
+    }
+
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The whole content (to hand the same kernel to another VMM, or check
+    /// it).
+    pub fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.open(KernelError::KernelMissing, kernel_read_error)
+            .map_err(std::io::Error::other)?
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// A descriptor positioned at the start. A memory file's clones share
+    /// one offset: loading is single-threaded and always starts here.
+    fn open(
+        &self,
+        missing: fn(PathBuf) -> KernelError,
+        read: fn(PathBuf, std::io::Error) -> KernelError,
+    ) -> Result<File, KernelError> {
+        let opened = match &self.memory {
+            Some(file) => file.try_clone().and_then(|mut f| {
+                f.seek(SeekFrom::Start(0))?;
+                Ok(f)
+            }),
+            None => File::open(&self.name),
+        };
+        opened.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                missing(self.name.clone())
+            } else {
+                read(self.name.clone(), e)
+            }
+        })
+    }
+}
+
+impl From<PathBuf> for BootFile {
+    fn from(path: PathBuf) -> Self {
+        BootFile::path(path)
+    }
+}
+
+impl From<&Path> for BootFile {
+    fn from(path: &Path) -> Self {
+        BootFile::path(path)
+    }
 }
 
 fn kernel_read_error(path: PathBuf, source: std::io::Error) -> KernelError {
@@ -152,18 +215,22 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, Kerne
 
 /// Checks that the kernel is a kernel and the initrd is readable, before
 /// anything is created: a bad path fails at once, with nothing to undo.
-pub fn check_images(kernel: &Path, initrd: Option<&Path>) -> Result<KernelFormat, KernelError> {
-    let mut file = open(kernel, KernelError::KernelMissing, kernel_read_error)?;
-    let format = detect_format(&mut file, kernel)?;
+pub fn check_images(
+    kernel: &BootFile,
+    initrd: Option<&BootFile>,
+) -> Result<KernelFormat, KernelError> {
+    let mut file = kernel.open(KernelError::KernelMissing, kernel_read_error)?;
+    let format = detect_format(&mut file, kernel.name())?;
     if let Some(initrd) = initrd {
-        open(initrd, KernelError::InitrdMissing, initrd_read_error)?;
+        initrd.open(KernelError::InitrdMissing, initrd_read_error)?;
     }
     Ok(format)
 }
 
-/// Loads the kernel at `path` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, KernelError> {
-    let mut file = open(path, KernelError::KernelMissing, kernel_read_error)?;
+/// Loads `kernel` into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &BootFile) -> Result<LoadedKernel, KernelError> {
+    let path = kernel.name();
+    let mut file = kernel.open(KernelError::KernelMissing, kernel_read_error)?;
     let format = detect_format(&mut file, path)?;
     let mem_mib = mem
         .iter()
@@ -250,11 +317,12 @@ pub fn initrd_placement(
 /// Copies the initrd into guest memory; returns its address and size.
 pub fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
-    path: &Path,
+    initrd: &BootFile,
     kernel: &LoadedKernel,
     low_ram_end: u64,
 ) -> Result<(u64, u64), KernelError> {
-    let mut file = open(path, KernelError::InitrdMissing, initrd_read_error)?;
+    let path = initrd.name();
+    let mut file = initrd.open(KernelError::InitrdMissing, initrd_read_error)?;
     let size = file
         .metadata()
         .map_err(|e| initrd_read_error(path.to_path_buf(), e))?
@@ -298,11 +366,12 @@ mod tests {
             "notes.txt",
             b"just some text, long enough to pass offset 0x202? no",
         );
+        let text = BootFile::path(text);
         assert!(matches!(
             load_kernel(&mem(16 << 20), &text),
             Err(KernelError::NotAKernel(_))
         ));
-        let empty = temp_file("empty", b"");
+        let empty = BootFile::path(temp_file("empty", b""));
         assert!(matches!(
             load_kernel(&mem(16 << 20), &empty),
             Err(KernelError::NotAKernel(_))
@@ -313,7 +382,8 @@ mod tests {
 
     #[test]
     fn missing_kernel_is_named() {
-        let err = load_kernel(&mem(16 << 20), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let missing = BootFile::path("/nonexistent/vmlinux");
+        let err = load_kernel(&mem(16 << 20), &missing).unwrap_err();
         assert!(matches!(err, KernelError::KernelMissing(_)));
         assert!(err.to_string().contains("/nonexistent/vmlinux"));
     }
@@ -335,7 +405,7 @@ mod tests {
 
     #[test]
     fn truncated_elf_is_a_load_error_not_a_panic() {
-        let path = temp_file("truncated", b"\x7fELF\x02\x01\x01\x00");
+        let path = BootFile::path(temp_file("truncated", b"\x7fELF\x02\x01\x01\x00"));
         assert!(matches!(
             load_kernel(&mem(16 << 20), &path),
             Err(KernelError::ElfLoad { .. })
@@ -359,25 +429,56 @@ mod tests {
         assert_eq!(initrd_placement(u64::MAX, 0, u64::MAX, 512 << 20), None);
     }
 
-    #[test]
-    fn loads_an_initrd_into_memory() {
-        let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
-        let path = temp_file("initrd.cpio", &payload);
-        let m = mem(64 << 20);
-        let kernel = LoadedKernel {
+    /// An ELF kernel loaded at 16 MiB, ending at 32 MiB.
+    fn elf_at_16m() -> LoadedKernel {
+        LoadedKernel {
             format: KernelFormat::Elf,
             mode: EntryMode::Long,
             entry_point: 0x100_0000,
             end: 0x200_0000,
             setup_header: None,
-        };
+        }
+    }
+
+    #[test]
+    fn loads_an_initrd_into_memory() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let path = BootFile::path(temp_file("initrd.cpio", &payload));
+        let m = mem(64 << 20);
+        let kernel = elf_at_16m();
         let (addr, size) = load_initrd(&m, &path, &kernel, 64 << 20).unwrap();
         assert_eq!(size, 5000);
         let mut back = vec![0u8; 5000];
         m.read_slice(&mut back, GuestAddress(addr)).unwrap();
         assert_eq!(back, payload);
-        let err =
-            load_initrd(&m, Path::new("/nonexistent/rootfs.cpio"), &kernel, 64 << 20).unwrap_err();
+        let missing = BootFile::path("/nonexistent/rootfs.cpio");
+        let err = load_initrd(&m, &missing, &kernel, 64 << 20).unwrap_err();
         assert!(matches!(err, KernelError::InitrdMissing(_)));
+    }
+
+    #[test]
+    fn a_memory_file_loads_like_a_path_under_its_own_name() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let mut file = File::from(
+            nix::sys::memfd::memfd_create("initrd", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap(),
+        );
+        file.write_all(&payload).unwrap();
+        let initrd = BootFile::in_memory("vm1:/boot/initrd.img", file);
+        let m = mem(64 << 20);
+        let kernel = elf_at_16m();
+        // Twice: the second load starts at the beginning again.
+        for _ in 0..2 {
+            let (addr, size) = load_initrd(&m, &initrd, &kernel, 64 << 20).unwrap();
+            assert_eq!(size, 3000);
+            let mut back = vec![0u8; 3000];
+            m.read_slice(&mut back, GuestAddress(addr)).unwrap();
+            assert_eq!(back, payload);
+        }
+        let err = load_kernel(&m, &initrd).unwrap_err().to_string();
+        assert!(
+            err.contains("'vm1:/boot/initrd.img' is not a Linux kernel"),
+            "{err}"
+        );
     }
 }

@@ -1,15 +1,15 @@
-//! The guest of the ssh-ready contenders: vmlab's default Debian image (the
-//! cached base from `vmlab image build`), booted by the VMs from a fresh
+//! The guest of the ssh-ready contenders: a Debian image (the cached base
+//! from `vmlab image build`, lean or full), booted by the VMs from a fresh
 //! linked clone per sample with the identity a named VM gets (hostname,
 //! the user's public key, a new instance id: new host keys each boot), and
-//! unpacked once as the container's root filesystem.
+//! (lean) unpacked once as the container's root filesystem.
 
 use std::path::{Path, PathBuf};
 
 use super::scratch::ScratchFile;
 use crate::bench::contender::{Missing, SampleError};
 use crate::disk::{clone_image, CloneOptions};
-use crate::image::{boot_params, GuestIdentity, UserKey};
+use crate::image::{boot_params_for, Flavor, GuestIdentity, UserKey};
 
 /// The guest's hostname in every ssh-ready sample.
 const HOSTNAME: &str = "vmlab-bench";
@@ -17,8 +17,12 @@ const HOSTNAME: &str = "vmlab-bench";
 /// Everything the ssh-ready contenders share.
 #[derive(Clone, Debug)]
 pub struct DebianSpec {
-    /// The kernel the VMs boot (the default guest's, or `--kernel`).
+    /// The kernel the VMs boot: the default guest's (or `--kernel`) for the
+    /// lean image, the one the full image carries in /boot for the full.
     pub kernel: PathBuf,
+    /// The full image's initrd, beside its kernel.
+    pub initrd: Option<PathBuf>,
+    pub flavor: Flavor,
     /// The cached qcow2 base image.
     pub base: PathBuf,
     pub mem_mib: u64,
@@ -42,8 +46,10 @@ impl DebianSpec {
         let identity = GuestIdentity::new(HOSTNAME, &self.key.public_key)
             .and_then(|id| id.with_instance(instance))
             .map_err(|e| SampleError::new(format!("the guest's identity: {e}")))?;
-        let mut params = boot_params(&identity);
-        params.push("quiet".to_string());
+        let mut params = boot_params_for(self.flavor, &identity);
+        if !params.iter().any(|p| p == "quiet") {
+            params.push("quiet".to_string());
+        }
         Ok(params.join(" "))
     }
 
@@ -65,9 +71,11 @@ impl DebianSpec {
 /// A spec for the contenders' tests: kernel /k/vmlinux, 256 MiB, the key
 /// /d/id_ed25519.
 #[cfg(test)]
-pub(super) fn spec(base: PathBuf) -> DebianSpec {
+pub(crate) fn spec(base: PathBuf) -> DebianSpec {
     DebianSpec {
         kernel: PathBuf::from("/k/vmlinux"),
+        initrd: None,
+        flavor: Flavor::Lean,
         base,
         mem_mib: 256,
         key: UserKey {
@@ -96,6 +104,13 @@ mod tests {
         assert_eq!(cmdline_param(&line, "vmlab.instance"), Some("bench-7"));
         assert!(cmdline_param(&line, "vmlab.ssh_key").is_some());
         assert!(line.ends_with(" quiet"), "{line}");
+        let full = DebianSpec {
+            flavor: Flavor::Full,
+            ..spec(PathBuf::from("/b"))
+        };
+        let line = full.cmdline("bench-8").unwrap();
+        assert!(!line.contains("init="), "systemd: {line}");
+        assert_eq!(line.matches("quiet").count(), 1, "{line}");
         let err = spec(PathBuf::from("/b"))
             .cmdline("no spaces allowed")
             .unwrap_err();

@@ -17,6 +17,8 @@ mod vmlab_ssh;
 
 use std::path::PathBuf;
 
+#[cfg(test)]
+pub(crate) use debian::spec as debian_spec_for_tests;
 pub use debian::{DebianGuest, DebianSpec};
 pub use qemu::QemuMicrovm;
 pub use qemu_ssh::QemuSsh;

@@ -21,19 +21,22 @@ use super::qemu::{microvm_args, prepare_qemu};
 use super::ssh_probe::SshProbe;
 use super::ssh_run::{log_file, SshRun};
 use crate::bench::contender::{Contender, Description, Goal, Missing, Role, Sample, SampleError};
+use crate::image::Flavor;
 use crate::vmm::config::BASE_CMDLINE;
 
 pub struct QemuSsh {
     guest: DebianGuest,
+    flavor: Flavor,
     dir: PathBuf,
     qemu: Option<PathBuf>,
     count: usize,
 }
 
 impl QemuSsh {
-    pub fn new(guest: DebianGuest, dir: PathBuf) -> Self {
+    pub fn new(guest: DebianGuest, flavor: Flavor, dir: PathBuf) -> Self {
         QemuSsh {
             guest,
+            flavor,
             dir,
             qemu: None,
             count: 0,
@@ -56,6 +59,11 @@ fn qemu_args(
         spec.kernel.display().to_string(),
         "-append".to_string(),
         format!("{BASE_CMDLINE} {cmdline}"),
+    ]);
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["-initrd".to_string(), initrd.display().to_string()]);
+    }
+    args.extend([
         "-drive".to_string(),
         format!("file={},if=none,id=d0,format=qcow2", disk.display()),
         "-device".to_string(),
@@ -72,9 +80,13 @@ fn qemu_args(
 
 impl Contender for QemuSsh {
     fn describe(&self) -> Description {
+        let (id, label) = match self.flavor {
+            Flavor::Lean => ("qemu-microvm-ssh", "QEMU microvm → ssh-ready"),
+            Flavor::Full => ("qemu-microvm-full-ssh", "QEMU microvm → ssh-ready (full)"),
+        };
         Description::new(
-            "qemu-microvm-ssh",
-            "QEMU microvm → ssh-ready",
+            id,
+            label,
             Goal::SshReady,
             Role::Qemu,
             &["QEMU start to init", "init to ssh-ready"],
@@ -151,13 +163,23 @@ mod tests {
         );
         assert!(
             !line.contains("-initrd"),
-            "the Debian guest boots from its disk"
+            "the lean Debian guest boots from its disk"
         );
+        let full = DebianSpec {
+            initrd: Some(PathBuf::from("/s/initrd.img")),
+            ..spec
+        };
+        let line = qemu_args(&full, Path::new("/c"), Path::new("/d"), "q", 1).join(" ");
+        assert!(line.contains("-initrd /s/initrd.img -drive"), "{line}");
     }
 
     #[test]
     fn a_missing_image_is_reported_missing() {
-        let mut c = QemuSsh::new(Err(Missing("no image".into())), std::env::temp_dir());
+        let mut c = QemuSsh::new(
+            Err(Missing("no image".into())),
+            Flavor::Lean,
+            std::env::temp_dir(),
+        );
         assert_eq!(c.prepare().unwrap_err().0, "no image");
         assert!(c.sample().is_err());
     }

@@ -20,20 +20,23 @@ use super::ssh_probe::SshProbe;
 use super::ssh_run::{log_file, SshRun};
 use super::vmlab::{cost_metrics, duration_ms, ms, prepare_dir};
 use crate::bench::contender::{Contender, Description, Goal, Missing, Role, Sample, SampleError};
+use crate::image::Flavor;
 use crate::vmm::RunReport;
 
 pub struct VmlabSsh {
     vmlab: PathBuf,
     guest: DebianGuest,
+    flavor: Flavor,
     dir: PathBuf,
     count: usize,
 }
 
 impl VmlabSsh {
-    pub fn new(vmlab: PathBuf, guest: DebianGuest, dir: PathBuf) -> Self {
+    pub fn new(vmlab: PathBuf, guest: DebianGuest, flavor: Flavor, dir: PathBuf) -> Self {
         VmlabSsh {
             vmlab,
             guest,
+            flavor,
             dir,
             count: 0,
         }
@@ -48,10 +51,15 @@ fn run_args(
     port: u16,
     report: &Path,
 ) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "run".to_string(),
         "--kernel".to_string(),
         spec.kernel.display().to_string(),
+    ];
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["--initrd".to_string(), initrd.display().to_string()]);
+    }
+    args.extend([
         "--disk".to_string(),
         disk.display().to_string(),
         "--mem".to_string(),
@@ -62,7 +70,8 @@ fn run_args(
         format!("tcp:127.0.0.1:{port}:22"),
         "--report-json".to_string(),
         report.display().to_string(),
-    ]
+    ]);
+    args
 }
 
 /// From spawning vmlab to its own start (exec, loading), on the shared
@@ -100,9 +109,13 @@ fn phases(
 
 impl Contender for VmlabSsh {
     fn describe(&self) -> Description {
+        let (id, label) = match self.flavor {
+            Flavor::Lean => ("vmlab-ssh", "vmlab → ssh-ready"),
+            Flavor::Full => ("vmlab-full-ssh", "vmlab → ssh-ready (full)"),
+        };
         Description::new(
-            "vmlab-ssh",
-            "vmlab → ssh-ready",
+            id,
+            label,
             Goal::SshReady,
             Role::Vmlab,
             &[
@@ -192,6 +205,16 @@ mod tests {
         );
         // The command line is one argument, whatever its spaces.
         assert_eq!(args[8], "root=/dev/vda quiet");
+        let full = DebianSpec {
+            initrd: Some(PathBuf::from("/s/initrd.img")),
+            ..spec()
+        };
+        let args = run_args(&full, Path::new("/d"), "q", 1, Path::new("/r"));
+        assert!(
+            args.join(" ")
+                .starts_with("run --kernel /k/vmlinux --initrd /s/initrd.img --disk /d"),
+            "{args:?}"
+        );
     }
 
     fn report(started_ns: u64, init: Option<f64>) -> RunReport {
@@ -230,6 +253,7 @@ mod tests {
         let mut c = VmlabSsh::new(
             PathBuf::from("/bin/sh"),
             Err(Missing("run `vmlab image build` first".into())),
+            Flavor::Lean,
             std::env::temp_dir(),
         );
         assert_eq!(c.prepare().unwrap_err().0, "run `vmlab image build` first");

@@ -145,6 +145,27 @@ fn segments_land_at_their_addresses_byte_for_byte_as_copied() {
     }
 }
 
+/// A kernel vmlab read out of a VM's disk is held in a memfd
+/// (`kernel::BootFile::in_memory`): its pages map like a file's, and guest
+/// RAM keeps them once the descriptor is closed.
+#[test]
+fn a_kernel_in_a_memory_file_maps_like_one_on_disk_and_outlives_it() {
+    let (mut file, _) = kernel_like();
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+    let mut memfd = File::from(
+        nix::sys::memfd::memfd_create("vmlinux", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+    );
+    memfd.write_all(&bytes).unwrap();
+    let mem = fresh();
+    let kernel = load(&mem, &mut memfd, HIMEM).unwrap();
+    assert_eq!(kernel.mapped_bytes, 7 * PAGE_SIZE);
+    drop(memfd);
+    let (reference, _) = copied(&mut file);
+    assert_eq!(all_of(&mem), all_of(&reference));
+}
+
 #[test]
 fn bss_reads_zero_even_over_dirty_memory() {
     let (mut file, _) = kernel_like();
