@@ -53,8 +53,9 @@ log "installing systemd, ssh, $kernel${extra:+ and $extra} with apt in the new t
 # No daemon starts inside the build's chroot. After the install: no timers
 # that reach for a network a lab may not have, and no boot-time work a VM
 # never needs (pstore and EFI, DRM, device mapper; each a process at boot,
-# seconds under emulation): they stay installed, `systemctl unmask` or
-# `enable` brings one back.
+# seconds under emulation; fuse, loop and configfs load on first use
+# anyway): they stay installed, `systemctl unmask` or `enable` brings one
+# back.
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod 0755 "$root/usr/sbin/policy-rc.d"
 mount -t proc proc "$root/proc"
@@ -68,7 +69,8 @@ in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DE
             vmlab-identity.service vmlab-ssh-ready.service &&
         in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer \
             e2scrub_reap.service systemd-pstore.service &&
-        in_root systemctl mask modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service
+        in_root systemctl mask modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service \
+            modprobe@fuse.service modprobe@loop.service modprobe@configfs.service
 } >"$work/apt.log" 2>&1 || {
     tail -n 25 "$work/apt.log" >&2
     die "installing $kernel${extra:+,$extra} failed (is every package name right? mirror $mirror)"
