@@ -93,11 +93,11 @@ in_vm 'systemctl disable -q --now docker.socket docker.service containerd.servic
 rebooted=$(rig_ms)
 in_vm 'systemctl reboot' || true
 if ! rig_console_wait node1 'vmlab: guest rebooted: starting it again' 600; then
-    # Which of vmlab's threads runs (a vCPU spinning: the guest never
-    # reset) or waits, and on what.
+    # Which of vmlab's threads runs (state, utime, stime in ticks): a vCPU
+    # running all along means the guest spins and never reset.
     for round in 1 2; do
         for t in /proc/"$pid"/task/*; do
-            echo "$(cat "$t/comm") $(cut -d" " -f3,14,15 "$t/stat") $(cat "$t/wchan")"
+            echo "$(cat "$t/comm") $(cut -d" " -f3,14,15 "$t/stat")"
         done
         sleep 5
     done >"$RIG_OUT/threads.txt" 2>&1
