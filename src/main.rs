@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a Linux guest with its console on this terminal (Ctrl-A x quits).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the userspace NAT on an existing TAP device (e.g. one moved into a
     /// network namespace), the way slirp4netns serves a namespace; or
     /// `nat show NAME`: a running VM's flows and forwards.
@@ -253,6 +253,13 @@ struct RunArgs {
     /// (vmlab resume continues it instead).
     #[arg(long)]
     discard_state: bool,
+    /// Start the new VM --name from a full snapshot (vmlab snapshot create
+    /// VM SNAPSHOT --full) instead of booting: it resumes there, in the
+    /// background, with its own disk overlays, MAC and identity.
+    #[arg(long, value_name = "VM@SNAPSHOT",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "disks", "disk_size",
+                                "discard_state", "flavor", "packages", "boot_timer", "report_json"])]
+    from: Option<control::from_snapshot::SnapshotRef>,
     /// Print milliseconds to the first vCPU entry and to the guest's
     /// userspace-started signal (also shown with -v).
     #[arg(long)]
@@ -506,7 +513,7 @@ fn one_line(err: &anyhow::Error) -> String {
 
 fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
     match command {
-        Command::Run(args) => run(args, verbose, started),
+        Command::Run(args) => run(*args, verbose, started),
         Command::Nat(NatCmd {
             action: Some(NatAction::Show { name }),
             ..
@@ -562,7 +569,11 @@ fn run(args: RunArgs, verbose: u8, started: Instant) -> Result<i32> {
                 "--disk-size needs --name NAME: it grows a named VM's first disk for good"
             )
         }
+        None if args.from.is_some() => {
+            anyhow::bail!("--from needs --name NAME: the new VM keeps its own disks and identity")
+        }
         None => run_vm(args, VmSettings::default(), "vmlab", None, verbose, started),
+        Some(name) if args.from.is_some() => run_from(args, &name, verbose),
         Some(name) => run_named(args, &name, verbose, started),
     }
 }
@@ -646,6 +657,39 @@ fn run_named(args: RunArgs, name: &str, verbose: u8, started: Instant) -> Result
         }
     }
     result
+}
+
+/// `run --name NEW --from VM@SNAPSHOT`: the new VM, made suspended at the
+/// snapshot, resumed in the background.
+fn run_from(args: RunArgs, name: &str, verbose: u8) -> Result<i32> {
+    let from = args.from.clone().expect("run_from is for --from");
+    let source = control::from_snapshot::FromSnapshot::open(&from)?;
+    let settings = merge_settings(source.settings()?, &args)?;
+    let vm = source.create(name, &settings)?;
+    drop(source);
+    let exe = std::env::current_exe().context("cannot find the vmlab binary")?;
+    match control::daemon::spawn_detached(&exe, &vm, verbose, args.no_seccomp) {
+        Ok(pid) => {
+            outln!(
+                "{name} is running in the background (pid {pid}), resumed from {}@{}",
+                from.vm,
+                from.snapshot
+            );
+            outln!("  console: vmlab console {name}   (Ctrl-A x detaches)");
+            if control::ssh::ssh_address(name, &settings).is_ok() {
+                outln!("  ssh:     vmlab ssh {name}");
+            }
+            outln!("  stop:    vmlab stop {name}");
+            Ok(0)
+        }
+        Err(e) => {
+            // A VM that never ran leaves nothing behind.
+            if let Ok(held) = vm.lock_exclusive() {
+                let _ = vm.remove(&held);
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Checks `--flavor` and `--packages` against the VM: they pick the image
@@ -811,11 +855,15 @@ fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     // Only the first boot continues from the saved state; a reboot
     // afterwards boots cold like any other.
     let resume = control::suspend::saved_state(&vm);
+    let generation = resume
+        .as_ref()
+        .and_then(|_| control::suspend::new_generation(&vm));
     let mut build = |console, boot: u32| {
         let origin = if boot == 0 { started } else { Instant::now() };
         let mut config = control::launch::vm_config(name, &settings, console, false, origin)?;
         if boot == 0 {
             config.resume = resume.clone();
+            config.new_generation = generation.clone();
         }
         Ok(config)
     };

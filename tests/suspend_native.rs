@@ -76,6 +76,7 @@ fn config(out: Capture, mem_size: u64, resume: Option<&Path>) -> VmConfig {
         started: Instant::now(),
         net: None,
         resume: resume.map(Path::to_path_buf),
+        new_generation: None,
         backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     }
 }
@@ -204,7 +205,7 @@ struct Named {
 
 impl Drop for Named {
     fn drop(&mut self) {
-        let _ = self.vmlab(&["stop", "--timeout", "1", "c1"]);
+        let _ = self.vmlab(&["stop", "--timeout", "1", "c1", "c2"]);
     }
 }
 
@@ -228,14 +229,22 @@ impl Named {
     }
 
     fn dir(&self) -> std::path::PathBuf {
-        self.home.path().join("data/vmlab/vms/c1")
+        self.vm_dir("c1")
+    }
+
+    fn vm_dir(&self, name: &str) -> std::path::PathBuf {
+        self.home.path().join("data/vmlab/vms").join(name)
     }
 
     /// The serial log once it holds `len` bytes.
     fn console(&self, len: usize) -> Vec<u8> {
+        self.console_of("c1", len)
+    }
+
+    fn console_of(&self, name: &str, len: usize) -> Vec<u8> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let bytes = std::fs::read(self.dir().join("serial.log")).unwrap_or_default();
+            let bytes = std::fs::read(self.vm_dir(name).join("serial.log")).unwrap_or_default();
             if bytes.len() >= len {
                 return bytes;
             }
@@ -254,31 +263,44 @@ impl Named {
     }
 
     fn state(&self) -> String {
+        self.state_of("c1")
+    }
+
+    fn state_of(&self, name: &str) -> String {
         let ps = self.ok(&["ps"]);
-        let row = ps.lines().find(|l| l.starts_with("c1 ")).expect("listed");
+        let row = ps
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .expect("listed");
         row.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// A new lab whose VM c1 runs the counting guest, with a qcow2 disk in
+    /// its directory when `disk`.
+    fn new(prefix: &str, disk: bool) -> Named {
+        let lab = Named {
+            home: tempfile::Builder::new().prefix(prefix).tempdir().unwrap(),
+        };
+        let kernel = lab.home.path().join("counter.elf");
+        counter().write_elf(&kernel);
+        std::fs::create_dir_all(lab.dir()).unwrap();
+        let mut conf = format!(
+            "cpus = 1\nmem = 32M\nkernel = {}\nnet = none\n",
+            kernel.display()
+        );
+        if disk {
+            let path = lab.dir().join("disk.qcow2");
+            vmlab::disk::create_image(&path, &vmlab::disk::CreateOptions::qcow2(4 << 20)).unwrap();
+            conf.push_str(&format!("disk = {}\n", path.display()));
+        }
+        std::fs::write(lab.dir().join("vm.conf"), conf).unwrap();
+        lab
     }
 }
 
 #[test]
 fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
-    let lab = Named {
-        home: tempfile::Builder::new()
-            .prefix("vmlab-suspend")
-            .tempdir()
-            .unwrap(),
-    };
-    let kernel = lab.home.path().join("counter.elf");
-    counter().write_elf(&kernel);
-    std::fs::create_dir_all(lab.dir()).unwrap();
-    std::fs::write(
-        lab.dir().join("vm.conf"),
-        format!(
-            "cpus = 1\nmem = 32M\nkernel = {}\nnet = none\n",
-            kernel.display()
-        ),
-    )
-    .unwrap();
+    let lab = Named::new("vmlab-suspend", false);
     lab.ok(&["run", "--name", "c1", "--detach"]);
     lab.console(3);
     let out = lab.ok(&["suspend", "c1"]);
@@ -319,4 +341,171 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert!(!lab.dir().join("vm.state").exists());
     let err = lab.fails(&["resume", "c1"]);
     assert!(err.contains("is not suspended"), "{err}");
+}
+
+/// The VM generation ID page (`VMGENID_ADDR`) of the guest RAM saved in
+/// `state`: the 16-byte ID and the identity note's text.
+fn generation_page(state: &Path) -> ([u8; 16], String) {
+    use std::os::unix::fs::FileExt;
+    use vmlab::arch::x86_64::layout::{VMGENID_ADDR, VMGENID_NOTE_OFFSET};
+    let file = std::fs::File::open(state).unwrap();
+    let mut header = [0u8; 8];
+    file.read_exact_at(&mut header, 24).unwrap();
+    let page = u64::from_le_bytes(header) + VMGENID_ADDR;
+    let mut id = [0u8; 16];
+    file.read_exact_at(&mut id, page).unwrap();
+    let mut note = [0u8; 10];
+    file.read_exact_at(&mut note, page + VMGENID_NOTE_OFFSET)
+        .unwrap();
+    assert_eq!(&note[..8], b"VMLABID1");
+    let mut text = vec![0u8; usize::from(u16::from_le_bytes([note[8], note[9]]))];
+    file.read_exact_at(&mut text, page + VMGENID_NOTE_OFFSET + 10)
+        .unwrap();
+    (id, String::from_utf8(text).unwrap())
+}
+
+/// `snapshot create --full` of the running counting guest: it runs on; a
+/// VM started `--from` the snapshot resumes at the snapshot's count with a
+/// disk overlay of its own over the snapshot's layer, as does the source
+/// once the snapshot is restored onto it; and what cannot work is refused
+/// in one line.
+#[test]
+fn a_full_snapshot_goes_on_in_its_vm_and_starts_new_vms_at_its_count() {
+    let lab = Named::new("vmlab-fromsnap", true);
+    let err = lab.fails(&["snapshot", "create", "c1", "warm", "--full"]);
+    assert!(err.contains("VM c1 is not running"), "{err}");
+    lab.ok(&["run", "--name", "c1", "--detach"]);
+    lab.console(3);
+    lab.ok(&["snapshot", "create", "c1", "cold"]);
+    let out = lab.ok(&["snapshot", "create", "c1", "warm", "--full"]);
+    assert!(out.contains("full snapshot warm of 1 disk"), "{out}");
+    assert!(out.contains("guest paused"), "{out}");
+    eprintln!("{}", out.trim());
+    // The source runs on from where it was.
+    let len = lab.console(3).len();
+    let on = lab.console(len + 3);
+    assert_eq!(lab.state(), "running");
+    assert_consecutive(&on[on.len().saturating_sub(64)..]);
+    let ls = lab.ok(&["snapshot", "ls", "c1"]);
+    let full_of = |name: &str| {
+        let row = ls
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap();
+        row.split_whitespace().nth(4).unwrap().to_string()
+    };
+    assert_eq!(
+        (full_of("warm"), full_of("cold")),
+        ("yes".into(), "no".into()),
+        "{ls}"
+    );
+
+    for (args, expected) in [
+        (
+            vec!["--from", "c1@nope"],
+            "VM c1 has no snapshot named nope",
+        ),
+        (vec!["--from", "c1@cold"], "holds its disks only"),
+        (
+            vec!["--from", "c1@warm", "--mem", "64M"],
+            "saved at 32 MiB, not 64 MiB",
+        ),
+        (
+            vec!["--from", "c1@warm", "--cpus", "2"],
+            "saved with 1 vCPU(s), not 2",
+        ),
+        (
+            vec!["--from", "c1@warm", "--net", "user"],
+            "saved without a network card",
+        ),
+    ] {
+        let mut run = vec!["run", "--name", "c2"];
+        run.extend(args);
+        let err = lab.fails(&run);
+        assert!(err.contains(expected), "{err}");
+        assert!(!lab.vm_dir("c2").exists(), "nothing made by {run:?}");
+    }
+    let err = lab.fails(&["run", "--name", "c1", "--from", "c1@warm"]);
+    assert!(err.contains("a VM named c1 already exists"), "{err}");
+
+    let out = lab.ok(&["run", "--name", "c2", "--from", "c1@warm"]);
+    assert!(out.contains("resumed from c1@warm"), "{out}");
+    assert_eq!(lab.state_of("c2"), "running");
+    let from = lab.console_of("c2", 3);
+    assert_consecutive(&from);
+    // Its own overlay, over the snapshot's frozen layer, which c1's own
+    // overlay sits on too.
+    let chain = |vm: &str| {
+        vmlab::disk::backing_chain(&lab.vm_dir(vm).join("disk.qcow2"))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.canonicalize().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (c1, c2) = (chain("c1"), chain("c2"));
+    assert!(
+        c2[0].starts_with(lab.vm_dir("c2").canonicalize().unwrap()),
+        "{c2:?}"
+    );
+    assert!(
+        c2[1].starts_with(lab.dir().canonicalize().unwrap()),
+        "{c2:?}"
+    );
+    assert!(c1.contains(&c2[1]), "c1 {c1:?} c2 {c2:?}");
+    lab.assert_no_seccomp_violation();
+
+    // c2 is a new generation: a new VM generation ID and its own identity
+    // note in the page the DSDT's VGEN points to; a plain resume keeps both.
+    let snapshot_state = std::fs::read_dir(lab.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "state"))
+        .unwrap();
+    let (id1, note1) = generation_page(&snapshot_state);
+    assert!(note1.starts_with("hostname=c1\n"), "{note1}");
+    lab.ok(&["suspend", "c2"]);
+    let (id2, note2) = generation_page(&lab.vm_dir("c2").join("vm.state"));
+    assert_ne!(id1, id2, "a new generation ID");
+    assert!(
+        note2.starts_with("hostname=c2\ninstance=c2\nmac=52:54:00:"),
+        "{note2}"
+    );
+    lab.ok(&["resume", "c2"]);
+    lab.ok(&["suspend", "c2"]);
+    assert_eq!(generation_page(&lab.vm_dir("c2").join("vm.state")).0, id2);
+    lab.ok(&["resume", "c2"]);
+
+    // Restored onto c1, the snapshot leaves it suspended there: resumed,
+    // it prints what c2 printed first.
+    lab.ok(&["stop", "--timeout", "1", "c1"]);
+    let out = lab.ok(&["snapshot", "restore", "c1", "warm"]);
+    assert!(out.contains("suspended there"), "{out}");
+    assert_eq!(lab.state(), "suspended");
+    lab.ok(&["resume", "c1"]);
+    let again = lab.console(3);
+    assert_eq!(again[0], from[0], "c1 {again:?} c2 {from:?}");
+    assert_consecutive(&again);
+
+    // rm deletes the snapshot's state; c2, started from it, runs on.
+    lab.ok(&["stop", "--timeout", "1", "c1"]);
+    let states = || {
+        std::fs::read_dir(lab.dir())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".state")
+            })
+            .count()
+    };
+    assert_eq!(states(), 1);
+    lab.ok(&["snapshot", "rm", "c1", "warm"]);
+    assert_eq!(states(), 0);
+    let len = lab.console_of("c2", 3).len();
+    lab.console_of("c2", len + 1);
+    lab.ok(&["stop", "--timeout", "1", "c2"]);
+    lab.ok(&["run", "--name", "c1", "--detach"]);
+    lab.ok(&["stop", "--timeout", "1", "c1"]);
 }

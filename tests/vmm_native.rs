@@ -32,6 +32,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
         started: Instant::now(),
         net: None,
         resume: None,
+        new_generation: None,
         backing_policy: vmlab::disk::BackingPolicy::vmlab(),
     }
 }

@@ -55,6 +55,7 @@ pub fn vm_config(
         boot_timer,
         started,
         resume: None,
+        new_generation: None,
         backing_policy: settings.backing_policy(),
     })
 }
@@ -131,6 +132,7 @@ fn debian_config(
         boot_timer,
         started,
         resume: None,
+        new_generation: None,
         backing_policy: settings.backing_policy(),
     })
 }

@@ -11,6 +11,7 @@ pub mod console_hub;
 pub mod daemon;
 pub mod error;
 #[doc(hidden)]
+pub mod from_snapshot;
 pub mod fuzzing;
 pub mod launch;
 pub mod name;

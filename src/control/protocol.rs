@@ -34,6 +34,10 @@ pub enum Request {
     /// Save the whole VM (memory and devices) to `path` and end it; the
     /// answer comes once the state is durable.
     Suspend { path: PathBuf },
+    /// A full snapshot: in one pause, save the whole VM to `state` and
+    /// switch `disks` as `SnapshotDisks` does; the guest runs on. All or
+    /// nothing: an error answer means no disk switched and no state file.
+    SnapshotFull { disks: Vec<PathBuf>, state: PathBuf },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,6 +62,13 @@ pub enum Response {
         written_bytes: u64,
         file_bytes: u64,
         took_us: u64,
+    },
+    /// A full snapshot was taken; the guest stood still `paused_us`.
+    FullSnapshotTaken {
+        paused_us: u64,
+        ram_bytes: u64,
+        written_bytes: u64,
+        file_bytes: u64,
     },
     Error {
         message: String,
@@ -144,6 +155,10 @@ mod tests {
             Request::SnapshotDisks {
                 disks: vec!["/v/vm1/disk.qcow2".into()],
             },
+            Request::SnapshotFull {
+                disks: vec!["/v/vm1/disk.qcow2".into()],
+                state: "/v/vm1/warm.state".into(),
+            },
         ] {
             assert_eq!(round_trip(&request), request);
         }
@@ -168,6 +183,12 @@ mod tests {
             status,
             error,
             switched,
+            Response::FullSnapshotTaken {
+                paused_us: 1,
+                ram_bytes: 2,
+                written_bytes: 3,
+                file_bytes: 4,
+            },
             Response::Stopping,
             Response::Console,
         ] {

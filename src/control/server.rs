@@ -127,7 +127,7 @@ impl ControlContext {
                     Ok(paused) => {
                         log::info!("live snapshot: the guest paused for {paused:?}");
                         Response::DisksSwitched {
-                            paused_us: paused.as_micros().try_into().unwrap_or(u64::MAX),
+                            paused_us: micros(paused),
                         }
                     }
                     Err(e) => Response::Error {
@@ -135,6 +135,28 @@ impl ControlContext {
                     },
                 },
             },
+            Request::SnapshotFull { disks, state } => {
+                match self.suspender.as_ref().and_then(|s| s.suspender()) {
+                    None => Response::Error {
+                        message: "the guest is rebooting: take the snapshot again once it is up"
+                            .into(),
+                    },
+                    Some(suspender) => match suspender.snapshot(state, disks) {
+                        Ok(report) => {
+                            log::info!("full snapshot: the guest paused for {:?}", report.paused);
+                            Response::FullSnapshotTaken {
+                                paused_us: micros(report.paused),
+                                ram_bytes: report.written.memory.ram,
+                                written_bytes: report.written.memory.written,
+                                file_bytes: report.written.file_bytes,
+                            }
+                        }
+                        Err(e) => Response::Error {
+                            message: e.to_string(),
+                        },
+                    },
+                }
+            }
             // Answered in `suspend`, which must reply before the VM ends.
             Request::Suspend { .. } => Response::Error {
                 message: "a suspend is answered by the VM as it ends".into(),
@@ -169,7 +191,7 @@ impl ControlContext {
                     ram_bytes: report.written.memory.ram,
                     written_bytes: report.written.memory.written,
                     file_bytes: report.written.file_bytes,
-                    took_us: report.took.as_micros().try_into().unwrap_or(u64::MAX),
+                    took_us: micros(report.took),
                 },
             );
         };
@@ -182,6 +204,10 @@ impl ControlContext {
             );
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().try_into().unwrap_or(u64::MAX)
 }
 
 fn reply(mut stream: &UnixStream, answer: &Response) {

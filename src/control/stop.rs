@@ -85,6 +85,7 @@ pub fn stop_all(vms: &[VmDir], timeout: Duration) -> Vec<Result<StopOutcome>> {
 /// A VM that does not run: its saved state, if it is suspended, goes.
 fn discard_saved_state(vm: &VmDir) -> Result<StopOutcome> {
     let path = vm.state_path();
+    super::suspend::forget_generation(vm);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(StopOutcome::Discarded),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vm

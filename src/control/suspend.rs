@@ -36,6 +36,8 @@ pub fn suspend(name: &str) -> Result<Suspended> {
         }
         return Err(ControlError::NotRunning(name.to_string()));
     }
+    // A running VM has no mark; a leftover one must not outlive it.
+    forget_generation(&vm);
     let answer = client::request(
         &vm,
         &Request::Suspend {
@@ -102,5 +104,41 @@ pub fn saved_state(vm: &VmDir) -> Option<std::path::PathBuf> {
 /// later `run` boots it cold.
 pub fn forget_saved_state(vm: &VmDir) -> Result<()> {
     let path = vm.state_path();
+    let _ = std::fs::remove_file(generation_path(vm));
     std::fs::remove_file(&path).map_err(ControlError::io("cannot remove", &path))
+}
+
+/// Beside `vm.state` when the VM is suspended at a full snapshot it has
+/// not run on from (`run --from`, a restore): the identity note its
+/// resume gives the guest with a new VM generation ID (`vmm::vmgenid`).
+fn generation_path(vm: &VmDir) -> std::path::PathBuf {
+    vm.path().join("vm.state.generation")
+}
+
+/// What the guest of `vm` is told it is on a resume that makes it a new
+/// generation: its hostname, instance id and MAC.
+pub fn identity_note(vm: &VmDir, settings: &super::VmSettings) -> String {
+    let name = vm.name().as_str();
+    format!(
+        "hostname={name}\ninstance={name}\nmac={}\n",
+        super::settings::format_mac(&settings.mac_for(name))
+    )
+}
+
+/// Marks `vm`'s saved state as a new generation for it.
+pub fn mark_new_generation(vm: &VmDir, settings: &super::VmSettings) -> Result<()> {
+    let path = generation_path(vm);
+    crate::fsutil::write_private(&path, identity_note(vm, settings).as_bytes())
+        .map_err(ControlError::io("cannot write", &path))
+}
+
+/// For the daemon of a resumed VM: the identity note, if its resume makes
+/// it a new generation.
+pub fn new_generation(vm: &VmDir) -> Option<String> {
+    std::fs::read_to_string(generation_path(vm)).ok()
+}
+
+/// A discarded or replaced saved state takes its mark with it.
+pub fn forget_generation(vm: &VmDir) {
+    let _ = std::fs::remove_file(generation_path(vm));
 }

@@ -70,6 +70,11 @@ pub struct VmConfig {
     /// Resume from this state file (`vmlab suspend`) instead of booting:
     /// `boot` is then not used, and the rest must match what was saved.
     pub resume: Option<PathBuf>,
+    /// With `resume`: the VM is a new one from a full snapshot (`run
+    /// --from`) or one taken back to it (a restore), so it gets a new VM
+    /// generation ID and this identity note (`vmm::vmgenid`); None for a
+    /// plain resume, where the guest's own go on.
+    pub new_generation: Option<String>,
     /// Where the disks' backing files may lie; refused ones fail the build.
     pub backing_policy: BackingPolicy,
 }

@@ -69,6 +69,19 @@ impl LiveDisks {
     /// Switches the disks at `paths` to the overlays now at those paths;
     /// returns how long the guest stood still.
     pub fn switch_to_overlays(&self, paths: &[PathBuf]) -> Result<Duration, LiveSnapshotError> {
+        let prepared = self.prepare(paths)?;
+        let started = Instant::now();
+        let _pause = self.gate.pause(PAUSE_TIMEOUT)?;
+        self.switch_paused(prepared)?;
+        Ok(started.elapsed())
+    }
+
+    /// Opens the overlays now at `paths` over the images the disks there
+    /// have open, while the guest runs (constant time, but not nothing).
+    pub(super) fn prepare(
+        &self,
+        paths: &[PathBuf],
+    ) -> Result<PreparedSwitch<'_>, LiveSnapshotError> {
         let mut picked = Vec::with_capacity(paths.len());
         for path in paths {
             let disk = self
@@ -80,13 +93,19 @@ impl LiveDisks {
                 return Err(LiveSnapshotError::ReadOnly(path.clone()));
             }
             let old = lock(&disk.worker).backend();
-            // Opened while the guest runs: constant time, but not nothing.
             let new = crate::disk::open_overlay_over(path, old.clone(), &self.policy)?;
             picked.push((disk, old, Arc::<dyn BlockBackend>::from(new)));
         }
+        Ok(PreparedSwitch { picked })
+    }
 
-        let started = Instant::now();
-        let _pause = self.gate.pause(PAUSE_TIMEOUT)?;
+    /// With the guest paused (the caller holds the gate): drains, flushes
+    /// and switches the prepared disks, all or none.
+    pub(super) fn switch_paused(
+        &self,
+        prepared: PreparedSwitch<'_>,
+    ) -> Result<(), LiveSnapshotError> {
+        let picked = prepared.picked;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut workers = Vec::with_capacity(picked.len());
         for (disk, old, new) in &picked {
@@ -108,10 +127,18 @@ impl LiveDisks {
             }
             worker.replace_backend(new.clone());
         }
-        drop(workers);
-        Ok(started.elapsed())
+        Ok(())
     }
 }
+
+/// Overlays opened for a switch, each with the disk it goes on and the
+/// image it goes over.
+pub struct PreparedSwitch<'a> {
+    picked: Vec<DiskSwitch<'a>>,
+}
+
+/// A disk, the image it has open and the overlay it switches to.
+type DiskSwitch<'a> = (&'a LiveDisk, Arc<dyn BlockBackend>, Arc<dyn BlockBackend>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -31,6 +31,7 @@ use super::progress::{ExitCounter, StallWatchdog};
 use super::signals::TerminationSignals;
 use super::suspend::{SuspendDevice, Suspender, VcpuCaptures};
 use super::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuShared};
+use super::vmgenid::{self, VmGenId};
 use crate::arch::x86_64::acpi::VirtioMmioSlot;
 use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
@@ -39,7 +40,9 @@ use crate::arch::x86_64::layout::{
     ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, I8042_COMMAND_PORT,
     I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
-use crate::arch::x86_64::layout::{FIRST_DEVICE_GSI, GED_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::arch::x86_64::layout::{
+    FIRST_DEVICE_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START, VMGENID_GSI,
+};
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
@@ -119,6 +122,9 @@ impl Vm {
         if config.net.is_some() {
             devices.push("virtio-net".into());
         }
+        // Not a virtio device; named so that a state saved before vmlab had
+        // it (its guest never bound it) is refused.
+        devices.push("vmgenid".into());
         let spec = MachineSpec {
             vmlab_version: VMLAB_VERSION.into(),
             cpus: config.cpus,
@@ -218,6 +224,15 @@ impl Vm {
             BootSource::Flat { image, load_addr } => Some(load_flat(&mem, image, *load_addr)?),
         };
 
+        let genid = VmGenId::new(&vm)?;
+        let new_generation = match (&saved, &config.new_generation) {
+            (None, _) => Some(format!("hostname={}\n", config.name)),
+            (Some(_), note) => note.clone(),
+        };
+        if let Some(note) = &new_generation {
+            vmgenid::write(&mem, &vmgenid::random_id()?, note)?;
+        }
+
         let exit = ExitSignal::new().map_err(VmmError::io("create the stop event"))?;
         let timeline = BootTimeline::new(config.started, config.boot_timer);
         let serial_irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
@@ -276,6 +291,11 @@ impl Vm {
             }
             (None, None) => unreachable!("a VM not resumed is booted"),
         };
+        if saved.is_some() && new_generation.is_some() {
+            // Raised once the chips are restored: delivered at the guest's
+            // first instruction.
+            genid.notify()?;
+        }
         timeline.record_vmm_ready();
 
         let vm = Arc::new(vm);
@@ -294,6 +314,7 @@ impl Vm {
                 })
                 .collect(),
             spec,
+            disks: live_disks.clone(),
             resumed_from: match &saved {
                 Some(saved) => Some(
                     saved
@@ -584,7 +605,7 @@ fn virtio_devices(disks: Vec<Block>) -> Result<Vec<Arc<Mutex<dyn VirtioDevice>>>
 /// MMIO windows and GSIs for `count` devices: one page each from
 /// `VIRTIO_MMIO_START`, GSIs from `FIRST_DEVICE_GSI` up to the GED's.
 fn virtio_slots(count: usize) -> Result<Vec<VirtioMmioSlot>, VmmError> {
-    let available = (GED_GSI - FIRST_DEVICE_GSI) as usize;
+    let available = (VMGENID_GSI - FIRST_DEVICE_GSI) as usize;
     if count > available {
         return Err(VmmError::device("virtio")(format!(
             "{count} devices requested, at most {available} fit"

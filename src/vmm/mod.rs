@@ -18,6 +18,7 @@ pub mod run_report;
 pub mod signals;
 pub mod suspend;
 pub mod vcpu;
+pub mod vmgenid;
 
 pub use config::{BootFile, BootSource, ConsoleConfig, ConsoleInput, VmConfig};
 pub use error::VmmError;
@@ -27,7 +28,7 @@ pub use machine::Vm;
 pub use power_button::PowerButton;
 pub use reboot::{run_rebooting, LastBoot, OnReboot};
 pub use run_report::RunReport;
-pub use suspend::{SuspendReport, Suspender};
+pub use suspend::{FullSnapshotError, FullSnapshotReport, SuspendReport, Suspender};
 
 /// Builds and runs a VM to its end.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {

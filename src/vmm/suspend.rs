@@ -15,15 +15,16 @@
 //! the devices and RAM are written.
 
 use std::fs::File;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::exit::{ExitReason, ExitSignal};
+use super::live_snapshot::{LiveDisks, LiveSnapshotError};
 use super::memory::GuestMemoryMmap;
-use super::pause::VcpuGate;
+use super::pause::{Pause, VcpuGate};
 use crate::devices::bus::lock;
 use crate::devices::legacy::Serial;
 use crate::devices::virtio::events::QueueHandler;
@@ -107,6 +108,8 @@ pub struct Suspender {
     pub(super) serial: Arc<Mutex<Serial>>,
     pub(super) devices: Vec<SuspendDevice>,
     pub(super) spec: MachineSpec,
+    /// The disks a full snapshot switches to new overlays.
+    pub(super) disks: Arc<LiveDisks>,
     /// The state file this VM was resumed from: its holes need no reading.
     pub(super) resumed_from: Option<File>,
     pub(super) exit: ExitSignal,
@@ -122,6 +125,27 @@ pub struct SuspendReport {
     pub took: Duration,
 }
 
+/// What a full snapshot did: the state file written, and how long the
+/// guest stood still (state, memory and disk switch together).
+#[derive(Clone, Copy, Debug)]
+pub struct FullSnapshotReport {
+    pub written: Written,
+    pub paused: Duration,
+}
+
+/// Why a full snapshot was not taken; in every case the guest runs on, no
+/// disk switched and nothing is left at the state's path.
+#[derive(Debug, thiserror::Error)]
+pub enum FullSnapshotError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Disks(#[from] LiveSnapshotError),
+}
+
+/// The devices held still while their state and RAM are written.
+type Held<'a> = Vec<MutexGuard<'a, dyn VirtioDevice + 'static>>;
+
 impl Suspender {
     /// Saves the VM to `path` and ends it (`ExitReason::Suspended`), with
     /// `announce` called once the state is durable and before the VM ends
@@ -135,18 +159,64 @@ impl Suspender {
         let started = Instant::now();
         let mut done = lock(&self.done);
         if *done {
-            return Err(StateError::Damaged {
-                what: "the VM is already suspended".into(),
-            });
+            return Err(already_suspended());
         }
-        self.captures.ask(usize::from(self.spec.cpus));
-        let pause = match self.gate.pause(PAUSE_TIMEOUT) {
-            Ok(pause) => pause,
-            Err(e) => {
-                let _ = self.captures.take();
-                return Err(e.into());
-            }
+        let pause = self.pause_capturing()?;
+        let (written, held) = self.save_paused(path)?;
+        *done = true;
+        let report = SuspendReport {
+            written,
+            took: started.elapsed(),
         };
+        announce(&report);
+        // Asked while the guest is parked: it runs no further instruction.
+        self.exit.request(ExitReason::Suspended);
+        drop(held);
+        drop(pause);
+        Ok(report)
+    }
+
+    /// A full snapshot of the running VM: in one pause, its state and RAM
+    /// go to `path` and the disks at `disks` switch to the overlays now
+    /// there (see `LiveDisks`), so the state file and the images the disks
+    /// leave behind hold the same instant. The guest then runs on.
+    pub fn snapshot(
+        &self,
+        path: &Path,
+        disks: &[PathBuf],
+    ) -> Result<FullSnapshotReport, FullSnapshotError> {
+        let done = lock(&self.done);
+        if *done {
+            return Err(already_suspended().into());
+        }
+        let prepared = self.disks.prepare(disks)?;
+        let started = Instant::now();
+        let pause = self.pause_capturing()?;
+        let (written, held) = self.save_paused(path)?;
+        drop(held);
+        if let Err(e) = self.disks.switch_paused(prepared) {
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+        drop(pause);
+        let paused = started.elapsed();
+        drop(done);
+        Ok(FullSnapshotReport { written, paused })
+    }
+
+    /// Parks the vCPUs, each reading its state as it parks.
+    fn pause_capturing(&self) -> Result<Pause<'_>, StateError> {
+        self.captures.ask(usize::from(self.spec.cpus));
+        self.gate.pause(PAUSE_TIMEOUT).map_err(|e| {
+            let _ = self.captures.take();
+            e.into()
+        })
+    }
+
+    /// With the vCPUs parked: the chips, devices and RAM to `path`; the
+    /// devices stay held (nothing moves in RAM or on a disk) until the
+    /// caller lets go.
+    fn save_paused(&self, path: &Path) -> Result<(Written, Held<'_>), StateError> {
         let vcpus = self.captures.take()?;
         let platform = PlatformState::capture(&self.vm)?;
         let saved_at_ns = vmstate::now_ns();
@@ -155,8 +225,7 @@ impl Suspender {
                 lock(handler).handle_queue(0);
             }
         }
-        // Held until the VM has ended: nothing moves in RAM or on a disk.
-        let held: Vec<_> = self.devices.iter().map(|d| lock(&d.device)).collect();
+        let held: Held<'_> = self.devices.iter().map(|d| lock(&d.device)).collect();
         let virtio = self
             .devices
             .iter()
@@ -180,16 +249,12 @@ impl Suspender {
         let written = vmstate::file::write(path, &state, |file, offset| {
             vmstate::memory::save(&self.memory, file, offset, self.resumed_from.as_ref())
         })?;
-        *done = true;
-        let report = SuspendReport {
-            written,
-            took: started.elapsed(),
-        };
-        announce(&report);
-        // Asked while the guest is parked: it runs no further instruction.
-        self.exit.request(ExitReason::Suspended);
-        drop(held);
-        drop(pause);
-        Ok(report)
+        Ok((written, held))
+    }
+}
+
+fn already_suspended() -> StateError {
+    StateError::Damaged {
+        what: "the VM is already suspended".into(),
     }
 }

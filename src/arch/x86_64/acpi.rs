@@ -9,7 +9,7 @@
 
 use acpi_tables::aml::{
     self, Arg, Device, EISAName, Equal, If, Interrupt, Method, Name, Notify, Package, Path,
-    ResourceTemplate, IO,
+    ResourceTemplate, Return, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -19,9 +19,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 use super::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT, SERIAL_IRQ,
-    SERIAL_PORT,
+    SERIAL_PORT, VMGENID_ADDR, VMGENID_GSI,
 };
 
 const OEM_ID: [u8; 6] = *b"VMLAB ";
@@ -100,22 +100,45 @@ fn dsdt_aml(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     )
     .to_aml_bytes(&mut aml);
 
-    // The GED calls _EVT with the GSI that fired; ours only carries the
-    // power button, which the tiny power-button driver turns into a signal
-    // to init.
+    // The VM Generation ID (Microsoft's "Virtual Machine Generation ID"
+    // device, which Linux's vmgenid driver binds by VMGENCTR or the
+    // VM_Gen_Counter CID): ADDR gives the GUID's guest-physical address as
+    // two 32-bit halves; a Notify says it changed (`vmm::vmgenid`).
+    let low = VMGENID_ADDR as u32;
+    let high = (VMGENID_ADDR >> 32) as u32;
+    let addr = Package::new(vec![&low, &high]);
+    Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &Name::new("_HID".into(), &"VMGENCTR"),
+            &Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &Method::new("ADDR".into(), 0, false, vec![&Return::new(&addr)]),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+
+    // The GED calls _EVT with the GSI that fired: the power button's (the
+    // tiny power-button driver turns it into a signal to init) or the
+    // generation ID's.
     let irq = Interrupt::new(true, true, false, false, GED_GSI);
-    let crs = ResourceTemplate::new(vec![&irq]);
+    let genid_irq = Interrupt::new(true, true, false, false, VMGENID_GSI);
+    let crs = ResourceTemplate::new(vec![&irq, &genid_irq]);
     let button = Path::new("\\_SB_.PWRB");
     let notify = Notify::new(&button, &0x80u8);
     let is_button = Equal::new(&Arg(0), &GED_GSI);
     let on_button = If::new(&is_button, vec![&notify]);
+    let genid = Path::new("\\_SB_.VGEN");
+    let notify_genid = Notify::new(&genid, &0x80u8);
+    let is_genid = Equal::new(&Arg(0), &VMGENID_GSI);
+    let on_genid = If::new(&is_genid, vec![&notify_genid]);
     Device::new(
         "_SB_.GED_".into(),
         vec![
             &Name::new("_HID".into(), &"ACPI0013"),
             &Name::new("_UID".into(), &aml::ZERO),
             &Name::new("_CRS".into(), &crs),
-            &Method::new("_EVT".into(), 1, true, vec![&on_button]),
+            &Method::new("_EVT".into(), 1, true, vec![&on_button, &on_genid]),
         ],
     )
     .to_aml_bytes(&mut aml);
@@ -212,8 +235,12 @@ pub fn build_tables(cpus: u8, virtio: &[VirtioMmioSlot]) -> Result<AcpiTables, A
     let madt_addr = align16(dsdt_addr + dsdt.len() as u64);
     let madt = madt(cpus);
     let end = madt_addr + madt.len() as u64;
-    if end > ACPI_END {
-        return Err(AcpiError::TooLarge(end - ACPI_START, ACPI_END - ACPI_START));
+    // The generation ID's page ends the area.
+    if end > VMGENID_ADDR {
+        return Err(AcpiError::TooLarge(
+            end - ACPI_START,
+            VMGENID_ADDR - ACPI_START,
+        ));
     }
 
     let mut xsdt = XSDT::new(OEM_ID, *b"VMLABXSD", OEM_REVISION);
@@ -247,6 +274,11 @@ mod tests {
     fn u64_at(b: &[u8], o: usize) -> u64 {
         u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
     }
+    /// An Extended Interrupt descriptor: consumer, edge, active high, one GSI.
+    fn extended_irq(gsi: u32) -> [u8; 9] {
+        let g = gsi.to_le_bytes();
+        [0x89, 0x06, 0x00, 0x03, 0x01, g[0], g[1], g[2], g[3]]
+    }
     fn sums_to_zero(b: &[u8]) -> bool {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
     }
@@ -279,7 +311,7 @@ mod tests {
         assert_eq!(u64_at(xsdt, 36), fadt_addr);
         assert_eq!(u64_at(xsdt, 44), madt_addr);
         for (addr, bytes) in &t.tables {
-            assert!(addr + bytes.len() as u64 <= ACPI_END);
+            assert!(addr + bytes.len() as u64 <= crate::arch::x86_64::layout::ACPI_END);
             assert_eq!(addr % 16, 0);
         }
     }
@@ -330,6 +362,33 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_declares_the_generation_id_and_the_ged_notifies_it() {
+        let t = build_tables(1, &[]).unwrap();
+        let (_, dsdt) = table(&t, b"DSDT");
+        let aml = &dsdt[36..];
+        let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"VGEN"));
+        assert!(contains(b"VMGENCTR\0"), "_HID Linux's vmgenid binds");
+        assert!(contains(b"VM_Gen_Counter\0"), "_CID of the spec");
+        // Method ADDR, no arguments: Return (Package (2) { DWord 0xff000, Zero }).
+        assert!(contains(b"ADDR\x00\xa4\x12"), "ADDR returns a package");
+        let addr = VMGENID_ADDR as u32;
+        let mut package = vec![0x02, 0x0c];
+        package.extend_from_slice(&addr.to_le_bytes());
+        assert!(contains(&package), "the GUID's address, low half");
+        // The GED takes the generation ID's GSI and notifies VGEN with 0x80.
+        assert!(contains(&extended_irq(VMGENID_GSI)));
+        assert!(
+            contains(b"\x86\\\x2e_SB_VGEN\x0a\x80"),
+            "Notify (\\_SB.VGEN, 0x80)"
+        );
+        // Tables and the page never overlap.
+        for (addr, bytes) in &t.tables {
+            assert!(addr + bytes.len() as u64 <= VMGENID_ADDR);
+        }
+    }
+
+    #[test]
     fn dsdt_declares_s5_com1_power_button_ged_and_pvpanic() {
         let t = build_tables(1, &[]).unwrap();
         let (_, dsdt) = table(&t, b"DSDT");
@@ -349,17 +408,7 @@ mod tests {
         assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
         assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
         // Extended IRQ descriptor for the GED: consumer, edge, active high.
-        assert!(contains(&[
-            0x89,
-            0x06,
-            0x00,
-            0x03,
-            0x01,
-            GED_GSI as u8,
-            0,
-            0,
-            0
-        ]));
+        assert!(contains(&extended_irq(GED_GSI)));
         // IO descriptor for pvpanic: decode16, min = max = 0x505, len 1.
         assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
     }

@@ -77,6 +77,14 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const FIRST_DEVICE_GSI: u32 = 5;
 /// GSI of the ACPI Generic Event Device (power button).
 pub const GED_GSI: u32 = 23;
+/// The GED's second GSI: the VM Generation ID changed (`vmm::vmgenid`).
+pub const VMGENID_GSI: u32 = 22;
+/// The VM Generation ID page, the last of the reserved ACPI area (below
+/// 1 MiB, where Linux's /dev/mem lets root read reserved pages): the
+/// 16-byte generation ID first, vmlab's identity note at
+/// `VMGENID_NOTE_OFFSET`.
+pub const VMGENID_ADDR: u64 = ACPI_END - 0x1000;
+pub const VMGENID_NOTE_OFFSET: u64 = 0x100;
 
 /// A guest RAM region: start address and length.
 pub type RamRegion = (u64, u64);

@@ -19,6 +19,7 @@
 
 pub mod book;
 pub mod command;
+pub mod full;
 mod layers;
 
 use std::os::unix::fs::MetadataExt;
@@ -43,6 +44,8 @@ pub struct Created {
     pub disks: usize,
     /// For a running VM: how long its guest was paused.
     pub paused: Option<Duration>,
+    /// For a full snapshot: what its state file holds.
+    pub state: Option<full::StateWritten>,
 }
 
 /// One line of `vmlab snapshot ls`.
@@ -54,6 +57,8 @@ pub struct SnapshotRow {
     /// Bytes the snapshot's layers take on the host.
     pub size: u64,
     pub live: bool,
+    /// Memory and devices too (`create --full`).
+    pub full: bool,
 }
 
 /// Snapshot names: 1 to 64 letters, digits, '.', '_' and '-', starting
@@ -146,6 +151,16 @@ fn now_secs() -> u64 {
 /// `vmlab snapshot create VM NAME`: every writable disk of the VM, running
 /// or stopped, at this moment.
 pub fn create(vm_name: &str, name: &str) -> Result<Created> {
+    create_with(vm_name, name, false)
+}
+
+/// `vmlab snapshot create VM NAME --full`: the running VM's disks, memory
+/// and devices at one instant (see `full`); the VM runs on.
+pub fn create_full(vm_name: &str, name: &str) -> Result<Created> {
+    create_with(vm_name, name, true)
+}
+
+fn create_with(vm_name: &str, name: &str, full: bool) -> Result<Created> {
     check_name(name)?;
     let vm = VmDir::existing(vm_name)?;
     let _book_lock = lock_book(&vm)?;
@@ -159,6 +174,9 @@ pub fn create(vm_name: &str, name: &str) -> Result<Created> {
     }
     let disks = snapshot_disks(&vm, &vm.load_settings()?)?;
     let running = matches!(vm.liveness()?, Liveness::Running { .. });
+    if full && !running {
+        return Err(full::refuse_stopped(&vm));
+    }
     let _run_lock = if running {
         // A VM answers on its socket only once its disks are open.
         client::request(&vm, &Request::Status)?;
@@ -170,6 +188,7 @@ pub fn create(vm_name: &str, name: &str) -> Result<Created> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
+    let state_path = full.then(|| full::state_file(&vm, stamp));
     let mut frozen: Vec<FrozenTop> = Vec::new();
     for disk in &disks {
         match crate::disk::freeze_top(disk, &frozen_layer(disk, stamp)) {
@@ -191,7 +210,7 @@ pub fn create(vm_name: &str, name: &str) -> Result<Created> {
                 layer: file_name(&f.layer),
             })
             .collect(),
-        vm_state: None,
+        vm_state: state_path.as_deref().map(file_name),
     });
     // Written now, put in place last: a full host disk fails here, while
     // everything can still be undone.
@@ -202,20 +221,27 @@ pub fn create(vm_name: &str, name: &str) -> Result<Created> {
             return Err(e);
         }
     };
-    let paused = if running {
-        Some(switch_running(&vm, &frozen)?)
-    } else {
-        None
+    let (paused, state) = match &state_path {
+        Some(path) => {
+            let (paused, state) = full::take(&vm, &frozen, path)?;
+            (Some(paused), Some(state))
+        }
+        None if running => (Some(switch_running(&vm, &frozen)?), None),
+        None => (None, None),
     };
     if let Err(e) = staged.commit() {
         if !running {
             undo(&vm, &frozen);
+        }
+        if let Some(path) = &state_path {
+            let _ = std::fs::remove_file(path);
         }
         return Err(e);
     }
     Ok(Created {
         disks: frozen.len(),
         paused,
+        state,
     })
 }
 
@@ -224,8 +250,16 @@ fn switch_running(vm: &VmDir, frozen: &[FrozenTop]) -> Result<Duration> {
     let request = Request::SnapshotDisks {
         disks: frozen.iter().map(|f| f.top.clone()).collect(),
     };
-    match client::request_answer(vm, &request) {
-        Ok(Response::DisksSwitched { paused_us }) => Ok(Duration::from_micros(paused_us)),
+    match ask_switch(vm, frozen, &request)? {
+        Response::DisksSwitched { paused_us } => Ok(Duration::from_micros(paused_us)),
+        other => Err(unexpected(vm, other)),
+    }
+}
+
+/// A running VM's answer to a request that switches `frozen`'s disks; an
+/// error answer (nothing switched) puts the old images back.
+fn ask_switch(vm: &VmDir, frozen: &[FrozenTop], request: &Request) -> Result<Response> {
+    match client::request_answer(vm, request) {
         Ok(Response::Error { message }) => {
             // The VM switched nothing: its old images go back in place.
             undo(vm, frozen);
@@ -234,16 +268,22 @@ fn switch_running(vm: &VmDir, frozen: &[FrozenTop]) -> Result<Duration> {
                 vm.name()
             )))
         }
+        Ok(answer) => Ok(answer),
         // No answer: the VM may have switched, so the layers stay (unnamed:
         // the disks read the same either way, and they merge away later).
-        Ok(other) => Err(ControlError::Protocol {
-            name: vm.name().to_string(),
-            message: format!("unexpected answer {other:?}; no snapshot was recorded"),
-        }),
         Err(e) => Err(ControlError::Protocol {
             name: vm.name().to_string(),
             message: format!("{e}; no snapshot was recorded"),
         }),
+    }
+}
+
+/// An answer of the wrong kind: the VM may have switched, so the layers
+/// stay, unnamed, as for no answer.
+fn unexpected(vm: &VmDir, answer: Response) -> ControlError {
+    ControlError::Protocol {
+        name: vm.name().to_string(),
+        message: format!("unexpected answer {answer:?}; no snapshot was recorded"),
     }
 }
 
@@ -280,16 +320,20 @@ pub fn list(vm_name: &str) -> Result<Vec<SnapshotRow>> {
             size: s
                 .disks
                 .iter()
-                .filter_map(|d| std::fs::metadata(vm.path().join(&d.layer)).ok())
+                .map(|d| &d.layer)
+                .chain(&s.vm_state)
+                .filter_map(|file| std::fs::metadata(vm.path().join(file)).ok())
                 .map(|m| m.blocks() * 512)
                 .sum(),
             live: s.live,
+            full: s.vm_state.is_some(),
         })
         .collect())
 }
 
 /// `vmlab snapshot restore VM NAME`: the stopped VM's disks go back to the
-/// snapshot; the state they had is gone.
+/// snapshot; the state they had is gone. A full snapshot's VM is then
+/// suspended at that point (its next start is `vmlab resume`).
 pub fn restore(vm_name: &str, name: &str) -> Result<Compaction> {
     check_name(name)?;
     let vm = VmDir::existing(vm_name)?;
@@ -300,11 +344,6 @@ pub fn restore(vm_name: &str, name: &str) -> Result<Compaction> {
         .find(name)
         .cloned()
         .ok_or_else(|| no_snapshot(vm_name, name))?;
-    if snapshot.vm_state.is_some() {
-        return Err(ControlError::Refused(format!(
-            "snapshot {name} of VM {vm_name} holds the VM's memory too, which this vmlab cannot restore: use a newer vmlab"
-        )));
-    }
     if matches!(vm.liveness()?, Liveness::Running { .. }) {
         return Err(ControlError::Refused(format!(
             "VM {vm_name} is running: stop it before restoring a snapshot (vmlab stop {vm_name})"
@@ -312,12 +351,15 @@ pub fn restore(vm_name: &str, name: &str) -> Result<Compaction> {
     }
     vm.refuse_if_suspended("restoring a snapshot")?;
     let _run_lock = lock_stopped(&vm, "the snapshot was being restored")?;
+    if let Some(state) = &snapshot.vm_state {
+        full::check_state_present(&vm, name, state)?;
+    }
     // Every overlay written before any disk changes: a full host disk fails
     // here with nothing changed.
     let prepared = prepare_restore(&vm, &snapshot)?;
     book.restoring = Some(name.to_string());
     book.save(&vm)?;
-    publish_restore(&vm, &mut book, prepared)?;
+    publish_restore(&vm, &mut book, &snapshot, prepared)?;
     Ok(compact_quietly(&vm))
 }
 
@@ -340,10 +382,15 @@ fn prepare_restore(vm: &VmDir, snapshot: &Snapshot) -> Result<Vec<crate::disk::P
 fn publish_restore(
     vm: &VmDir,
     book: &mut Book,
+    snapshot: &Snapshot,
     prepared: Vec<crate::disk::PreparedOverlay>,
 ) -> Result<()> {
     for overlay in prepared {
         overlay.publish().map_err(disk_error(vm))?;
+    }
+    // Before the record says done: a restore cut short links it again.
+    if let Some(state) = &snapshot.vm_state {
+        full::suspend_at(vm, state)?;
     }
     book.restoring = None;
     book.save(vm)
@@ -362,7 +409,7 @@ fn finish_restore_locked(vm: &VmDir) -> Result<()> {
         .ok_or_else(|| no_snapshot(vm.name().as_str(), &name))?;
     log::info!("VM {}: finishing the restore of snapshot {name}", vm.name());
     let prepared = prepare_restore(vm, &snapshot)?;
-    publish_restore(vm, &mut book, prepared)
+    publish_restore(vm, &mut book, &snapshot, prepared)
 }
 
 /// Before a VM starts (its caller holds the VM's name): finishes a restore
@@ -400,8 +447,12 @@ pub fn remove(vm_name: &str, name: &str) -> Result<Compaction> {
         Liveness::Running { .. } => None,
         Liveness::Stopped { .. } => Some(lock_stopped(&vm, "the snapshot was being removed")?),
     };
+    let state = book.find(name).and_then(|s| s.vm_state.clone());
     book.snapshots.retain(|s| s.name != name);
     book.save(&vm)?;
+    if let Some(state) = state {
+        full::remove_state(&vm, &state);
+    }
     Ok(compact_quietly(&vm))
 }
 
