@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn the_event_loop_may_set_a_tap_cards_offloads() {
         let tun_type = (libc::TUNSETOFFLOAD >> 8) & 0xff;
-        assert!(ioctl_types(ThreadClass::EventLoop).contains(&(tun_type as u64)));
+        assert!(ioctl_types(ThreadClass::EventLoop).contains(&tun_type));
         for call in [libc::SYS_read, libc::SYS_writev, libc::SYS_ioctl] {
             assert!(allowed(ThreadClass::EventLoop).any(|s| s == call), "{call}");
         }
