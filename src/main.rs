@@ -228,8 +228,9 @@ struct RunArgs {
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u8).range(1..=254))]
     cpus: Option<u8>,
-    /// Port forward tcp:[HOSTADDR:]HOSTPORT:GUESTPORT or udp:... (repeatable;
-    /// replaces a named VM's saved forwards).
+    /// Port forward tcp:[HOSTADDR:]HOSTPORT:GUESTPORT or udp:... to the
+    /// card of the --net before it (repeatable; replaces that card's saved
+    /// forwards).
     #[arg(long = "forward", value_name = "RULE")]
     forwards: Vec<ForwardRule>,
     /// Name the VM: its settings, serial log and control socket are kept
@@ -268,18 +269,26 @@ struct RunArgs {
     /// as JSON (for benchmarks).
     #[arg(long, value_name = "PATH")]
     report_json: Option<PathBuf>,
-    /// Network: `user` (a NIC behind vmlab's own NAT), `none` (no NIC),
-    /// or a lab network's name (vmlab network create) [default: user, or
-    /// the named VM's].
-    #[arg(long, value_name = "user|none|NETWORK")]
-    net: Option<control::settings::NetChoice>,
-    /// The VM's address on its lab network (reserved for its MAC)
+    /// A network card: `user` (behind vmlab's own NAT, at most one card),
+    /// `none` (no card), a lab network's name (vmlab network create) or
+    /// `tap:DEV` (an existing TAP device, bridged). Repeat for more cards,
+    /// eth0, eth1, ... in order; --mac, --forward and --ip apply to the
+    /// card of the --net they follow (before any --net, to the first)
+    /// [default: user, or the named VM's cards].
+    #[arg(long, value_name = "user|none|NETWORK|tap:DEV")]
+    net: Vec<control::settings::NetChoice>,
+    /// The card's address on its lab network (reserved for its MAC)
     /// [default: a lease from the network's pool, kept per MAC].
     #[arg(long, value_name = "ADDR")]
-    ip: Option<std::net::Ipv4Addr>,
-    /// The NIC's MAC address [default: derived from --name, 52:54:00:xx:xx:xx].
+    ip: Vec<std::net::Ipv4Addr>,
+    /// The card's MAC address, one per card [default: derived from --name
+    /// and the card's place, 52:54:00:xx:xx:xx].
     #[arg(long, value_name = "MAC")]
-    mac: Option<MacAddress>,
+    mac: Vec<MacAddress>,
+    /// Where each --net, --mac, --forward and --ip stood on the command
+    /// line (filled from clap's matches after parsing).
+    #[arg(skip)]
+    card_flags: Box<control::cards::CardFlags>,
     /// The Debian guest of a new named VM: `lean` (vmlab's kernel and init)
     /// or `full` (systemd, Debian's kernel from the VM's own /boot); chosen
     /// at its first run [default: lean].
@@ -465,7 +474,7 @@ fn init_logging(verbose: u8, command: &Command) {
 
 fn main() {
     let started = Instant::now();
-    let cli = match Cli::try_parse() {
+    let cli = match parse_command_line() {
         Ok(cli) => cli,
         Err(err) if err.use_stderr() => {
             // One line, like every other vmlab error; clap's usage block
@@ -495,6 +504,26 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The command line, with `run`'s per-card options placed on their cards
+/// (which needs the positions clap saw them at).
+fn parse_command_line() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Run(args), Some(run)) = (&mut cli.command, matches.subcommand_matches("run")) {
+        let at = |id: &str| -> Vec<usize> { run.indices_of(id).into_iter().flatten().collect() };
+        let flags = &mut args.card_flags;
+        flags.nets = at("net").into_iter().zip(args.net.clone()).collect();
+        flags.macs = at("mac").into_iter().zip(args.mac.clone()).collect();
+        flags.forwards = at("forwards")
+            .into_iter()
+            .zip(args.forwards.clone())
+            .collect();
+        flags.ips = at("ip").into_iter().zip(args.ip.clone()).collect();
+    }
+    Ok(cli)
 }
 
 /// The error and its causes joined in one line, leaving out a cause whose
@@ -749,19 +778,9 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     if let Some(cpus) = args.cpus {
         settings.cpus = cpus;
     }
-    if !args.forwards.is_empty() {
-        settings.forwards = args.forwards.clone();
-    }
-    if let Some(mac) = args.mac {
-        settings.mac = Some(mac.octets());
-    }
-    if let Some(net) = &args.net {
-        settings.net = net.clone();
-        settings.ip = None;
-    }
-    if let Some(ip) = args.ip {
-        settings.ip = Some(ip);
-    }
+    let cards = args.card_flags.apply(settings.cards())?;
+    control::cards::check_cards(&cards)?;
+    settings.set_cards(cards);
     if let Some(host_loopback) = &args.reach.host_loopback {
         settings.host_loopback = host_loopback.clone();
     }

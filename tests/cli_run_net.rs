@@ -93,3 +93,76 @@ fn unknown_net_mode_is_refused() {
     let err = one_line_error(&out);
     assert!(err.contains("bridge"), "{err}");
 }
+
+/// Several cards: each impossible combination is one line, before the
+/// guest is looked at; a TAP that does not exist is named, not created.
+#[test]
+fn card_lists_that_cannot_work_are_refused_in_one_line() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--kernel", "/nonexistent/vmlinux"];
+        args.extend_from_slice(extra);
+        one_line_error(&vmlab(&args))
+    };
+    let nine: Vec<&str> = ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+        .iter()
+        .flat_map(|n| ["--net", n])
+        .collect();
+    for (extra, needle) in [
+        (
+            &["--net", "user", "--net", "user"][..],
+            "one card behind its own NAT",
+        ),
+        (
+            &["--net", "user", "--net", "none"],
+            "--net none means no card",
+        ),
+        (
+            &[
+                "--net",
+                "user",
+                "--mac",
+                "52:54:00:00:00:01",
+                "--mac",
+                "52:54:00:00:00:02",
+            ],
+            "--mac given twice for eth0",
+        ),
+        (
+            &[
+                "--net",
+                "user",
+                "--mac",
+                "52:54:00:00:00:01",
+                "--net",
+                "tap:vmlabnone0",
+                "--mac",
+                "52:54:00:00:00:01",
+            ],
+            "eth0 and eth1 both have MAC 52:54:00:00:00:01",
+        ),
+        (&["--net", "tap:a/b"], "is not a network device name"),
+        (
+            &["--net", "tap:vmlabnone0", "--forward", "tcp:2222:22"],
+            "a TAP card is bridged",
+        ),
+        (
+            &["--net", "user", "--ip", "192.168.100.9"],
+            "add --net NETWORK",
+        ),
+        (
+            &["--net", "tap:vmlabnone0"],
+            "no network device 'vmlabnone0'",
+        ),
+        (&nine, "at most 8 fit"),
+    ] {
+        let err = run(extra);
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("/nonexistent"), "refused first: {err}");
+    }
+    // A forward before any --net is the first card's (a user one, which
+    // binds it: the busy port is what fails, not the TAP card after it).
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!("tcp:{}:22", taken.local_addr().unwrap().port());
+    let err = run(&["--forward", &busy, "--net", "user", "--net", "lab-none"]);
+    assert!(err.contains("choose another host port"), "{err}");
+}

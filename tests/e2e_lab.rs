@@ -173,11 +173,44 @@ echo "sockets_left=$(find "$XDG_RUNTIME_DIR" -name '*.sock' | wc -l)"
 
 # A lab network: vm1 (web) and vm2 (db, a reserved address) on one
 # switch, each reached from L1 through a forward the network's NAT holds.
+# Each has a second card: vm1 routes to network dmz (eth1), where a
+# namespace of L1's sits; vm2's eth1 is a TAP of L1's (bridged mode), whose
+# host side serves DHCP with busybox udhcpd.
 "$VMLAB" network create lab >"$RIG_OUT/net-create.out"
-"$VMLAB" run --name vm1 --net lab --forward tcp:2222:22 --detach
-"$VMLAB" run --name vm2 --net lab --ip 192.168.100.20 --forward tcp:2223:22 --detach
+"$VMLAB" network create dmz --subnet 192.168.150.0/24 >>"$RIG_OUT/net-create.out"
+ip tuntap add vmtap0 mode tap
+ip addr add 10.99.0.1/24 dev vmtap0
+ip link set vmtap0 up
+printf '%s\n' 'start 10.99.0.50' 'end 10.99.0.60' 'interface vmtap0' \
+    "lease_file $RIG_TMP/udhcpd.leases" "pidfile $RIG_TMP/udhcpd.pid" \
+    'opt subnet 255.255.255.0' 'opt router 10.99.0.1' >"$RIG_TMP/udhcpd.conf"
+touch "$RIG_TMP/udhcpd.leases"
+busybox udhcpd -f "$RIG_TMP/udhcpd.conf" >"$RIG_OUT/udhcpd.log" 2>&1 &
+udhcpd=$!
+"$VMLAB" run --name vm1 --net lab --forward tcp:2222:22 --net dmz --detach
+"$VMLAB" run --name vm2 --net lab --ip 192.168.100.20 --forward tcp:2223:22 --net tap:vmtap0 --detach
 wait_ssh vm1 600
 wait_ssh vm2 600
+# eth1 leases in the background: wait for its address.
+cards_start=$(rig_ms)
+eth1='for _ in $(seq 100); do ip -4 -o addr show eth1 | grep -q inet && break; sleep 0.1; done;
+    echo "eth1=$(ip -4 -o addr show eth1 | awk "{print \$4}")";
+    echo "route=$(ip route show default | cut -d" " -f1-5)"'
+"$VMLAB" ssh vm1 -- "echo 1 >/proc/sys/net/ipv4/ip_forward; $eth1" | sed 's/^/router_/'
+"$VMLAB" ssh vm2 -- "$eth1;
+    (ping -c1 -W5 10.99.0.1 || busybox ping -c1 -W5 10.99.0.1) >/dev/null 2>&1 && echo ping=ok" | sed 's/^/tap_/'
+kill "$udhcpd" 2>/dev/null || true
+ip netns add outpost
+"$VMLAB" network attach dmz --netns /run/netns/outpost --name outpost >"$RIG_OUT/outpost.out"
+outpost=$(grep -o 'as [0-9.]*' "$RIG_OUT/outpost.out" | cut -d" " -f2)
+router_lab=$("$VMLAB" ssh vm1 -- 'ip -4 -o addr show eth0' | awk '{print $4}' | cut -d/ -f1)
+router_dmz=$("$VMLAB" ssh vm1 -- 'ip -4 -o addr show eth1' | awk '{print $4}' | cut -d/ -f1)
+ip netns exec outpost ip route add 192.168.100.0/24 via "$router_dmz"
+"$VMLAB" ssh vm2 -- "ip route add 192.168.150.0/24 via $router_lab;
+    (ping -c1 -W5 $outpost || busybox ping -c1 -W5 $outpost) >/dev/null 2>&1 && echo ping=ok" | sed 's/^/routed_/'
+"$VMLAB" network detach dmz --netns /run/netns/outpost >/dev/null 2>&1 || true
+ip netns del outpost
+echo "cards_steps_ms=$(($(rig_ms) - cards_start))"
 "$VMLAB" ssh vm1 -- 'echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")";
     (ping -c1 -W5 vm2 || busybox ping -c1 -W5 vm2) >/dev/null 2>&1 && echo ping=ok;
     echo "getent=$(getent hosts vm2.lab | cut -d" " -f1)"' | sed 's/^/lab_vm1_/'
@@ -370,6 +403,40 @@ fn a_vm_on_debians_packaged_kernel_boots_its_disk_answers_ssh_and_stops_cleanly(
         s.value("debian_kernel_ssh_ready_ms"),
         s.value("vmlab_ssh_ready_ms")
     );
+}
+
+/// Several cards: vm1 routes between lab (eth0) and dmz (eth1) with
+/// ip_forward on, so vm2 on lab pings a namespace on dmz through it; vm2's
+/// eth1 is an existing TAP of L1's, leased by udhcpd on its host side.
+/// Only eth0's gateway is the default route.
+#[test]
+fn a_router_vm_forwards_between_two_networks_and_a_tap_card_gets_a_lease() {
+    let s = lab();
+    let d = s.diagnostics();
+    let router_dmz = s.value("router_eth1");
+    assert!(router_dmz.starts_with("192.168.150."), "{router_dmz}: {d}");
+    assert_eq!(
+        s.value("router_route"),
+        "default via 192.168.100.1 dev eth0",
+        "{d}"
+    );
+    assert_eq!(s.value("routed_ping"), "ok", "vm2 -> vm1 -> outpost: {d}");
+    let tap = s.value("tap_eth1");
+    // udhcpd's pool is 10.99.0.50 to .60.
+    let leased = tap
+        .strip_suffix("/24")
+        .and_then(|a| a.strip_prefix("10.99.0."))
+        .and_then(|last| last.parse::<u8>().ok());
+    assert!(
+        leased.is_some_and(|last| (50..=60).contains(&last)),
+        "{tap}: {d}"
+    );
+    assert_eq!(
+        s.value("tap_route"),
+        "default via 192.168.100.1 dev eth0",
+        "{d}"
+    );
+    assert_eq!(s.value("tap_ping"), "ok", "{d}");
 }
 
 #[test]

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{expect_pattern, require_root_and_tools, send_pattern, Netns};
+use common::{expect_pattern, require_root_and_tools, send_pattern, Guest, Netns};
 use vmlab::control::protocol::encode;
 use vmlab::devices::virtio::net::NetBackend;
-use vmlab::net::{EpollRegistry, GuestFrame, GuestPort, Offloads, PortBusy};
+use vmlab::net::EpollRegistry;
 use vmlab::network::link::MemberLink;
 use vmlab::network::protocol::{JoinRequest, NetRequest, NetResponse};
 use vmlab::network::NetworkDir;
@@ -496,26 +496,6 @@ fn run_on_a_lab_network_refuses_bad_input_before_booting() {
         }
         assert!(start.elapsed() < Duration::from_secs(5), "{show}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Frames for the guest, as a VM's RX queue with room would take them.
-#[derive(Default)]
-struct Guest {
-    frames: Vec<Vec<u8>>,
-}
-
-impl GuestPort for Guest {
-    fn send(&mut self, frame: &GuestFrame) -> Result<(), PortBusy> {
-        self.frames.push(frame.data.clone());
-        Ok(())
-    }
-
-    fn offloads(&self) -> Offloads {
-        Offloads {
-            csum: true,
-            tso4: true,
-        }
     }
 }
 

@@ -74,7 +74,7 @@ fn config(out: Capture, mem_size: u64, resume: Option<&Path>) -> VmConfig {
         disks: Vec::new(),
         boot_timer: false,
         started: Instant::now(),
-        net: None,
+        nets: Vec::new(),
         resume: resume.map(Path::to_path_buf),
         new_generation: None,
         backing_policy: vmlab::disk::BackingPolicy::vmlab(),

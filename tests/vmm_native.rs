@@ -30,7 +30,7 @@ fn config(program: Program, input: ConsoleInput, out: Capture) -> VmConfig {
         disks: Vec::new(),
         boot_timer: false,
         started: Instant::now(),
-        net: None,
+        nets: Vec::new(),
         resume: None,
         new_generation: None,
         backing_policy: vmlab::disk::BackingPolicy::vmlab(),

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::cards::{card_macs, check_cards, CardSettings};
 use super::error::ControlError;
 use super::error::Result;
 use super::settings::{NetChoice, VmSettings};
 use crate::cli::{DiskSpec, MacAddress};
-use crate::devices::virtio::net::NetSettings;
+use crate::devices::virtio::net::{NetSettings, TapLink};
 use crate::image::{Flavor, GuestIdentity};
 use crate::net::{ForwardListeners, NatConfig};
 use crate::network::link::{MemberLink, MemberNatView};
@@ -51,7 +52,7 @@ pub fn vm_config(
         },
         console,
         disks: settings.disks.clone(),
-        net: net_settings(name, settings)?,
+        nets: net_settings(name, settings)?,
         boot_timer,
         started,
         resume: None,
@@ -128,7 +129,7 @@ fn debian_config(
         },
         console,
         disks: settings.disks.clone(),
-        net: net_settings(name, settings)?,
+        nets: net_settings(name, settings)?,
         boot_timer,
         started,
         resume: None,
@@ -200,33 +201,55 @@ pub fn grow_first_disk(name: &str, settings: &VmSettings, size: u64) -> Result<(
     Ok(())
 }
 
-/// The VM's network card: behind its own NAT, on a lab network, or none.
-/// Binds the forwarded host ports now (or has the lab network bind them),
-/// before anything else is built: a port in use fails the start at once,
-/// with the port named.
-pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSettings>> {
-    let mac = MacAddress(settings.mac_for(name));
-    if settings.ip.is_some() && !matches!(settings.net, NetChoice::Lab(_)) {
-        return Err(ControlError::Refused(
-            "--ip is an address on a lab network: add --net NETWORK (see vmlab network ls)"
-                .to_string(),
-        ));
-    }
-    match &settings.net {
-        NetChoice::None => {
-            if !settings.forwards.is_empty() {
-                return Err(ControlError::Refused(
-                    "--forward needs a network card: drop --forward or --net none".to_string(),
-                ));
-            }
-            Ok(None)
+/// The VM's network cards, eth0 first: each behind its own NAT, on a lab
+/// network, or on a TAP. Binds the forwarded host ports now (or has the lab
+/// network bind them), and attaches the TAPs, before anything else is
+/// built: a port in use or a missing TAP fails the start at once, named.
+pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Vec<NetSettings>> {
+    let cards = settings.cards();
+    if cards.is_empty() {
+        if !settings.forwards.is_empty() {
+            return Err(ControlError::Refused(
+                "--forward needs a network card: drop --forward or --net none".to_string(),
+            ));
         }
-        NetChoice::Lab(network) => Ok(Some(lab_member(name, mac, network, settings)?)),
-        NetChoice::User => Ok(Some(NetSettings::nat(
+        if settings.ip.is_some() {
+            return Err(ControlError::Refused(
+                "--ip is an address on a lab network: add --net NETWORK (see vmlab network ls)"
+                    .to_string(),
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    check_cards(&cards)?;
+    let macs = card_macs(name, &cards)?;
+    cards
+        .iter()
+        .zip(macs)
+        .map(|(card, mac)| card_settings(name, settings, card, mac))
+        .collect()
+}
+
+fn card_settings(
+    name: &str,
+    settings: &VmSettings,
+    card: &CardSettings,
+    mac: MacAddress,
+) -> Result<NetSettings> {
+    match &card.net {
+        NetChoice::None => unreachable!("check_cards refuses a card on none"),
+        NetChoice::Lab(network) => lab_member(name, mac, network, card),
+        NetChoice::Tap(dev) => Ok(NetSettings {
+            mac,
+            mtu: TapLink::mtu(dev),
+            backend: Box::new(TapLink::attach(dev)?),
+            nat_view: None,
+        }),
+        NetChoice::User => Ok(NetSettings::nat(
             mac,
             NatConfig {
                 hostname: name.to_string(),
-                forwards: settings.forwards.clone(),
+                forwards: card.forwards.clone(),
                 host_loopback: settings.host_loopback.clone(),
                 outbound: settings.outbound,
                 // Lab networks are reached as their members, not through
@@ -239,8 +262,8 @@ pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSetti
                     .collect(),
                 ..NatConfig::with_host_resolvers()
             },
-            ForwardListeners::bind(&settings.forwards)?,
-        ))),
+            ForwardListeners::bind(&card.forwards)?,
+        )),
     }
 }
 
@@ -250,14 +273,14 @@ fn lab_member(
     name: &str,
     mac: MacAddress,
     network: &str,
-    settings: &VmSettings,
+    card: &CardSettings,
 ) -> Result<NetSettings> {
     let net = NetworkDir::existing(network)?;
     let request = JoinRequest {
         name: name.to_string(),
         mac,
-        ip: settings.ip,
-        forwards: settings.forwards.clone(),
+        ip: card.ip,
+        forwards: card.forwards.clone(),
     };
     let (link, ip) = MemberLink::join(net.clone(), request)?;
     log::info!("VM {name}: on network {network} as {ip}");

@@ -6,6 +6,7 @@
 //! A VM without a name (`vmlab run` alone) uses none of this: it lives and
 //! dies with its terminal.
 
+pub mod cards;
 pub mod client;
 pub mod console_hub;
 pub mod daemon;

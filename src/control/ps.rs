@@ -26,7 +26,7 @@ pub fn rows() -> Result<Vec<PsRow>> {
 
 fn row(vm: &VmDir) -> Result<PsRow> {
     let settings = vm.load_settings().ok();
-    let configured = settings.map(|s| s.forwards).unwrap_or_default();
+    let configured = settings.map(|s| s.all_forwards()).unwrap_or_default();
     let mut row = PsRow {
         name: vm.name().to_string(),
         state: "stopped".into(),

@@ -188,7 +188,7 @@ pub fn start_named(
     let button = current.clone();
     let mut ctx = ControlContext::new(
         dir.name().to_string(),
-        settings.forwards.clone(),
+        settings.all_forwards(),
         Box::new(move || crate::devices::bus::lock(&button.power_button).press()),
         hub,
     );

@@ -14,13 +14,21 @@
 //! allow-backing = /srv/images/base.qcow2
 //! net = lab
 //! ip = 192.168.100.20
+//! net = dmz
+//! mac = 52:54:00:12:34:57
 //! ```
+//!
+//! Each `net` line after the first is another card (eth1, eth2, ...); the
+//! `mac`, `forward` and `ip` lines after it are that card's, as on the
+//! command line. Lines before the second `net` are the first card's, so a
+//! file from before several cards reads as it always did.
 
 use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use super::cards::CardSettings;
 use super::error::{ControlError, Result};
 use crate::cli::{ByteSize, DiskSpec, ForwardRule};
 use crate::disk::BackingPolicy;
@@ -41,6 +49,17 @@ pub enum NetChoice {
     None,
     /// A lab network (`vmlab network create NAME`).
     Lab(String),
+    /// An existing TAP device (`tap:DEV`), which vmlab neither creates nor
+    /// configures: bridged mode.
+    Tap(String),
+}
+
+impl NetChoice {
+    /// Whether the card is behind a NAT of vmlab's (its own or a lab
+    /// network's), which is what `--forward` needs.
+    pub fn has_nat(&self) -> bool {
+        matches!(self, NetChoice::User | NetChoice::Lab(_))
+    }
 }
 
 impl FromStr for NetChoice {
@@ -50,6 +69,18 @@ impl FromStr for NetChoice {
         match text {
             "user" => Ok(NetChoice::User),
             "none" => Ok(NetChoice::None),
+            tap if tap.starts_with("tap:") => {
+                let dev = &tap[4..];
+                if crate::net::tap_name_is_valid(dev) {
+                    Ok(NetChoice::Tap(dev.to_string()))
+                } else {
+                    Err(ControlError::Refused(format!(
+                        "--net '{}': '{}' is not a network device name (1 to 15 characters, no '/' or spaces)",
+                        tap.escape_default(),
+                        dev.escape_default()
+                    )))
+                }
+            }
             name => match name.parse::<super::VmName>() {
                 Ok(name) => Ok(NetChoice::Lab(name.to_string())),
                 Err(_) => Err(ControlError::Refused(format!(
@@ -67,6 +98,7 @@ impl fmt::Display for NetChoice {
             NetChoice::User => f.write_str("user"),
             NetChoice::None => f.write_str("none"),
             NetChoice::Lab(name) => f.write_str(name),
+            NetChoice::Tap(dev) => write!(f, "tap:{dev}"),
         }
     }
 }
@@ -94,10 +126,13 @@ pub struct VmSettings {
     pub packages: Vec<String>,
     /// What a guest reboot does; None: the default, a restart in place.
     pub on_reboot: Option<OnReboot>,
-    /// What the network card is on (`--net`).
+    /// What the first network card (eth0) is on (`--net`); `mac`,
+    /// `forwards` and `ip` are that card's too.
     pub net: NetChoice,
     /// The VM's reserved address on its lab network (`--ip`).
     pub ip: Option<Ipv4Addr>,
+    /// The cards after the first: eth1, eth2, ...
+    pub more_cards: Vec<CardSettings>,
     /// What the gateway reaches on the host's loopback (`--host-loopback`).
     pub host_loopback: HostLoopback,
     /// Where else the guest may go (`--outbound`).
@@ -123,6 +158,7 @@ impl Default for VmSettings {
             on_reboot: None,
             net: NetChoice::User,
             ip: None,
+            more_cards: Vec::new(),
             host_loopback: HostLoopback::All,
             outbound: Outbound::Any,
             allow_backing: Vec::new(),
@@ -164,7 +200,7 @@ impl VmSettings {
         if let Some(policy) = self.on_reboot {
             let _ = writeln!(out, "on-reboot = {policy}");
         }
-        if self.net != NetChoice::User {
+        if self.net != NetChoice::User || !self.more_cards.is_empty() {
             let _ = writeln!(out, "net = {}", self.net);
         }
         if let Some(ip) = self.ip {
@@ -179,12 +215,60 @@ impl VmSettings {
         for path in &self.allow_backing {
             let _ = writeln!(out, "allow-backing = {}", path.display());
         }
+        for card in &self.more_cards {
+            let _ = writeln!(out, "net = {}", card.net);
+            if let Some(mac) = card.mac {
+                let _ = writeln!(out, "mac = {}", format_mac(&mac));
+            }
+            for rule in &card.forwards {
+                let _ = writeln!(out, "forward = {rule}");
+            }
+            if let Some(ip) = card.ip {
+                let _ = writeln!(out, "ip = {ip}");
+            }
+        }
         out
+    }
+
+    /// The VM's cards in order (none with `--net none`).
+    pub fn cards(&self) -> Vec<CardSettings> {
+        if self.net == NetChoice::None {
+            return Vec::new();
+        }
+        let first = CardSettings {
+            net: self.net.clone(),
+            mac: self.mac,
+            forwards: self.forwards.clone(),
+            ip: self.ip,
+        };
+        std::iter::once(first)
+            .chain(self.more_cards.iter().cloned())
+            .collect()
+    }
+
+    /// Gives the VM these cards (none: `--net none`).
+    pub fn set_cards(&mut self, cards: Vec<CardSettings>) {
+        let mut cards = cards.into_iter();
+        let first = cards.next().unwrap_or(CardSettings {
+            net: NetChoice::None,
+            ..CardSettings::default()
+        });
+        self.net = first.net;
+        self.mac = first.mac;
+        self.forwards = first.forwards;
+        self.ip = first.ip;
+        self.more_cards = cards.collect();
+    }
+
+    /// Every card's forwards, the first card's first.
+    pub fn all_forwards(&self) -> Vec<ForwardRule> {
+        self.cards().into_iter().flat_map(|c| c.forwards).collect()
     }
 
     /// Parses a configuration; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<VmSettings> {
         let mut settings = VmSettings::default();
+        let mut nets_seen = 0;
         for (index, raw) in text.lines().enumerate() {
             let err = |message: String| ControlError::Config {
                 path: path.to_path_buf(),
@@ -208,18 +292,26 @@ impl VmSettings {
                         .ok_or_else(|| err(format!("cpus '{value}' is not 1 to 254")))?;
                 }
                 "mem" => settings.mem = value.parse().map_err(|e| err(format!("mem: {e}")))?,
-                "forward" => settings
-                    .forwards
-                    .push(value.parse().map_err(|e| err(format!("{e}")))?),
+                "forward" => {
+                    let rule = value.parse().map_err(|e| err(format!("{e}")))?;
+                    match settings.more_cards.last_mut() {
+                        Some(card) => card.forwards.push(rule),
+                        None => settings.forwards.push(rule),
+                    }
+                }
                 "disk" => settings
                     .disks
                     .push(value.parse().map_err(|e| err(format!("{e}")))?),
                 "mac" => {
-                    settings.mac = Some(parse_mac(value).ok_or_else(|| {
+                    let mac = Some(parse_mac(value).ok_or_else(|| {
                         err(format!(
                             "mac '{value}' is not six hex bytes like 52:54:00:12:34:56"
                         ))
-                    })?)
+                    })?);
+                    match settings.more_cards.last_mut() {
+                        Some(card) => card.mac = mac,
+                        None => settings.mac = mac,
+                    }
                 }
                 "kernel" => settings.kernel = Some(PathBuf::from(value)),
                 "initrd" => settings.initrd = Some(PathBuf::from(value)),
@@ -230,16 +322,30 @@ impl VmSettings {
                 "packages" => settings.packages = crate::image::parse_package_list(value),
                 "on-reboot" => settings.on_reboot = Some(value.parse().map_err(err)?),
                 "net" => {
-                    settings.net = value.parse().map_err(|_| {
-                        err(format!("net '{value}' is not user, none or a network name"))
-                    })?
+                    let net = value.parse().map_err(|_| {
+                        err(format!(
+                            "net '{value}' is not user, none, tap:DEV or a network name"
+                        ))
+                    })?;
+                    nets_seen += 1;
+                    match nets_seen {
+                        1 => settings.net = net,
+                        _ => settings.more_cards.push(CardSettings {
+                            net,
+                            ..CardSettings::default()
+                        }),
+                    }
                 }
                 "ip" => {
-                    settings.ip = Some(
+                    let ip = Some(
                         value
                             .parse()
                             .map_err(|_| err(format!("ip '{value}' is not an IPv4 address")))?,
-                    )
+                    );
+                    match settings.more_cards.last_mut() {
+                        Some(card) => card.ip = ip,
+                        None => settings.ip = ip,
+                    }
                 }
                 "host_loopback" => {
                     settings.host_loopback = value.parse().map_err(|e| err(format!("{e}")))?
@@ -325,6 +431,19 @@ mod tests {
             on_reboot: Some(OnReboot::Exit),
             net: NetChoice::Lab("lab".into()),
             ip: Some(Ipv4Addr::new(192, 168, 100, 20)),
+            more_cards: vec![
+                CardSettings {
+                    net: NetChoice::Lab("dmz".into()),
+                    mac: Some([0x52, 0x54, 0, 1, 2, 0xac]),
+                    forwards: vec!["tcp:8080:80".parse().unwrap()],
+                    ip: Some(Ipv4Addr::new(192, 168, 101, 7)),
+                },
+                CardSettings {
+                    net: NetChoice::Tap("tap0".into()),
+                    ..CardSettings::default()
+                },
+                CardSettings::default(),
+            ],
             host_loopback: HostLoopback::Ports(vec![22, 5432]),
             outbound: Outbound::HostOnly,
             allow_backing: vec![PathBuf::from("/srv/base.qcow2"), PathBuf::from("/dev/sdb")],
@@ -365,6 +484,34 @@ mod tests {
     }
 
     #[test]
+    fn a_file_from_before_several_cards_is_one_card_and_later_nets_are_more_cards() {
+        let old =
+            "forward = tcp:2222:22\nmac = 52:54:00:01:02:03\nnet = lab\nip = 192.168.100.20\n";
+        let s = VmSettings::parse(old, Path::new("vm.conf")).unwrap();
+        let cards = s.cards();
+        assert_eq!(cards.len(), 1);
+        assert_eq!(cards[0].net, NetChoice::Lab("lab".into()));
+        assert_eq!(cards[0].forwards.len(), 1);
+        assert_eq!(cards[0].mac, Some([0x52, 0x54, 0, 1, 2, 3]));
+        assert_eq!(cards[0].ip, Some(Ipv4Addr::new(192, 168, 100, 20)));
+        assert_eq!(VmSettings::default().cards()[0].net, NetChoice::User);
+        let two = format!("{old}net = tap:tap0\nmac = 52:54:00:01:02:04\ncpus = 2\n");
+        let s = VmSettings::parse(&two, Path::new("vm.conf")).unwrap();
+        assert_eq!(s.cpus, 2, "VM-wide keys stay VM-wide after a card");
+        let cards = s.cards();
+        assert_eq!(cards[1].net, NetChoice::Tap("tap0".into()));
+        assert_eq!(cards[1].mac, Some([0x52, 0x54, 0, 1, 2, 4]));
+        assert_eq!(cards[0].mac, Some([0x52, 0x54, 0, 1, 2, 3]));
+        let mut back = VmSettings::default();
+        back.set_cards(cards.clone());
+        assert_eq!(back.cards(), cards);
+        back.set_cards(Vec::new());
+        assert_eq!(back.net, NetChoice::None);
+        assert!(back.cards().is_empty());
+        assert!(back.render().contains("net = none"));
+    }
+
+    #[test]
     fn comments_blanks_and_spacing_are_fine() {
         let text = "\n# hi\n  cpus=3  \nmem =  256M\n";
         let s = VmSettings::parse(text, Path::new("c")).unwrap();
@@ -388,6 +535,7 @@ mod tests {
             ("outbound = world", "outbound 'world'"),
             ("host_loopback = 0", "host loopback '0'"),
             ("net = Lab!", "net 'Lab!'"),
+            ("net = tap:a/b", "net 'tap:a/b'"),
             ("ip = 300.1.1.1", "ip '300.1.1.1'"),
             ("just words", "expected 'key = value'"),
         ] {

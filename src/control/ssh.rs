@@ -27,8 +27,8 @@ pub fn host_key_alias(name: &str) -> String {
 /// Where ssh connects: the host side of the VM's TCP forward to port 22.
 pub fn ssh_address(name: &str, settings: &VmSettings) -> Result<SocketAddrV4> {
     let rule = settings
-        .forwards
-        .iter()
+        .all_forwards()
+        .into_iter()
         .find(|r| r.protocol == Protocol::Tcp && r.guest_port == 22)
         .ok_or_else(|| {
             ControlError::Refused(format!(

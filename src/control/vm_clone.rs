@@ -50,7 +50,11 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
         .map_or(0, |d| d.as_nanos());
     let result = (|| {
         let mut new = settings.clone();
+        // Every card's MAC is derived from the clone's own name.
         new.mac = None;
+        for card in &mut new.more_cards {
+            card.mac = None;
+        }
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
@@ -145,6 +149,11 @@ mod tests {
             }],
             mac: Some([0x52, 0x54, 0, 9, 9, 9]),
             forwards: vec!["tcp:2222:22".parse().unwrap()],
+            more_cards: vec![crate::control::cards::CardSettings {
+                net: crate::control::settings::NetChoice::Lab("dmz".into()),
+                mac: Some([0x52, 0x54, 0, 9, 9, 10]),
+                ..Default::default()
+            }],
             ..VmSettings::default()
         };
         vm.save_settings(&settings).unwrap();
@@ -159,6 +168,8 @@ mod tests {
         let vm2 = VmDir::existing("vm2").unwrap();
         let s2 = vm2.load_settings().unwrap();
         assert_eq!(s2.mac, None, "the clone's MAC is derived from its name");
+        assert_eq!(s2.more_cards.len(), 1);
+        assert_eq!(s2.more_cards[0].mac, None, "every card's");
         assert_eq!(s2.forwards, vm1.load_settings().unwrap().forwards);
         assert_eq!(s2.disks[0].path, vm2.path().join("disk.qcow2"));
         assert_eq!(s2.disks.len(), 1);

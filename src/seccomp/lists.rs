@@ -90,7 +90,9 @@ const VCPU: &[c_long] = &[
 ];
 
 /// The event loop (a thread of its own each boot, see vmm::reboot): the NAT's host sockets and
-/// forward listeners, console input, the stop and signal eventfds; and,
+/// forward listeners, a lab network's socket, a TAP card's device (read,
+/// writev, and TUNSETOFFLOAD, a 'T' ioctl, as the guest's driver
+/// negotiates offloads), console input, the stop and signal eventfds; and,
 /// once the VM has ended, joining the other threads, reading its own
 /// memory footprint, closing the disks, writing the run report, restoring
 /// the terminal and removing the control socket and pid file.
@@ -236,6 +238,15 @@ mod tests {
                     "{class:?} allows {forbidden}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_event_loop_may_set_a_tap_cards_offloads() {
+        let tun_type = (libc::TUNSETOFFLOAD >> 8) & 0xff;
+        assert!(ioctl_types(ThreadClass::EventLoop).contains(&tun_type));
+        for call in [libc::SYS_read, libc::SYS_writev, libc::SYS_ioctl] {
+            assert!(allowed(ThreadClass::EventLoop).any(|s| s == call), "{call}");
         }
     }
 

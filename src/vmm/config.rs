@@ -65,8 +65,8 @@ pub struct VmConfig {
     pub boot_timer: bool,
     /// When vmlab started: the origin of the boot timeline.
     pub started: Instant,
-    /// The guest's network card behind the NAT; `None` gives it no NIC.
-    pub net: Option<NetSettings>,
+    /// The guest's network cards, eth0 first; none gives it no NIC.
+    pub nets: Vec<NetSettings>,
     /// Resume from this state file (`vmlab suspend`) instead of booting:
     /// `boot` is then not used, and the rest must match what was saved.
     pub resume: Option<PathBuf>,

@@ -119,7 +119,7 @@ impl Vm {
                 if spec.read_only { " read-only" } else { "" }
             ));
         }
-        if config.net.is_some() {
+        for _ in &config.nets {
             devices.push("virtio-net".into());
         }
         // Not a virtio device; named so that a state saved before vmlab had
@@ -184,11 +184,15 @@ impl Vm {
             .into_iter()
             .map(Attached::Queues)
             .collect();
+        // `nat show` shows the first card's NAT (eth0's, the one ssh and
+        // the forwards of a one-card VM go through).
         let mut nat_view: Option<Arc<dyn NatView>> = None;
-        if let Some(mut net) = config.net.take() {
+        for mut net in std::mem::take(&mut config.nets) {
             let view = net.nat_view.take();
             let net = Arc::new(Mutex::new(Net::new(net)));
-            nat_view = Some(view.unwrap_or_else(|| Arc::new(NetNatView(net.clone()))));
+            if nat_view.is_none() {
+                nat_view = Some(view.unwrap_or_else(|| Arc::new(NetNatView(net.clone()))));
+            }
             virtio.push(Attached::Net(net));
         }
         let slots = virtio_slots(virtio.len())?;

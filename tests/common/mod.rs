@@ -21,7 +21,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmlab::cli::ForwardRule;
-use vmlab::net::{Counters, FlowInfo, ForwardListeners, Nat, NatConfig, Outbound, Tap, TapNat};
+use vmlab::net::{
+    Counters, FlowInfo, ForwardListeners, GuestFrame, GuestPort, Nat, NatConfig, Offloads,
+    Outbound, PortBusy, Tap, TapNat,
+};
 
 const PREFIX: &str = "vmlabt";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -340,4 +343,25 @@ pub fn expect_pattern(r: &mut impl Read, seed: u64, len: usize) -> io::Result<()
         return Err(io::Error::other(format!("got {total} of {len} bytes")));
     }
     Ok(())
+}
+
+/// Frames for the guest, as a VM's RX queue with room would take them
+/// (a card's backend driven without a VM).
+#[derive(Default)]
+pub struct Guest {
+    pub frames: Vec<Vec<u8>>,
+}
+
+impl GuestPort for Guest {
+    fn send(&mut self, frame: &GuestFrame) -> Result<(), PortBusy> {
+        self.frames.push(frame.data.clone());
+        Ok(())
+    }
+
+    fn offloads(&self) -> Offloads {
+        Offloads {
+            csum: true,
+            tso4: true,
+        }
+    }
 }

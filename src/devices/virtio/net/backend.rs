@@ -1,11 +1,11 @@
-//! What is behind the guest's card: the in-process NAT (`--net user`) or
-//! a port of a lab network's switch (`--net NAME`). The device only moves
+//! What is behind the guest's card: the in-process NAT (`--net user`), a
+//! port of a lab network's switch (`--net NAME`) or a TAP (`--net tap:DEV`). The device only moves
 //! frames between its queues and a backend; the backend owns whatever
 //! host descriptors it needs and registers them on the VM's event loop.
 
 use event_manager::EventSet;
 
-use crate::net::{GuestPort, Nat, NetHdr, SocketRegistry};
+use crate::net::{GuestPort, Nat, NetHdr, Offloads, SocketRegistry};
 
 pub trait NetBackend: Send {
     /// Registers the backend's descriptors (forward listeners, a socket).
@@ -33,6 +33,16 @@ pub trait NetBackend: Send {
     /// The NAT, when it runs in this process.
     fn nat(&self) -> Option<&Nat> {
         None
+    }
+
+    /// What the backend takes from the guest: partial checksums, TSO
+    /// segments. The card offers the guest only these, so a backend that
+    /// needs whole frames gets them from the guest's own driver.
+    fn accepts(&self) -> Offloads {
+        Offloads {
+            csum: true,
+            tso4: true,
+        }
     }
 }
 

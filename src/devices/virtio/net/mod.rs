@@ -1,5 +1,7 @@
-//! virtio-net: the guest's `eth0`, on a [`NetBackend`]: the userspace NAT
-//! (`--net user`) or a lab network's switch port (`--net NAME`).
+//! virtio-net: one of the guest's cards (`eth0`, `eth1`, ...: one device
+//! per `--net`, each its own virtio-mmio slot), on a [`NetBackend`]: the
+//! userspace NAT (`--net user`), a lab network's switch port (`--net
+//! NAME`) or an existing TAP device (`--net tap:DEV`).
 //!
 //! Two queues: RX (0), where the guest posts buffers that the backend's
 //! frames fill, and TX (1), whose chains go to the backend. Every
@@ -18,6 +20,7 @@
 mod backend;
 mod events;
 mod rx;
+mod tap;
 mod tx;
 
 use std::sync::Arc;
@@ -39,6 +42,7 @@ use crate::net::{ForwardListeners, Nat, NatConfig, NatView, Offloads, SocketRegi
 pub use backend::NetBackend;
 pub use events::NetEvents;
 use rx::{RxPort, Unplugged};
+pub use tap::{TapCounters, TapLink};
 use tx::TxChain;
 
 pub const RX_QUEUE: usize = 0;
@@ -250,7 +254,15 @@ impl VirtioDevice for Net {
     }
 
     fn device_features(&self) -> u64 {
-        FEATURES
+        let accepts = self.backend.accepts();
+        let mut features = FEATURES;
+        if !accepts.csum {
+            features &= !(bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4));
+        }
+        if !accepts.tso4 {
+            features &= !bit(VIRTIO_NET_F_HOST_TSO4);
+        }
+        features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
