@@ -96,7 +96,7 @@ impl FromSnapshot {
     /// them).
     pub fn settings(&self) -> Result<VmSettings> {
         let mut settings = self.source.load_settings()?;
-        settings.mac = None;
+        settings.forget_macs();
         Ok(settings)
     }
 

@@ -373,6 +373,15 @@ impl VmSettings {
         BackingPolicy::vmlab().allowing(self.allow_backing.iter().cloned())
     }
 
+    /// Drops every card's chosen MAC, so each is derived from the VM's
+    /// name (a clone, a VM started from another's snapshot).
+    pub fn forget_macs(&mut self) {
+        self.mac = None;
+        for card in &mut self.more_cards {
+            card.mac = None;
+        }
+    }
+
     /// The MAC the VM's network card uses.
     pub fn mac_for(&self, name: &str) -> [u8; 6] {
         self.mac.unwrap_or_else(|| derived_mac(name))

@@ -51,10 +51,7 @@ pub fn clone_vm(src: &str, dst: &str) -> Result<()> {
     let result = (|| {
         let mut new = settings.clone();
         // Every card's MAC is derived from the clone's own name.
-        new.mac = None;
-        for card in &mut new.more_cards {
-            card.mac = None;
-        }
+        new.forget_macs();
         new.disks = Vec::new();
         for disk in &settings.disks {
             new.disks.push(DiskSpec {
