@@ -271,16 +271,22 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     let kernel = lab.home.path().join("counter.elf");
     counter().write_elf(&kernel);
     std::fs::create_dir_all(lab.dir()).unwrap();
+    // A disk the guest never reads, for the refusals of disk changes.
+    let disk = lab.dir().join("disk.qcow2");
+    let disk_arg = disk.to_str().unwrap();
+    lab.ok(&["disk", "create", disk_arg, "1M"]);
     std::fs::write(
         lab.dir().join("vm.conf"),
         format!(
-            "cpus = 1\nmem = 32M\nkernel = {}\nnet = none\n",
-            kernel.display()
+            "cpus = 1\nmem = 32M\nkernel = {}\nnet = none\ndisk = {}\n",
+            kernel.display(),
+            disk.display()
         ),
     )
     .unwrap();
     lab.ok(&["run", "--name", "c1", "--detach"]);
     lab.console(3);
+    lab.ok(&["snapshot", "create", "c1", "s0"]);
     let out = lab.ok(&["suspend", "c1"]);
     assert!(out.contains("c1 is suspended"), "{out}");
     let before = lab.console(3);
@@ -298,6 +304,45 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert!(err.contains("VM c1 is suspended: cloning it"), "{err}");
     let err = lab.fails(&["suspend", "c1"]);
     assert!(err.contains("already suspended"), "{err}");
+    // Nothing may change the disks the saved memory expects.
+    let refused = "would change the disks its saved memory expects";
+    let err = lab.fails(&["snapshot", "create", "c1", "s1"]);
+    assert!(
+        err.contains("VM c1 is suspended: taking a snapshot") && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["snapshot", "rm", "c1", "s0"]);
+    assert!(
+        err.contains("removing a snapshot") && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["snapshot", "restore", "c1", "s0"]);
+    assert!(err.contains(refused), "{err}");
+    let err = lab.fails(&["disk", "resize", disk_arg, "2M"]);
+    assert!(
+        err.contains(&format!("resizing {disk_arg}")) && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["disk", "create", "--force", disk_arg, "1M"]);
+    assert!(err.contains(&format!("replacing {disk_arg}")), "{err}");
+    let other = lab.home.path().join("other.qcow2");
+    lab.ok(&["disk", "create", other.to_str().unwrap(), "1M"]);
+    let err = lab.fails(&[
+        "clone",
+        "--full",
+        "--force",
+        other.to_str().unwrap(),
+        disk_arg,
+    ]);
+    assert!(err.contains(&format!("replacing {disk_arg}")), "{err}");
+    // The snapshot's layer, which the disk reads through, is refused too.
+    let layer = std::fs::read_dir(lab.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p != &disk && p.extension().is_some_and(|e| e == "qcow2"))
+        .expect("the snapshot's layer");
+    let err = lab.fails(&["disk", "resize", layer.to_str().unwrap(), "2M"]);
+    assert!(err.contains(refused), "{err}");
 
     let out = lab.ok(&["resume", "c1"]);
     assert!(out.contains("running in the background again"), "{out}");
@@ -319,4 +364,7 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert!(!lab.dir().join("vm.state").exists());
     let err = lab.fails(&["resume", "c1"]);
     assert!(err.contains("is not suspended"), "{err}");
+    // Stopped, the VM's disks are the user's again.
+    lab.ok(&["disk", "resize", disk_arg, "2M"]);
+    lab.ok(&["snapshot", "rm", "c1", "s0"]);
 }
