@@ -805,6 +805,8 @@ fn resume_devices(
             .restore_state(saved)
             .map_err(|source| StateError::Virtio { slot, source })?;
         transport.raise_pending_interrupt();
+        // Queued now, delivered once the queues are served below.
+        lock(&device.device).reset_saved_flows(&state.nat_flows);
     }
     for device in attached {
         for kick in &device.notifiers {

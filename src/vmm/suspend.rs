@@ -169,6 +169,10 @@ impl Suspender {
                 lock(&d.transport).save_state(running)
             })
             .collect();
+        let nat_flows = held
+            .iter()
+            .find_map(|device| device.saved_flows())
+            .unwrap_or_default();
         let state = vmstate::VmState {
             spec: self.spec.clone(),
             saved_at_ns,
@@ -176,6 +180,7 @@ impl Suspender {
             platform,
             serial: lock(&self.serial).save_state(),
             virtio,
+            nat_flows,
         };
         let written = vmstate::file::write(path, &state, |file, offset| {
             vmstate::memory::save(&self.memory, file, offset, self.resumed_from.as_ref())

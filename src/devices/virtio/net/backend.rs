@@ -34,6 +34,10 @@ pub trait NetBackend: Send {
     fn nat(&self) -> Option<&Nat> {
         None
     }
+
+    fn nat_mut(&mut self) -> Option<&mut Nat> {
+        None
+    }
 }
 
 impl NetBackend for Nat {
@@ -68,6 +72,10 @@ impl NetBackend for Nat {
     }
 
     fn nat(&self) -> Option<&Nat> {
+        Some(self)
+    }
+
+    fn nat_mut(&mut self) -> Option<&mut Nat> {
         Some(self)
     }
 }
