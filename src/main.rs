@@ -1053,6 +1053,9 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             force,
             allow,
         } => {
+            if force {
+                control::suspend::refuse_if_disk_of_suspended(&path, "replacing")?;
+            }
             let opts = CreateOptions {
                 size: size.map(ByteSize::bytes),
                 format,
@@ -1073,6 +1076,7 @@ fn disk_cmd(action: DiskCommand) -> Result<i32> {
             }
         }
         DiskCommand::Resize { path, size, allow } => {
+            control::suspend::refuse_if_disk_of_suspended(&path, "resizing")?;
             disk::resize_image(&path, size.bytes(), &allow.policy()?)?
         }
     }
@@ -1089,6 +1093,9 @@ fn clone_cmd(args: CloneArgs) -> Result<i32> {
         control::clone_vm(&src, dst)?;
         eprintln!("cloned VM {src} to {dst} (start it with vmlab run --name {dst} --detach)");
         return Ok(0);
+    }
+    if args.force {
+        control::suspend::refuse_if_disk_of_suspended(&args.dst, "replacing")?;
     }
     let opts = CloneOptions {
         mode: if args.full {

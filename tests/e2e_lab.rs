@@ -72,11 +72,42 @@ echo "vmlab_ssh_ready_ms=$(($(rig_ms) - start))"
 echo "nat_forward=$(grep -c '2222' "$RIG_OUT/nat.txt")"
 "$VMLAB" ssh-config vm1 >"$RIG_OUT/ssh-config"
 ssh -F "$RIG_OUT/ssh-config" -o BatchMode=yes vm1 'echo plain_ssh=$(hostname)'
+vmdir="$XDG_DATA_HOME/vmlab/vms/vm1"
+
+# Suspend and resume: a counter loop goes on from its count, the boot is the
+# same, an ssh session held across the suspend is reset in the guest, and the
+# guest's clock is the host's again (it was suspended for 6 s).
+susp_start=$(rig_ms)
+"$VMLAB" ssh vm1 -- 'cat /proc/sys/kernel/random/boot_id >/run/boot_id;
+    nohup sh -c "i=0; while :; do i=\$((i + 1)); echo \$i >/run/count; sleep 0.5; done" </dev/null >/dev/null 2>&1 &'
+timeout 300 "$VMLAB" ssh vm1 -- 'sleep 600' >/dev/null 2>&1 &
+sleep 2
+"$VMLAB" ssh vm1 -- 'echo "count=$(cat /run/count)"; echo "sessions=$(ss -Htn state established "( sport = :22 )" | wc -l)"' | sed 's/^/presusp_/'
+t=$(rig_ms)
+"$VMLAB" suspend vm1 | tee "$RIG_OUT/suspend.out"
+echo "suspend_ms=$(($(rig_ms) - t))"
+echo "susp_ps=$("$VMLAB" ps | awk '$1 == "vm1" {print $2}')"
+echo "state_file_bytes=$(stat -c %s "$vmdir/vm.state")"
+echo "state_file_disk_kb=$(du -k "$vmdir/vm.state" | cut -f1)"
+sleep 6
+t=$(rig_ms)
+"$VMLAB" resume vm1
+echo "resume_cmd_ms=$(($(rig_ms) - t))"
+wait_ssh vm1 120
+echo "resume_ssh_ms=$(($(rig_ms) - t))"
+before=$(date +%s%N)
+"$VMLAB" ssh vm1 -- 'echo "clock_ns=$(date +%s%N)"; a=$(cat /run/count); sleep 1; echo "count=$a"; echo "count_later=$(cat /run/count)";
+    [ "$(cat /proc/sys/kernel/random/boot_id)" = "$(cat /run/boot_id)" ] && echo boot_same=yes || echo boot_same=no;
+    echo "sessions=$(ss -Htn state established "( sport = :22 )" | wc -l)"' | sed 's/^/resumed_/'
+after=$(date +%s%N)
+echo "host_before_ns=$before"
+echo "host_after_ns=$after"
+echo "susp_scenario_ms=$(($(rig_ms) - susp_start))"
+grep -c 'resumed: clock stepped' "$vmdir/serial.log" | sed 's/^/clock_steps=/'
 
 # Snapshots: a file, then three live snapshots while the guest writes in a
 # loop (each says how long the guest paused), then the file deleted. The
 # frozen layers check clean while the guest goes on writing.
-vmdir="$XDG_DATA_HOME/vmlab/vms/vm1"
 snap_start=$(rig_ms)
 "$VMLAB" ssh vm1 -- 'echo snapped >/root/snapfile; sync;
     nohup sh -c "while :; do dd if=/dev/urandom of=/root/churn bs=64k count=32 conv=fsync 2>/dev/null; date +%s%N >/root/loop; done" </dev/null >/dev/null 2>&1 &'
@@ -541,6 +572,66 @@ fn disk_size_grows_the_root_filesystem() {
 
 /// Reported, not asserted: the scenario time the snapshot steps take
 /// (the resize at vm1's second boot aside, which overlaps vm2's boot).
+#[test]
+fn a_suspended_vm_resumes_where_it_was_with_its_clock_set_and_old_flows_reset() {
+    let s = lab();
+    let num = |key: &str| -> i128 {
+        s.value(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}: {}", s.diagnostics()))
+    };
+    assert!(
+        s.file("suspend.out").contains("vm1 is suspended"),
+        "{}",
+        s.diagnostics()
+    );
+    assert_eq!(s.value("susp_ps"), "suspended");
+    assert_eq!(s.value("resumed_boot_same"), "yes", "no reboot");
+    // The counter went on from its count: no restart, no jump back.
+    assert!(
+        num("resumed_count") >= num("presusp_count"),
+        "{}",
+        s.diagnostics()
+    );
+    assert!(
+        num("resumed_count_later") > num("resumed_count"),
+        "it still counts"
+    );
+    // The session held across the suspend was reset in the guest; only the
+    // asking one is left.
+    assert_eq!(s.value("presusp_sessions"), "2", "{}", s.diagnostics());
+    assert_eq!(s.value("resumed_sessions"), "1", "{}", s.diagnostics());
+    // Suspended for 6 s and more, the clock is the host's again within 2 s.
+    let (guest, before, after) = (
+        num("resumed_clock_ns"),
+        num("host_before_ns"),
+        num("host_after_ns"),
+    );
+    let slack = 2_000_000_000;
+    assert!(
+        guest > before - slack && guest < after + slack,
+        "guest {guest} against host {before}..{after}: {}",
+        s.diagnostics()
+    );
+    assert!(num("clock_steps") >= 1, "{}", s.diagnostics());
+}
+
+/// Reported, not asserted: suspend and resume of the Debian guest in L1.
+#[test]
+fn suspend_and_resume_times_are_reported() {
+    let s = lab();
+    println!(
+        "suspend/resume in the rig (Debian guest, 512 MiB): vmlab suspend {} ms, vmlab resume {} ms, resume to ssh {} ms, state file {} bytes ({} KiB on disk); {}; the whole step {:.1} s",
+        s.value("suspend_ms"),
+        s.value("resume_cmd_ms"),
+        s.value("resume_ssh_ms"),
+        s.value("state_file_bytes"),
+        s.value("state_file_disk_kb"),
+        s.file("suspend.out").lines().next().unwrap_or_default(),
+        s.value("susp_scenario_ms").parse::<f64>().unwrap_or_default() / 1000.0
+    );
+}
+
 #[test]
 fn snapshot_steps_time_is_reported() {
     let s = lab();

@@ -300,9 +300,14 @@ impl Named {
 
 #[test]
 fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
-    let lab = Named::new("vmlab-suspend", false);
+    let lab = Named::new("vmlab-suspend", true);
+    // The guest never reads its disk: it is there for the refusals of
+    // disk changes.
+    let disk = lab.dir().join("disk.qcow2");
+    let disk_arg = disk.to_str().unwrap();
     lab.ok(&["run", "--name", "c1", "--detach"]);
     lab.console(3);
+    lab.ok(&["snapshot", "create", "c1", "s0"]);
     let out = lab.ok(&["suspend", "c1"]);
     assert!(out.contains("c1 is suspended"), "{out}");
     let before = lab.console(3);
@@ -320,6 +325,45 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert!(err.contains("VM c1 is suspended: cloning it"), "{err}");
     let err = lab.fails(&["suspend", "c1"]);
     assert!(err.contains("already suspended"), "{err}");
+    // Nothing may change the disks the saved memory expects.
+    let refused = "would change the disks its saved memory expects";
+    let err = lab.fails(&["snapshot", "create", "c1", "s1"]);
+    assert!(
+        err.contains("VM c1 is suspended: taking a snapshot") && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["snapshot", "rm", "c1", "s0"]);
+    assert!(
+        err.contains("removing a snapshot") && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["snapshot", "restore", "c1", "s0"]);
+    assert!(err.contains(refused), "{err}");
+    let err = lab.fails(&["disk", "resize", disk_arg, "8M"]);
+    assert!(
+        err.contains(&format!("resizing {disk_arg}")) && err.contains(refused),
+        "{err}"
+    );
+    let err = lab.fails(&["disk", "create", "--force", disk_arg, "1M"]);
+    assert!(err.contains(&format!("replacing {disk_arg}")), "{err}");
+    let other = lab.home.path().join("other.qcow2");
+    lab.ok(&["disk", "create", other.to_str().unwrap(), "1M"]);
+    let err = lab.fails(&[
+        "clone",
+        "--full",
+        "--force",
+        other.to_str().unwrap(),
+        disk_arg,
+    ]);
+    assert!(err.contains(&format!("replacing {disk_arg}")), "{err}");
+    // The snapshot's layer, which the disk reads through, is refused too.
+    let layer = std::fs::read_dir(lab.dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p != &disk && p.extension().is_some_and(|e| e == "qcow2"))
+        .expect("the snapshot's layer");
+    let err = lab.fails(&["disk", "resize", layer.to_str().unwrap(), "8M"]);
+    assert!(err.contains(refused), "{err}");
 
     let out = lab.ok(&["resume", "c1"]);
     assert!(out.contains("running in the background again"), "{out}");
@@ -341,6 +385,9 @@ fn a_named_vm_suspends_resumes_and_refuses_what_would_break_its_state() {
     assert!(!lab.dir().join("vm.state").exists());
     let err = lab.fails(&["resume", "c1"]);
     assert!(err.contains("is not suspended"), "{err}");
+    // Stopped, the VM's disks are the user's again.
+    lab.ok(&["disk", "resize", disk_arg, "8M"]);
+    lab.ok(&["snapshot", "rm", "c1", "s0"]);
 }
 
 /// The VM generation ID page (`VMGENID_ADDR`) of the guest RAM saved in

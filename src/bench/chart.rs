@@ -12,7 +12,12 @@ const WIDTH: f64 = 960.0;
 const LABEL_WIDTH: f64 = 250.0;
 const PLOT_LEFT: f64 = LABEL_WIDTH + 10.0;
 const PLOT_RIGHT: f64 = WIDTH - 30.0;
+/// Where the rows start below a one-line subtitle.
 const TOP: f64 = 64.0;
+/// Subtitle lines: the gap between them, and the characters that fit in
+/// the chart's width at 12 px (about 6.5 px a character, with margins).
+const LINE: f64 = 16.0;
+const SUBTITLE_CHARS: usize = 135;
 const ROW: f64 = 38.0;
 const BAR: f64 = 20.0;
 const PALETTE: [&str; 8] = [
@@ -38,6 +43,22 @@ fn tick_step(max: f64) -> f64 {
         .find(|m| m * power >= raw)
         .unwrap_or(10.0);
     step * power
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces (a
+/// word longer than that gets a line of its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
 
 pub fn render(report: &BenchReport) -> String {
@@ -69,8 +90,17 @@ pub fn render(report: &BenchReport) -> String {
     let axis_max = (max / step).ceil().max(1.0) * step;
     let x = |ms: f64| PLOT_LEFT + (ms / axis_max) * (PLOT_RIGHT - PLOT_LEFT);
 
+    let subtitle = wrap(
+        &format!(
+            "host: {}; {} run(s), interleaved",
+            report.host.describe(),
+            report.runs
+        ),
+        SUBTITLE_CHARS,
+    );
+    let top = TOP + LINE * (subtitle.len().max(1) - 1) as f64;
     let rows = report.contenders.len() as f64;
-    let plot_bottom = TOP + rows * ROW;
+    let plot_bottom = top + rows * ROW;
     let legend_y = plot_bottom + 44.0;
     let height = legend_y + 20.0 * ((phase_names.len() as f64) / 3.0).ceil() + 20.0;
 
@@ -85,13 +115,15 @@ pub fn render(report: &BenchReport) -> String {
         r#"<text x="{}" y="24" font-size="16" font-weight="bold">Boot time to goal (ms): median per phase, total min-p95</text>"#,
         PLOT_LEFT - LABEL_WIDTH
     );
-    let _ = writeln!(
-        svg,
-        r##"<text x="{}" y="44" fill="#555">host: {}; {} run(s), interleaved</text>"##,
-        PLOT_LEFT - LABEL_WIDTH,
-        escape(&report.host.describe()),
-        report.runs
-    );
+    for (i, line) in subtitle.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{:.1}" fill="#555">{}</text>"##,
+            PLOT_LEFT - LABEL_WIDTH,
+            44.0 + LINE * i as f64,
+            escape(line)
+        );
+    }
 
     // Grid and axis labels.
     let mut tick = 0.0;
@@ -99,14 +131,14 @@ pub fn render(report: &BenchReport) -> String {
         let tx = x(tick);
         let _ = writeln!(
             svg,
-            r##"<line x1="{tx:.1}" y1="{TOP}" x2="{tx:.1}" y2="{plot_bottom}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{tick}</text>"##,
+            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{plot_bottom}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{tick}</text>"##,
             plot_bottom + 16.0
         );
         tick += step;
     }
 
     for (i, c) in report.contenders.iter().enumerate() {
-        let y = TOP + i as f64 * ROW + (ROW - BAR) / 2.0;
+        let y = top + i as f64 * ROW + (ROW - BAR) / 2.0;
         let mid = y + BAR / 2.0;
         let _ = writeln!(
             svg,
@@ -196,6 +228,16 @@ mod tests {
         assert_eq!(tick_step(37.0), 10.0);
         assert_eq!(tick_step(0.0), 1.0);
         assert!((tick_step(0.9) - 0.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_long_subtitle_wraps_within_the_width() {
+        let text = "host: AMD EPYC 7B13 (2 cores), Linux 6.1.0-28-cloud-amd64, KVM PVM, QEMU 7.2.0, runc 1.1.5, kernel vmlab lean 6.1; 5 run(s), interleaved";
+        let lines = wrap(text, 60);
+        assert!(lines.len() > 1, "{lines:?}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 60), "{lines:?}");
+        assert_eq!(lines.join(" "), text);
+        assert_eq!(wrap("short one", 60), ["short one"]);
     }
 
     #[test]

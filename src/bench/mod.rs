@@ -209,6 +209,26 @@ mod tests {
         );
     }
 
+    /// The host line of an emulated rig ran past the SVG's right edge.
+    #[test]
+    fn the_charts_subtitle_stays_within_its_width() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut report = sample_report(&log);
+        report.host.kind = HostKind::Emulated;
+        report.host.detail = "QEMU TCG, AMD EPYC-Milan Processor with SVM, nested under KVM".into();
+        let svg = chart::render(&report);
+        let subtitle: Vec<&str> = svg
+            .lines()
+            .filter(|l| l.contains(r##"fill="#555">"##) && !l.contains("<line"))
+            .collect();
+        assert!(subtitle.len() > 1, "{svg}");
+        for line in &subtitle {
+            let text = line.split('>').nth(1).unwrap().trim_end_matches("</text");
+            assert!(text.chars().count() <= 135, "{text}");
+        }
+        assert!(svg.contains("interleaved"));
+    }
+
     #[test]
     fn missing_peer_is_reported_never_sampled() {
         let log = Rc::new(RefCell::new(Vec::new()));

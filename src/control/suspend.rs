@@ -142,3 +142,34 @@ pub fn new_generation(vm: &VmDir) -> Option<String> {
 pub fn forget_generation(vm: &VmDir) {
     let _ = std::fs::remove_file(generation_path(vm));
 }
+
+/// Refuses `what` (a change to the image at `path`: a resize, a
+/// replacement) when `path` is one of the files a suspended VM's disks
+/// read (its disks and their backing chains): the saved memory expects
+/// them as they were. A path that does not exist yet belongs to no VM.
+pub fn refuse_if_disk_of_suspended(path: &Path, what: &str) -> Result<()> {
+    let Ok(target) = path.canonicalize() else {
+        return Ok(());
+    };
+    for vm in VmDir::list()? {
+        if !vm.is_suspended() {
+            continue;
+        }
+        let Ok(settings) = vm.load_settings() else {
+            continue;
+        };
+        let policy = settings.backing_policy();
+        let reads_it = settings.disks.iter().any(|disk| {
+            disk.path.canonicalize().is_ok_and(|p| p == target)
+                || crate::disk::image_info(&disk.path, &policy).is_ok_and(|chain| {
+                    chain
+                        .iter()
+                        .any(|layer| layer.path.canonicalize().is_ok_and(|p| p == target))
+                })
+        });
+        if reads_it {
+            vm.refuse_if_suspended(&format!("{what} {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

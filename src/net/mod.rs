@@ -41,6 +41,7 @@ mod output;
 mod port;
 mod registry;
 mod ring;
+mod saved_flows;
 mod tap;
 mod tcp;
 #[cfg(test)]
@@ -64,5 +65,7 @@ pub use leases::{Lease, LeaseError, Leases};
 pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
+pub use saved_flows::SavedFlows;
 pub use tap::{in_netns, tap_name_is_valid, Tap};
+pub use tcp::TcpReset;
 pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};

@@ -21,6 +21,8 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::budget::BufferBudget;
 use super::config::NatConfig;
 use super::output::{Output, SynOptions, TcpFlags, TcpSegment, IPV4_LEN, MAX_IP_PACKET, TCP_LEN};
@@ -353,6 +355,20 @@ impl TcpFlow {
     pub fn send_reset(&mut self, out: &mut Output) {
         let seg = self.segment(self.snd_nxt, TcpFlags::RST_ACK, (&[], &[]));
         out.tcp(&seg);
+    }
+
+    /// Where a reset of this flow lands in the guest (`saved_flows`): the
+    /// highest sequence number sent, which is the guest's next expected
+    /// one or inside its window (Linux answers the latter with a
+    /// challenge ACK, which finds no flow and is reset exactly). None once
+    /// both sides have closed.
+    pub fn reset_point(&self) -> Option<TcpReset> {
+        (self.phase != Phase::TimeWait).then_some(TcpReset {
+            guest: self.guest,
+            remote: self.remote,
+            seq: self.snd_max,
+            ack: self.rcv_nxt,
+        })
     }
 
     /// Resets the host side too: closing with linger 0 sends RST.
@@ -875,6 +891,26 @@ fn send_bare(
     });
 }
 
+/// A TCP flow the guest has, as a reset toward it needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpReset {
+    pub guest: SocketAddrV4,
+    pub remote: SocketAddrV4,
+    pub seq: u32,
+    pub ack: u32,
+}
+
+/// Resets the guest's side of a flow the engine no longer has.
+pub(crate) fn reset_guest(out: &mut Output, flow: &TcpReset) {
+    send_bare(
+        out,
+        flow.remote,
+        flow.guest,
+        (flow.seq, flow.ack),
+        TcpFlags::RST_ACK,
+    );
+}
+
 /// RST for a segment that belongs to no flow (RFC 9293 3.10.7.1).
 pub(crate) fn reset_stray(out: &mut Output, seg: &Seg<'_>) {
     if seg.rst {
@@ -1010,6 +1046,43 @@ mod tests {
             }
         }
         all
+    }
+
+    /// A suspend saves the flows; the resumed VM's NAT, a new one that has
+    /// not heard from the guest yet, resets each where the guest accepts
+    /// it: at the sequence number it expects next, to its MAC.
+    #[test]
+    fn a_resumed_nat_resets_the_flows_the_guest_had() {
+        let mut c = connect(NatConfig::default());
+        c.send(b"hello host");
+        c.poll(|f| f.iter().any(|s| s.ack == ISN + 11));
+        c.host.write_all(b"and back").unwrap();
+        let data = c.poll(|f| f.iter().any(|s| !s.payload.is_empty()));
+        let sent = data.iter().find(|s| !s.payload.is_empty()).unwrap();
+        let expected = sent.seq.wrapping_add(sent.payload.len() as u32);
+        let saved = c.h.nat.saved_flows();
+        let saved: crate::net::SavedFlows =
+            serde_json::from_slice(&serde_json::to_vec(&saved).unwrap()).unwrap();
+        assert_eq!(saved.tcp.len(), 1, "{saved:?}");
+
+        let mut resumed = Harness::new(NatConfig::default());
+        assert!(resumed.frames().is_empty());
+        resumed.nat.reset_saved_flows(&saved);
+        let frames = resumed.frames();
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let rst = &frames[0];
+        assert!(rst.rst && rst.ack_flag, "{rst:?}");
+        assert_eq!(rst.eth_dst, Some(crate::net::testkit::GUEST_MAC));
+        assert_eq!((rst.src, rst.dst), (Some(*c.remote.ip()), Some(GUEST_IP)));
+        assert_eq!((rst.src_port, rst.dst_port), (c.remote.port(), 33000));
+        assert_eq!(rst.seq, expected, "where the guest expects the next byte");
+        assert_eq!(rst.ack, ISN + 11);
+        // Nothing is left to reset once the flow is gone on both sides.
+        assert!(Harness::new(NatConfig::default())
+            .nat
+            .saved_flows()
+            .tcp
+            .is_empty());
     }
 
     #[test]

@@ -37,8 +37,9 @@ use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
 use crate::arch::x86_64::kernel::check_images;
 use crate::arch::x86_64::layout::{
-    ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, I8042_COMMAND_PORT,
-    I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
+    ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, HOST_CLOCK_PORT,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT,
+    SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::arch::x86_64::layout::{
     FIRST_DEVICE_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START, VMGENID_GSI,
@@ -47,7 +48,9 @@ use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
 use crate::cli::DiskSpec;
 use crate::devices::bus::lock;
-use crate::devices::legacy::{AcpiPmRegisters, BootTimerPort, PvPanic, Serial, I8042};
+use crate::devices::legacy::{
+    AcpiPmRegisters, BootTimerPort, HostClock, PvPanic, Serial, HOST_CLOCK_LEN, I8042,
+};
 use crate::devices::virtio::block::{disk_serial, Block};
 use crate::devices::virtio::events::QueueEvents;
 use crate::devices::virtio::events::QueueHandler;
@@ -562,6 +565,11 @@ fn legacy_bus(
             BOOT_TIMER_PORT,
             1,
         ),
+        (
+            Arc::new(Mutex::new(HostClock::new(crate::vmstate::now_ns()))) as _,
+            HOST_CLOCK_PORT,
+            HOST_CLOCK_LEN,
+        ),
     ];
     for (device, port, len) in placed {
         bus.insert(device, u64::from(port), u64::from(len))
@@ -830,6 +838,8 @@ fn resume_devices(
             .restore_state(saved)
             .map_err(|source| StateError::Virtio { slot, source })?;
         transport.raise_pending_interrupt();
+        // Queued now, delivered once the queues are served below.
+        lock(&device.device).reset_saved_flows(&state.nat_flows);
     }
     for device in attached {
         for kick in &device.notifiers {

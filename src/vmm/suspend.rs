@@ -238,6 +238,10 @@ impl Suspender {
                 lock(&d.transport).save_state(running)
             })
             .collect();
+        let nat_flows = held
+            .iter()
+            .find_map(|device| device.saved_flows())
+            .unwrap_or_default();
         let state = vmstate::VmState {
             spec: self.spec.clone(),
             saved_at_ns,
@@ -245,6 +249,7 @@ impl Suspender {
             platform,
             serial: lock(&self.serial).save_state(),
             virtio,
+            nat_flows,
         };
         let written = vmstate::file::write(path, &state, |file, offset| {
             vmstate::memory::save(&self.memory, file, offset, self.resumed_from.as_ref())

@@ -190,6 +190,7 @@ mod tests {
                 in_buffer: b"in fifo".to_vec(),
             },
             virtio: Vec::new(),
+            nat_flows: Default::default(),
         }
     }
 

@@ -36,6 +36,9 @@ pub struct VmState {
     pub serial: SerialSnapshot,
     /// The virtio devices, in MMIO slot order.
     pub virtio: Vec<TransportState>,
+    /// The in-process NAT's TCP flows, reset in the guest on resume.
+    #[serde(default)]
+    pub nat_flows: crate::net::SavedFlows,
 }
 
 /// Why a state could not be saved or restored. Mismatches are worded to

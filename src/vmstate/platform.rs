@@ -3,10 +3,13 @@
 //!
 //! Time: kvm-clock and each vCPU's TSC (an MSR, see `vcpu`) are put back
 //! to their saved values, so that the guest's monotonic clock goes on from
-//! where it stopped, with no jump for its timers and watchdogs to trip on.
+//! where it stopped, with no jump for its timers and watchdogs to trip on
+//! (KVM could advance kvm-clock by the time suspended, KVM_CLOCK_REALTIME,
+//! but every timer due meanwhile would then fire at once, and the soft
+//! lockup and RCU stall detectors would see one vCPU stuck for that long).
 //! Its wall clock is then behind by the time the VM was suspended: the
-//! guest steps it itself from the host's time (see `devices::guest_info`
-//! and the README's "Suspend and resume").
+//! guest steps it itself from the host's time (`devices::legacy::HostClock`,
+//! read by the Debian guest's init; the README's "Suspend and resume").
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,

@@ -54,6 +54,8 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const BOOT_TIMER_PORT: u16 = 0xe9;
 /// pvpanic (ACPI QEMU0001): the guest writes 1 here when it panics.
 pub const PVPANIC_PORT: u16 = 0x505;
+/// The host's wall clock, read-only (`devices::legacy::HostClock`).
+pub const HOST_CLOCK_PORT: u16 = 0x520;
 /// ACPI hardware-reduced sleep control (SLP_TYP/SLP_EN), sleep status and
 /// reset registers, one byte each.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

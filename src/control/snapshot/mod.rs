@@ -163,6 +163,7 @@ pub fn create_full(vm_name: &str, name: &str) -> Result<Created> {
 fn create_with(vm_name: &str, name: &str, full: bool) -> Result<Created> {
     check_name(name)?;
     let vm = VmDir::existing(vm_name)?;
+    vm.refuse_if_suspended("taking a snapshot")?;
     let _book_lock = lock_book(&vm)?;
     finish_restore_locked(&vm)?;
     let mut book = Book::load(&vm)?;
@@ -443,6 +444,8 @@ pub fn remove(vm_name: &str, name: &str) -> Result<Compaction> {
     if book.find(name).is_none() {
         return Err(no_snapshot(vm_name, name));
     }
+    // Its layers would merge into the disks the saved memory expects.
+    vm.refuse_if_suspended("removing a snapshot")?;
     let _run_lock = match vm.liveness()? {
         Liveness::Running { .. } => None,
         Liveness::Stopped { .. } => Some(lock_stopped(&vm, "the snapshot was being removed")?),

@@ -85,6 +85,15 @@ pub trait VirtioDevice: Send {
     /// with an I/O thread handler holds its queues there, and the snapshot
     /// asks the handler ([`QueueHandler::running_queues`]).
     fn running_queues(&self) -> Option<Vec<QueueSnapshot>>;
+
+    /// For a card whose NAT runs in this process: its TCP flows, which a
+    /// suspend saves so that the resumed VM can reset them in the guest.
+    fn saved_flows(&self) -> Option<crate::net::SavedFlows> {
+        None
+    }
+
+    /// On resume: resets, in the guest, the flows a suspend saved.
+    fn reset_saved_flows(&mut self, _saved: &crate::net::SavedFlows) {}
 }
 
 /// Copies `data` (the bytes of a configuration structure) into `out` at

@@ -44,6 +44,10 @@ pub trait NetBackend: Send {
             tso4: true,
         }
     }
+
+    fn nat_mut(&mut self) -> Option<&mut Nat> {
+        None
+    }
 }
 
 impl NetBackend for Nat {
@@ -78,6 +82,10 @@ impl NetBackend for Nat {
     }
 
     fn nat(&self) -> Option<&Nat> {
+        Some(self)
+    }
+
+    fn nat_mut(&mut self) -> Option<&mut Nat> {
         Some(self)
     }
 }

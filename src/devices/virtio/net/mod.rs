@@ -300,6 +300,16 @@ impl VirtioDevice for Net {
         self.active = None;
     }
 
+    fn saved_flows(&self) -> Option<crate::net::SavedFlows> {
+        self.backend.nat().map(Nat::saved_flows)
+    }
+
+    fn reset_saved_flows(&mut self, saved: &crate::net::SavedFlows) {
+        if let Some(nat) = self.backend.nat_mut() {
+            nat.reset_saved_flows(saved);
+        }
+    }
+
     fn running_queues(&self) -> Option<Vec<QueueSnapshot>> {
         let active = self.active.as_ref()?;
         Some(vec![
