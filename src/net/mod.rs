@@ -64,5 +64,5 @@ pub use leases::{Lease, LeaseError, Leases};
 pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
-pub use tap::{in_netns, Tap};
+pub use tap::{enter_netns, in_netns, Tap};
 pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};
