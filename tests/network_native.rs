@@ -345,6 +345,44 @@ fn a_forbidden_syscall_in_the_network_process_kills_it_and_its_starter_says_why(
     assert!(pings(&ns, &gateway().to_string()), "the member is on");
 }
 
+/// `attach --no-config`: the TAP comes up without an address, and a DHCP
+/// client in the namespace (busybox udhcpc, its script setting what the
+/// lease says) gets the very address the member was given.
+#[test]
+fn attach_without_config_leaves_the_address_to_a_dhcp_client_with_the_same_lease() {
+    let lab = Lab::new();
+    lab.ok(&["network", "create", "lab"]);
+    let ns = Netns::new();
+    let path = ns.path();
+    let out = lab.ok(&[
+        "network",
+        "attach",
+        "lab",
+        "--netns",
+        path.to_str().unwrap(),
+        "--no-config",
+    ]);
+    let ip: Ipv4Addr = out.split_whitespace().nth(4).unwrap().parse().unwrap();
+    let unconfigured = ns.sh_ok("ip -4 -o addr show dev vl-lab");
+    assert_eq!(unconfigured.trim(), "", "no address before DHCP");
+    let script = lab.dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route add default via \"$router\"\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    ns.sh_ok(&format!(
+        "timeout 20 busybox udhcpc -i vl-lab -q -f -n -t 5 -T 1 -s {} >/dev/null",
+        script.display()
+    ));
+    let addr = ns.sh_ok("ip -4 -o addr show dev vl-lab");
+    assert!(addr.contains(&format!("{ip}/24")), "{ip}: {addr}");
+    let route = ns.sh_ok("ip route show default");
+    assert!(route.contains(&format!("via {}", gateway())), "{route}");
+    assert!(pings(&ns, &gateway().to_string()), "the lease works");
+}
+
 fn vm(name: &str, mac: &str, ip: Option<Ipv4Addr>) -> JoinRequest {
     JoinRequest {
         name: name.into(),
