@@ -111,7 +111,11 @@ enum Command {
     Network(vmlab::network::NetworkCommand),
     /// A lab network's process (started by its first member).
     #[command(name = "network-daemon", hide = true)]
-    NetworkDaemon { name: String },
+    NetworkDaemon {
+        name: String,
+        #[arg(long)]
+        no_seccomp: bool,
+    },
     /// Measure vmlab against its peers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -384,6 +388,10 @@ struct NatArgs {
     host_only: bool,
     #[command(flatten)]
     reach: ReachArgs,
+    /// Serve without vmlab's seccomp filter (for debugging, as run
+    /// --no-seccomp).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Args, Debug)]
@@ -564,7 +572,9 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
         Command::SshConfig { name } => ssh_config(&name),
         Command::VmDaemon { name, no_seccomp } => vm_daemon(&name, no_seccomp, started),
         Command::Network(command) => Ok(vmlab::network::command::run(command)?),
-        Command::NetworkDaemon { name } => Ok(vmlab::network::command::daemon(&name)?),
+        Command::NetworkDaemon { name, no_seccomp } => {
+            Ok(vmlab::network::command::daemon(&name, no_seccomp)?)
+        }
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Bench(BenchCommand::Net(args)) => {
             let bench = vmlab::bench::net::NetBench {
@@ -1037,6 +1047,11 @@ fn nat(args: NatArgs) -> Result<i32> {
     };
     log::info!("nat: serving tap {} (mtu {})", tap.name(), config.mtu);
     let backend = Arc::new(Mutex::new(TapNat::new(Nat::new(config, listeners), tap)?));
+    // Set up (the TAP open, the forwards bound): the loop runs filtered.
+    if !args.no_seccomp {
+        vmlab::seccomp::prepare()?;
+        vmlab::seccomp::install(vmlab::seccomp::ThreadClass::Nat)?;
+    }
     let stop = AtomicBool::new(false);
     vmlab::net::run_until(backend, &stop)?;
     Ok(0)

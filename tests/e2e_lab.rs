@@ -11,7 +11,9 @@
 //! VM on Debian's packaged kernel (what a new user gets before the lean
 //! kernel is built) booting its disk, answering ssh and stopping cleanly;
 //! then vm1 and vm2 on a lab network, by name, by address and through
-//! forwards. One L1 boot, one scenario.
+//! forwards, with a network namespace attached in L1 that pings them and
+//! is pinged by name, and vm1 killed (kill -9) and started again with its
+//! address. One L1 boot, one scenario.
 //!
 //! It also times `vmlab run --detach` to the first successful `ssh true`
 //! beside QEMU microvm (virtio-blk, virtio-net with `-netdev user` and the
@@ -247,8 +249,28 @@ echo "cards_steps_ms=$(($(rig_ms) - cards_start))"
     echo "getent=$(getent hosts vm2.lab | cut -d" " -f1)"' | sed 's/^/lab_vm1_/'
 "$VMLAB" ssh vm2 -- 'echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")";
     echo "getent=$(getent hosts vm1 | cut -d" " -f1)"' | sed 's/^/lab_vm2_/'
+# A container's namespace joins: it and a VM ping each other by name (its
+# resolver is the gateway, bound over L1's read-only /etc/resolv.conf).
+ip netns add ct1
+rig_at_exit 'ip netns del ct1 2>/dev/null'
+"$VMLAB" network attach lab --netns /run/netns/ct1 >"$RIG_OUT/net-attach.out" 2>&1
+printf 'nameserver 192.168.100.1\nsearch lab\n' >"$RIG_TMP/ct1-resolv.conf"
+ip netns exec ct1 sh -c "mount --bind '$RIG_TMP/ct1-resolv.conf' /etc/resolv.conf &&
+    busybox ping -c1 -W5 vm2" >"$RIG_OUT/ct1-ping.txt" 2>&1 && echo "lab_ct1_ping=ok"
+"$VMLAB" ssh vm1 -- '(ping -c1 -W5 ct1 || busybox ping -c1 -W5 ct1) >/dev/null 2>&1 && echo ping_ct1=ok' | sed 's/^/lab_vm1_/'
 "$VMLAB" network ls >"$RIG_OUT/net-ls.txt"
 "$VMLAB" network show lab >"$RIG_OUT/net-show.txt"
+# vm1's process killed outright: the network lets it go (its forward too),
+# and the VM started again gets the address it had.
+pkill -9 -f 'vm-daemon vm1( |$)'
+for _ in $(seq 100); do
+    "$VMLAB" network show lab | grep -q '^ *vm1 ' || break
+    sleep 0.1
+done
+"$VMLAB" run --name vm1 --net lab --forward tcp:2222:22 --detach
+wait_ssh vm1 600
+"$VMLAB" ssh vm1 -- 'echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")"' | sed 's/^/lab_restarted_vm1_/'
+"$VMLAB" network detach lab --netns /run/netns/ct1
 "$VMLAB" stop vm1 vm2 >/dev/null
 # The network's process goes with its last member.
 for _ in $(seq 50); do
@@ -499,6 +521,32 @@ fn two_vms_on_a_lab_network_reach_each_other_by_name_and_through_forwards() {
         s.file("net-ls.txt")
     );
     assert_eq!(s.value("net_state_after"), "stopped", "{}", s.diagnostics());
+}
+
+#[test]
+fn a_namespace_attached_in_l1_and_a_vm_ping_each_other_by_name() {
+    let s = lab();
+    let show = s.file("net-show.txt");
+    assert!(
+        s.file("net-attach.out")
+            .contains("ct1 joined lab as 192.168.100."),
+        "{}",
+        s.file("net-attach.out")
+    );
+    assert!(show.contains("ct1"), "{show}");
+    assert_eq!(s.value("lab_ct1_ping"), "ok", "{}", s.file("ct1-ping.txt"));
+    assert_eq!(s.value("lab_vm1_ping_ct1"), "ok", "{show}");
+}
+
+#[test]
+fn a_member_vm_killed_and_started_again_keeps_its_address() {
+    let s = lab();
+    assert_eq!(
+        s.value("lab_restarted_vm1_addr"),
+        s.value("lab_vm1_addr"),
+        "{}",
+        s.diagnostics()
+    );
 }
 
 /// Reported, not asserted: only the ratio means anything under TCG.

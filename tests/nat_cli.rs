@@ -112,6 +112,37 @@ fn nat_command_serves_a_namespace() {
     assert_eq!(got, "hello from the host\n");
 }
 
+/// The loop runs under its seccomp filter: the test hook makes one
+/// syscall outside its list (personality, 135) once the filter is in, and
+/// the process ends with SIGSYS's status and one line saying why.
+#[test]
+fn a_forbidden_syscall_in_the_nat_loop_kills_it_with_one_line() {
+    require_root_and_tools(&["ip"]);
+    let ns = Netns::new();
+    let nat = |extra: &[&str]| {
+        Command::new(VMLAB)
+            .args(["nat", "--tap", "vmlab0", "--netns"])
+            .arg(ns.path())
+            .args(extra)
+            .env("VMLAB_SECCOMP_SELFTEST", "nat")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = nat(&[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 31), "exits as SIGSYS");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        "vmlab: error: killed by its seccomp filter (SIGSYS): syscall 135 on a nat thread"
+    );
+    // Unfiltered, the hook never fires: it serves until killed.
+    let mut unfiltered = Guard(nat(&["--no-seccomp"]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(unfiltered.0.try_wait().unwrap().is_none(), "still serving");
+}
+
 #[test]
 fn host_loopback_ports_limit_what_the_gateway_reaches() {
     require_root_and_tools(&["ip", "busybox"]);

@@ -40,15 +40,27 @@ impl Lab {
         }
     }
 
-    fn vmlab(&self, args: &[&str]) -> Output {
+    fn command(&self, args: &[&str]) -> Command {
         let home = self.dir.path();
-        Command::new(VMLAB)
+        let mut command = Command::new(VMLAB);
+        command
             .args(args)
             .env("HOME", home)
             .env("XDG_DATA_HOME", home.join("data"))
-            .env("XDG_RUNTIME_DIR", home.join("run"))
-            .output()
-            .unwrap()
+            .env("XDG_RUNTIME_DIR", home.join("run"));
+        command
+    }
+
+    fn vmlab(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn log(&self, net: &str) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("data/vmlab/networks/{net}/network.log"));
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -282,6 +294,93 @@ fn networks_are_apart_and_no_nat_keeps_members_in() {
     for ns in [&x, &y, &z] {
         forget_resolver(ns);
     }
+}
+
+/// The network process runs its loop and its namespace helper under
+/// seccomp filters: the test hook makes one syscall outside the class's
+/// list (personality, 135) right after its filter is in, the process dies
+/// with the one line in its log, and the command that started it says so.
+#[test]
+fn a_forbidden_syscall_in_the_network_process_kills_it_and_its_starter_says_why() {
+    let lab = Lab::new();
+    lab.ok(&["network", "create", "lab"]);
+    let ns = Netns::new();
+    let path = ns.path();
+    let attach = |extra: &[&str], class: &str| {
+        let mut args = vec![
+            "network",
+            "attach",
+            "lab",
+            "--netns",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lab.command(&args)
+            .env("VMLAB_SECCOMP_SELFTEST", class)
+            .output()
+            .unwrap()
+    };
+    for class in ["network", "netns"] {
+        let out = attach(&[], class);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{class}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let line =
+            format!("killed by its seccomp filter (SIGSYS): syscall 135 on a {class} thread");
+        assert!(err.contains(&line), "{err}");
+        assert!(
+            lab.log("lab").contains(&format!("vmlab: error: {line}")),
+            "{}",
+            lab.log("lab")
+        );
+        assert_eq!(lab.pid("lab"), None, "{class}: the process is gone");
+    }
+    // Without the filters the hook never fires.
+    let out = attach(&["--no-seccomp"], "network");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pings(&ns, &gateway().to_string()), "the member is on");
+}
+
+/// `attach --no-config`: the TAP comes up without an address, and a DHCP
+/// client in the namespace (busybox udhcpc, its script setting what the
+/// lease says) gets the very address the member was given.
+#[test]
+fn attach_without_config_leaves_the_address_to_a_dhcp_client_with_the_same_lease() {
+    let lab = Lab::new();
+    lab.ok(&["network", "create", "lab"]);
+    let ns = Netns::new();
+    let path = ns.path();
+    let out = lab.ok(&[
+        "network",
+        "attach",
+        "lab",
+        "--netns",
+        path.to_str().unwrap(),
+        "--no-config",
+    ]);
+    let ip: Ipv4Addr = out.split_whitespace().nth(4).unwrap().parse().unwrap();
+    let unconfigured = ns.sh_ok("ip -4 -o addr show dev vl-lab");
+    assert_eq!(unconfigured.trim(), "", "no address before DHCP");
+    let script = lab.dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route add default via \"$router\"\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    ns.sh_ok(&format!(
+        "timeout 20 busybox udhcpc -i vl-lab -q -f -n -t 5 -T 1 -s {} >/dev/null",
+        script.display()
+    ));
+    let addr = ns.sh_ok("ip -4 -o addr show dev vl-lab");
+    assert!(addr.contains(&format!("{ip}/24")), "{ip}: {addr}");
+    let route = ns.sh_ok("ip route show default");
+    assert!(route.contains(&format!("via {}", gateway())), "{route}");
+    assert!(pings(&ns, &gateway().to_string()), "the lease works");
 }
 
 fn vm(name: &str, mac: &str, ip: Option<Ipv4Addr>) -> JoinRequest {

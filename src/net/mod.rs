@@ -66,6 +66,6 @@ pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
 pub use saved_flows::SavedFlows;
-pub use tap::{in_netns, tap_name_is_valid, Tap};
+pub use tap::{enter_netns, in_netns, tap_name_is_valid, Tap};
 pub use tcp::TcpReset;
 pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};

@@ -298,6 +298,18 @@ fn set_iff(file: &File, name: &str, vnet_hdr: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread into the network namespace `ns` (an open
+/// namespace file); the process's other threads stay where they are.
+pub fn enter_netns(ns: &File) -> io::Result<()> {
+    // SAFETY: setns changes only the calling thread's network namespace;
+    // `ns` is an open descriptor for the call.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs `f` on a short-lived thread inside the network namespace at
 /// `netns`; descriptors it opens keep working from any namespace.
 pub fn in_netns<T: Send + 'static>(
@@ -310,15 +322,7 @@ pub fn in_netns<T: Send + 'static>(
     })?;
     let path = netns.to_path_buf();
     std::thread::spawn(move || {
-        // SAFETY: setns on a thread we own changes only this thread's
-        // network namespace; `ns` is an open namespace descriptor.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc < 0 {
-            return Err(NatError::Netns {
-                path,
-                cause: io::Error::last_os_error(),
-            });
-        }
+        enter_netns(&ns).map_err(|cause| NatError::Netns { path, cause })?;
         f()
     })
     .join()

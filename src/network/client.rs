@@ -31,8 +31,9 @@ pub fn connect(net: &NetworkDir) -> Option<UnixStream> {
     UnixStream::connect(net.socket_path()).ok()
 }
 
-/// Connects, starting the network process first when it does not run.
-pub fn connect_or_start(net: &NetworkDir) -> Result<UnixStream> {
+/// Connects, starting the network process first when it does not run
+/// (under its seccomp filters when `filtered`).
+pub fn connect_or_start(net: &NetworkDir, filtered: bool) -> Result<UnixStream> {
     if let Some(stream) = connect(net) {
         return Ok(stream);
     }
@@ -41,7 +42,7 @@ pub fn connect_or_start(net: &NetworkDir) -> Result<UnixStream> {
     if let Some(stream) = connect(net) {
         return Ok(stream);
     }
-    start(net)?;
+    start(net, filtered)?;
     connect(net).ok_or_else(|| NetworkError::Daemon {
         name: net.name().to_string(),
         message: format!(
@@ -54,7 +55,7 @@ pub fn connect_or_start(net: &NetworkDir) -> Result<UnixStream> {
 /// Starts `vmlab network-daemon NAME` and waits until it says it is ready.
 /// It forks away from its starter, so a VM that starts it does not collect
 /// a zombie when the network ends.
-fn start(net: &NetworkDir) -> Result<()> {
+fn start(net: &NetworkDir, filtered: bool) -> Result<()> {
     let exe = std::env::current_exe().map_err(NetworkError::io("cannot find", "vmlab".as_ref()))?;
     let log_path = net.log_path();
     let log = std::fs::OpenOptions::new()
@@ -64,9 +65,12 @@ fn start(net: &NetworkDir) -> Result<()> {
         .map_err(NetworkError::io("cannot open", &log_path))?;
     // The network outlives its starter: it inherits nothing but its stdio.
     crate::fds::close_on_exec_above_stderr().map_err(NetworkError::io("cannot prepare", &exe))?;
-    let mut child = Command::new(&exe)
-        .arg(DAEMON_COMMAND)
-        .arg(net.name())
+    let mut command = Command::new(&exe);
+    command.arg(DAEMON_COMMAND).arg(net.name());
+    if !filtered {
+        command.arg("--no-seccomp");
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -160,15 +164,18 @@ pub fn ask(net: &NetworkDir, request: &NetRequest) -> Result<Option<NetResponse>
     }
 }
 
-/// One request, starting the network process if needed.
-pub fn ask_starting(net: &NetworkDir, request: &NetRequest) -> Result<NetResponse> {
-    let stream = connect_or_start(net)?;
+/// One request, starting the network process if needed (filtered or
+/// not, as [`connect_or_start`]).
+pub fn ask_starting(net: &NetworkDir, request: &NetRequest, filtered: bool) -> Result<NetResponse> {
+    let stream = connect_or_start(net, filtered)?;
     exchange(net, &stream, request)
 }
 
 /// Joins the network as a VM member: the connection then carries frames.
+/// A network this starts runs filtered as the VM does (`run --no-seccomp`
+/// starts it without its filters too).
 pub fn join(net: &NetworkDir, request: &JoinRequest) -> Result<(UnixStream, Joined)> {
-    let stream = connect_or_start(net)?;
+    let stream = connect_or_start(net, crate::seccomp::enabled())?;
     join_over(net, stream, request)
 }
 

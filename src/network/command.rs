@@ -45,6 +45,10 @@ pub enum NetworkCommand {
         /// the namespace gets the same lease.
         #[arg(long)]
         no_config: bool,
+        /// If this starts the network's process, run it without its
+        /// seccomp filters (for debugging, as run --no-seccomp).
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Detach a network namespace (its TAP device goes).
     Detach {
@@ -112,6 +116,7 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
             netns,
             member,
             no_config,
+            no_seccomp,
         } => {
             let net = NetworkDir::existing(&name)?;
             let netns = namespace_path(&netns)?;
@@ -135,7 +140,8 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
                 name: member,
                 configure: !no_config,
             });
-            if let NetResponse::Attached(view) = client::ask_starting(&net, &request)? {
+            let filtered = !no_seccomp;
+            if let NetResponse::Attached(view) = client::ask_starting(&net, &request, filtered)? {
                 println!("{} joined {name} as {} ({})", view.name, view.ip, view.mac);
             }
         }
@@ -181,8 +187,9 @@ fn namespace_path(path: &std::path::Path) -> Result<PathBuf> {
 
 /// `vmlab network-daemon NAME`: the network process. It forks once so
 /// that it is nobody's child (its starter, maybe a VM, waits for the
-/// first process only), leaves the starter's session, and serves.
-pub fn daemon(name: &str) -> Result<i32> {
+/// first process only), leaves the starter's session, and serves, its
+/// threads under seccomp filters unless `no_seccomp`.
+pub fn daemon(name: &str, no_seccomp: bool) -> Result<i32> {
     // SAFETY: called first thing in the process, before any thread
     // exists; the child continues with a copy of one thread.
     match unsafe { nix::unistd::fork() } {
@@ -196,6 +203,9 @@ pub fn daemon(name: &str) -> Result<i32> {
         }
     }
     crate::control::daemon::detach_from_terminal();
+    if !no_seccomp {
+        crate::seccomp::prepare()?;
+    }
     super::daemon::serve(name, client::signal_ready)?;
     Ok(0)
 }

@@ -44,6 +44,8 @@ pub enum NetworkError {
     Refused { name: String, message: String },
     #[error(transparent)]
     Nat(#[from] crate::net::NatError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl NetworkError {

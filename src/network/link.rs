@@ -22,14 +22,15 @@ use crate::switch::wire::Framing;
 /// The link's token on the VM's event loop: clear of the device's queue
 /// indices and timer (0x100) and of the NAT's (bit 31).
 const TOKEN_LINK: u32 = 0x200;
-/// Bytes queued toward the network before guest frames are dropped.
+/// Bytes queued toward the network before the guest's TX queue pauses.
 const OUT_LIMIT: usize = 4 << 20;
 /// Socket reads per flush, so the guest's other work goes on.
 const READS_PER_FLUSH: usize = 16;
 /// Between two attempts to rejoin a network that went away.
 const REJOIN_EVERY: Duration = Duration::from_secs(1);
 
-/// What the link dropped (a full socket, a frame the guest cannot take).
+/// What the link dropped (a frame while the network was away, a frame
+/// the guest cannot take).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkCounters {
     pub dropped_to_network: u64,
@@ -53,21 +54,28 @@ impl MemberLink {
     /// a refusal (address taken, port in use) is the error `run` prints.
     pub fn join(net: NetworkDir, request: JoinRequest) -> Result<(MemberLink, std::net::Ipv4Addr)> {
         let (stream, joined) = client::join(&net, &request)?;
-        let port = StreamPort::new(stream, Framing::VnetHdr, OUT_LIMIT).map_err(
-            super::error::NetworkError::io("cannot use", &net.socket_path()),
-        )?;
-        Ok((
-            MemberLink {
-                net,
-                request,
-                port: Some(port),
-                readable: true,
-                held: None,
-                last_attempt: Instant::now(),
-                counters: LinkCounters::default(),
-            },
-            joined.ip,
-        ))
+        let socket = net.socket_path();
+        let link = MemberLink::joined(net, request, stream)
+            .map_err(super::error::NetworkError::io("cannot use", &socket))?;
+        Ok((link, joined.ip))
+    }
+
+    /// The link over `stream`, a connection that has joined `net` as
+    /// `request` said (a rejoin sends `request` again).
+    pub fn joined(
+        net: NetworkDir,
+        request: JoinRequest,
+        stream: std::os::unix::net::UnixStream,
+    ) -> std::io::Result<MemberLink> {
+        Ok(MemberLink {
+            port: Some(StreamPort::new(stream, Framing::VnetHdr, OUT_LIMIT)?),
+            net,
+            request,
+            readable: true,
+            held: None,
+            last_attempt: Instant::now(),
+            counters: LinkCounters::default(),
+        })
     }
 
     fn disconnected(&mut self, reg: &mut dyn SocketRegistry) {
@@ -124,15 +132,23 @@ impl NetBackend for MemberLink {
     }
 
     fn guest_frame(&mut self, hdr: &NetHdr, frame: &[u8], reg: &mut dyn SocketRegistry) {
+        // Away from the network (until it rejoins), frames are lost as on
+        // an unplugged wire; a full socket never gets here (see
+        // can_take_frame), so a refusal is counted, not expected.
         let Some(port) = self.port.as_mut() else {
             self.counters.dropped_to_network += 1;
             return;
         };
-        // A full socket drops, as a congested wire would.
         if port.send(hdr, frame).is_err() {
             self.counters.dropped_to_network += 1;
         }
         self.write_out(reg);
+    }
+
+    /// Room for one more frame toward the network, or no network (frames
+    /// then go nowhere: the guest must not wait for a rejoin).
+    fn can_take_frame(&self) -> bool {
+        self.port.as_ref().is_none_or(StreamPort::has_room)
     }
 
     fn owns_token(&self, token: u32) -> bool {

@@ -4,14 +4,84 @@
 //! route set from the member's lease, as `pasta --config-net` does. The
 //! old ioctl interface does it in a few calls, with no netlink library and
 //! no `ip` command.
+//!
+//! The work inside a namespace is the [`NetnsHelper`]'s, a thread of its
+//! own started before the seccomp filters: the network's event loop, which
+//! parses what members send, may neither enter a namespace nor start a
+//! thread.
 
+use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use crate::cli::MacAddress;
-use crate::net::{in_netns, NatError, Tap};
+use crate::net::{enter_netns, NatError, Tap};
+use crate::seccomp::{SeccompError, ThreadClass};
+
+type Job = Box<dyn FnOnce(&File) + Send>;
+
+/// The thread that enters namespaces for the network process, one job at
+/// a time, going back to the process's own namespace after each (staying
+/// would keep a deleted namespace alive).
+pub struct NetnsHelper {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl NetnsHelper {
+    /// Starts the helper under its own filter (the `netns` class).
+    pub fn start() -> Result<NetnsHelper, SeccompError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (started, filtered) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || {
+                let home = match File::open("/proc/thread-self/ns/net") {
+                    Ok(home) => home,
+                    Err(e) => {
+                        log::error!("network: cannot open its own namespace: {e}");
+                        return;
+                    }
+                };
+                let result = crate::seccomp::install(ThreadClass::Netns);
+                let ok = result.is_ok();
+                let _ = started.send(result);
+                if !ok {
+                    return;
+                }
+                for job in queue {
+                    job(&home);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("network: cannot start its namespace helper: {e}");
+        }
+        // A helper that could not start makes every attach fail in its
+        // own line; a filter it could not install fails the process.
+        filtered.recv().unwrap_or(Ok(()))?;
+        Ok(NetnsHelper { jobs })
+    }
+
+    /// [`open`] on the helper.
+    pub fn open(
+        &self,
+        netns: &Path,
+        device: &str,
+        mac: MacAddress,
+        address: Option<Address>,
+    ) -> Result<Tap, NatError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let (path, device) = (netns.to_path_buf(), device.to_string());
+        let job: Job = Box::new(move |home| {
+            let _ = reply.send(open(&path, &device, mac, address, home));
+        });
+        let gone = || NatError::EventLoop(io::Error::other("the namespace helper is gone"));
+        self.jobs.send(job).map_err(|_| gone())?;
+        answer.recv().unwrap_or_else(|_| Err(gone()))
+    }
+}
 
 /// The address a member's TAP gets.
 #[derive(Clone, Copy, Debug)]
@@ -22,31 +92,45 @@ pub struct Address {
 }
 
 /// Opens (or, after a restart, re-opens) TAP `device` in `netns` for a
-/// member with `mac`, up, configured with `address` when given.
-pub fn open(
-    netns: &Path,
+/// member with `mac`, up, configured with `address` when given; the
+/// calling thread enters `netns` for it and goes back `home` after.
+fn open(
+    netns: &PathBuf,
     device: &str,
     mac: MacAddress,
     address: Option<Address>,
+    home: &File,
 ) -> Result<Tap, NatError> {
-    let device = device.to_string();
-    in_netns(netns, move || {
-        let tap = Tap::open(&device)?;
-        let fail = |cause: io::Error| NatError::Tap {
-            name: device.clone(),
-            cause,
-        };
-        tap.set_persistent(true).map_err(fail)?;
-        let sock = Ioctls::new().map_err(fail)?;
-        sock.set_mac(&device, mac).map_err(fail)?;
-        sock.set_up("lo").map_err(fail)?;
-        sock.set_up(&device).map_err(fail)?;
-        if let Some(a) = address {
-            sock.set_address(&device, a.ip, a.prefix).map_err(fail)?;
-            sock.add_default_route(a.gateway).map_err(fail)?;
-        }
-        Ok(tap)
-    })
+    let enter_failed = |cause| NatError::Netns {
+        path: netns.clone(),
+        cause,
+    };
+    let ns = File::open(netns).map_err(enter_failed)?;
+    enter_netns(&ns).map_err(enter_failed)?;
+    let result = open_here(device, mac, address);
+    if let Err(e) = enter_netns(home) {
+        log::error!("network: cannot go back to its own namespace: {e}");
+    }
+    result
+}
+
+/// [`open`] in the calling thread's namespace.
+fn open_here(device: &str, mac: MacAddress, address: Option<Address>) -> Result<Tap, NatError> {
+    let tap = Tap::open(device)?;
+    let fail = |cause: io::Error| NatError::Tap {
+        name: device.to_string(),
+        cause,
+    };
+    tap.set_persistent(true).map_err(fail)?;
+    let sock = Ioctls::new().map_err(fail)?;
+    sock.set_mac(device, mac).map_err(fail)?;
+    sock.set_up("lo").map_err(fail)?;
+    sock.set_up(device).map_err(fail)?;
+    if let Some(a) = address {
+        sock.set_address(device, a.ip, a.prefix).map_err(fail)?;
+        sock.add_default_route(a.gateway).map_err(fail)?;
+    }
+    Ok(tap)
 }
 
 /// The identity of the namespace at `netns` (its nsfs device and inode).

@@ -89,21 +89,16 @@ const VCPU: &[c_long] = &[
     libc::SYS_epoll_ctl,
 ];
 
-/// The event loop (a thread of its own each boot, see vmm::reboot): the NAT's host sockets and
-/// forward listeners, a lab network's socket, a TAP card's device (read,
-/// writev, and TUNSETOFFLOAD, a 'T' ioctl, as the guest's driver
-/// negotiates offloads), console input, the stop and signal eventfds; and,
-/// once the VM has ended, joining the other threads, reading its own
-/// memory footprint, closing the disks, writing the run report, restoring
-/// the terminal and removing the control socket and pid file.
-const EVENT_LOOP: &[c_long] = &[
-    libc::SYS_ioctl,
+/// The NAT engine's host side, wherever it runs (a VM's event loop, a lab
+/// network's process, `vmlab nat`): its epoll loop, its tick (a timer
+/// that runs only while it has work), a host socket per flow (TCP
+/// connects, UDP and ICMP datagrams, the DNS relay) and the forward
+/// listeners (bound when a lab member joins, too).
+const NAT_ENGINE: &[c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_create1,
-    libc::SYS_eventfd2,
-    // The NAT's tick runs only while it has work.
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
@@ -115,6 +110,18 @@ const EVENT_LOOP: &[c_long] = &[
     libc::SYS_listen,
     libc::SYS_sendmmsg,
     libc::SYS_recvmmsg,
+];
+
+/// The event loop (a thread of its own each boot, see vmm::reboot): the
+/// NAT (see `NAT_ENGINE`), a lab network's socket, a TAP card's device
+/// (read, writev, and TUNSETOFFLOAD, a 'T' ioctl, as the guest's driver
+/// negotiates offloads), console input, the stop and signal eventfds; and,
+/// once the VM has ended, joining the other threads, reading its own
+/// memory footprint, closing the disks, writing the run report, restoring
+/// the terminal and removing the control socket and pid file.
+const EVENT_LOOP: &[c_long] = &[
+    libc::SYS_ioctl,
+    libc::SYS_eventfd2,
     libc::SYS_pipe2,
     libc::SYS_getdents64,
     libc::SYS_unlink,
@@ -191,13 +198,37 @@ const CONTROL: &[c_long] = &[
     libc::SYS_connect,
 ];
 
+/// A lab network's process, one event loop (see `NAT_ENGINE` for its
+/// gateway): members' sockets and TAP devices (non-blocking through
+/// FIONBIO; TUNSETPERSIST off when a namespace member leaves), requests
+/// on the network's socket (accept, a write timeout), the leases and
+/// namespace list saved beside the definition (a temporary file renamed
+/// over it, see EVERY_THREAD), a namespace's file looked at to see it
+/// deleted, and its socket removed at the end. It starts no thread and
+/// enters no namespace: its namespace helper does that.
+const NETWORK: &[c_long] = &[libc::SYS_ioctl, libc::SYS_unlink, libc::SYS_unlinkat];
+
+/// The network process's namespace helper, started before the filters:
+/// it enters a member's namespace (setns), makes the TAP there (the TUN
+/// ioctls) and configures it (an AF_INET socket's interface and route
+/// ioctls), then goes back to the process's own namespace.
+const NETNS: &[c_long] = &[libc::SYS_setns, libc::SYS_socket, libc::SYS_ioctl];
+
+/// `vmlab nat --tap`: the NAT's loop (see `NAT_ENGINE`), on a TAP opened
+/// before the filter (its descriptor is read and written, made
+/// non-blocking with FIONBIO).
+const NAT: &[c_long] = &[libc::SYS_ioctl];
+
 /// The syscalls `class` may make.
 pub fn allowed(class: ThreadClass) -> impl Iterator<Item = c_long> {
     let own: &[&[c_long]] = match class {
         ThreadClass::Vcpu => &[VCPU],
-        ThreadClass::EventLoop => &[EVENT_LOOP, SOCKET_SERVER],
+        ThreadClass::EventLoop => &[EVENT_LOOP, NAT_ENGINE, SOCKET_SERVER],
         ThreadClass::BlockIo => &[BLOCK_IO],
         ThreadClass::Control => &[CONTROL, SOCKET_SERVER],
+        ThreadClass::Network => &[NETWORK, NAT_ENGINE, SOCKET_SERVER],
+        ThreadClass::Netns => &[NETNS],
+        ThreadClass::Nat => &[NAT, NAT_ENGINE, SOCKET_SERVER],
     };
     EVERY_THREAD
         .iter()
@@ -208,12 +239,16 @@ pub fn allowed(class: ThreadClass) -> impl Iterator<Item = c_long> {
 /// `_IOC_TYPE` values of the ioctls `class` may make (the request's bits
 /// 8..16). KVM's are 0xAE, the terminal's and FIONBIO/FIONREAD/FIOCLEX
 /// ('T') 0x54, the block layer's (BLKDISCARD, BLKZEROOUT, BLKGETSIZE64)
-/// 0x12.
+/// 0x12, the TUN device's ('T', TUNSETIFF and the like) 0x54 too, and
+/// the interface and route ioctls of a socket (SIOCSIFADDR, SIOCADDRT)
+/// 0x89.
 pub fn ioctl_types(class: ThreadClass) -> &'static [u64] {
     match class {
         ThreadClass::Vcpu => &[0xae],
         ThreadClass::EventLoop | ThreadClass::Control => &[0xae, 0x54],
         ThreadClass::BlockIo => &[0x12],
+        ThreadClass::Network | ThreadClass::Nat => &[0x54],
+        ThreadClass::Netns => &[0x54, 0x89],
     }
 }
 
@@ -247,6 +282,17 @@ mod tests {
         assert!(ioctl_types(ThreadClass::EventLoop).contains(&tun_type));
         for call in [libc::SYS_read, libc::SYS_writev, libc::SYS_ioctl] {
             assert!(allowed(ThreadClass::EventLoop).any(|s| s == call), "{call}");
+        }
+    }
+
+    #[test]
+    fn only_the_namespace_helper_enters_namespaces_and_no_network_class_touches_kvm() {
+        for class in ThreadClass::ALL {
+            let enters = allowed(class).any(|s| s == libc::SYS_setns);
+            assert_eq!(enters, class == ThreadClass::Netns, "{class:?}");
+        }
+        for class in [ThreadClass::Network, ThreadClass::Netns, ThreadClass::Nat] {
+            assert!(!ioctl_types(class).contains(&0xae), "{class:?}");
         }
     }
 

@@ -1,5 +1,6 @@
-//! Process hardening: a seccomp filter on every thread of a running VM, one
-//! per thread class (`lists.rs` says what each class may do).
+//! Process hardening: a seccomp filter on every thread of a running VM, of
+//! a lab network's process and of `vmlab nat`, one per thread class
+//! (`lists.rs` says what each class may do).
 //!
 //! Each thread installs its class's filter itself once its setup is done
 //! and before the guest runs (vCPU threads wait for the event loop's filter
@@ -10,9 +11,9 @@
 //! `ps`, `stop` and `run --detach` can say "killed by its seccomp filter
 //! (SIGSYS)". `PR_SET_NO_NEW_PRIVS` comes with the first filter.
 //!
-//! Nothing is installed unless the process called [`prepare`] (the `run`
-//! and `vm-daemon` commands do, unless `--no-seccomp`); library users and
-//! in-process tests run unfiltered.
+//! Nothing is installed unless the process called [`prepare`] (the `run`,
+//! `vm-daemon`, `network-daemon` and `nat` commands do, unless
+//! `--no-seccomp`); library users and in-process tests run unfiltered.
 
 mod lists;
 mod sigsys;
@@ -28,7 +29,7 @@ use seccompiler::{
 
 pub use sigsys::{violation, EXIT_STATUS, KILLED};
 
-/// The kinds of thread a VM process runs, each with its own filter.
+/// The kinds of thread vmlab runs, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadClass {
     /// `vcpuN`: runs the guest, handles its port and MMIO exits.
@@ -39,14 +40,25 @@ pub enum ThreadClass {
     BlockIo,
     /// The control socket's server and its connections.
     Control,
+    /// A lab network's process (`network-daemon`): its one event loop
+    /// with the switch, the members' sockets and TAPs, the gateway's NAT.
+    Network,
+    /// The network process's namespace helper: enters a namespace to make
+    /// a member's TAP there, then comes back.
+    Netns,
+    /// `vmlab nat --tap`: the NAT's event loop serving a TAP device.
+    Nat,
 }
 
 impl ThreadClass {
-    pub const ALL: [ThreadClass; 4] = [
+    pub const ALL: [ThreadClass; 7] = [
         ThreadClass::Vcpu,
         ThreadClass::EventLoop,
         ThreadClass::BlockIo,
         ThreadClass::Control,
+        ThreadClass::Network,
+        ThreadClass::Netns,
+        ThreadClass::Nat,
     ];
 
     /// As the SIGSYS line and the tests name it.
@@ -56,6 +68,9 @@ impl ThreadClass {
             ThreadClass::EventLoop => "event-loop",
             ThreadClass::BlockIo => "disk-io",
             ThreadClass::Control => "control",
+            ThreadClass::Network => "network",
+            ThreadClass::Netns => "netns",
+            ThreadClass::Nat => "nat",
         }
     }
 }

@@ -88,6 +88,11 @@ impl StreamPort {
         self.writer.pending()
     }
 
+    /// Whether a frame of any size may be sent now.
+    pub fn has_room(&self) -> bool {
+        self.writer.has_room()
+    }
+
     /// Past half the outgoing limit: sources feeding it should wait.
     pub fn is_filling(&self) -> bool {
         self.writer.is_filling()

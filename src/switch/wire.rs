@@ -169,6 +169,11 @@ impl FrameWriter {
         self.pending() > self.limit / 2
     }
 
+    /// Whether a frame of any size may be queued now.
+    pub fn has_room(&self) -> bool {
+        self.pending() + LEN_PREFIX + self.framing.header_len() + MAX_FRAME <= self.limit
+    }
+
     /// Queues one frame; `Full` when it would pass the limit.
     pub fn push(&mut self, hdr: &NetHdr, frame: &[u8]) -> Result<(), Full> {
         let header = self.framing.header_len();

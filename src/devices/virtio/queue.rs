@@ -103,13 +103,38 @@ impl QueueService {
     where
         F: FnMut(Chain<'_>) -> Result<u32, DeviceFault>,
     {
-        let outcome = self.serve_available(queue, handle);
+        self.serve_while(queue, || true, handle)
+    }
+
+    /// [`QueueService::serve`], but only while `ready` says the device can
+    /// take another chain (asked before each). When it cannot, the rest
+    /// stay in the ring with notifications off: the driver need not kick,
+    /// the device comes back by itself once it has room (a pause, as a
+    /// real card's full transmit FIFO).
+    pub fn serve_while<R, F>(
+        &self,
+        queue: &mut Queue,
+        ready: R,
+        handle: F,
+    ) -> Result<(), DeviceFault>
+    where
+        R: FnMut() -> bool,
+        F: FnMut(Chain<'_>) -> Result<u32, DeviceFault>,
+    {
+        let outcome = self.serve_available(queue, ready, handle);
         self.finish(queue, outcome)
     }
 
-    /// Serves chains until the ring is empty; returns whether any was used.
-    fn serve_available<F>(&self, queue: &mut Queue, mut handle: F) -> Result<bool, DeviceFault>
+    /// Serves chains until the ring is empty or `ready` says stop; returns
+    /// whether any was used.
+    fn serve_available<R, F>(
+        &self,
+        queue: &mut Queue,
+        mut ready: R,
+        mut handle: F,
+    ) -> Result<bool, DeviceFault>
     where
+        R: FnMut() -> bool,
         F: FnMut(Chain<'_>) -> Result<u32, DeviceFault>,
     {
         let mut used_any = false;
@@ -117,11 +142,17 @@ impl QueueService {
             queue
                 .disable_notification(&self.mem)
                 .map_err(DriverFault::Ring)?;
-            while let Some(chain) = self.pop(queue)? {
+            while ready() {
+                let Some(chain) = self.pop(queue)? else {
+                    break;
+                };
                 let head = chain.head_index();
                 let len = handle(chain)?;
                 self.complete(queue, head, len)?;
                 used_any = true;
+            }
+            if !ready() {
+                return Ok(used_any);
             }
             // `pop` only ends on an empty ring, so "more" here means the
             // driver added chains since: never a spin on a broken ring.

@@ -157,7 +157,8 @@ impl Process {
         let opened = identity
             .ok_or_else(|| format!("no network namespace at {}", saved.path.display()))
             .and_then(|_| {
-                netns::open(&saved.path, &saved.device, saved.mac, address)
+                self.netns
+                    .open(&saved.path, &saved.device, saved.mac, address)
                     .map_err(|e| e.to_string())
             });
         let tap = match opened {

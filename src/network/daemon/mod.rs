@@ -18,7 +18,7 @@ use smoltcp::wire::EthernetAddress;
 
 use super::error::{NetworkError, Result};
 use super::member::{Fabric, Link, Member};
-use super::netns;
+use super::netns::{self, NetnsHelper};
 use super::protocol::{AttachRequest, JoinRequest, Joined, NetRequest, NetResponse};
 use super::store::{NetworkDef, NetworkDir};
 use super::view::{LeaseView, MemberView, NetworkView};
@@ -93,6 +93,7 @@ struct Process {
     tap_buf: Vec<u8>,
     had_member: bool,
     started: Instant,
+    netns: NetnsHelper,
 }
 
 /// Runs network `name` until its last member leaves. Called in the
@@ -119,8 +120,13 @@ pub fn serve(name: &str, ready: impl FnOnce()) -> Result<()> {
         .set_nonblocking(true)
         .map_err(NetworkError::io("cannot listen on", &socket))?;
     log::info!("network {name}: {} in {}", def.subnet, runtime.display());
-    let mut process = Process::new(dir, def, listener)?;
+    let netns = NetnsHelper::start()?;
+    let mut process = Process::new(dir, def, listener, netns)?;
     process.restore_namespaces();
+    // Set up: from here on the loop runs under its filter (a failure to
+    // install it, or a violation, is the last line of the network's log,
+    // which the starter prints).
+    crate::seccomp::install(crate::seccomp::ThreadClass::Network)?;
     ready();
     let result = process.run();
     process.shut_down();
@@ -150,7 +156,12 @@ fn nat_config(dir: &NetworkDir, def: &NetworkDef) -> NatConfig {
 }
 
 impl Process {
-    fn new(dir: NetworkDir, def: NetworkDef, listener: UnixListener) -> Result<Process> {
+    fn new(
+        dir: NetworkDir,
+        def: NetworkDef,
+        listener: UnixListener,
+        netns: NetnsHelper,
+    ) -> Result<Process> {
         let (first, last) = def.subnet.pool();
         let mut leases = Leases::pool(first, last);
         let path = dir.leases_path();
@@ -186,6 +197,7 @@ impl Process {
             tap_buf: vec![0; NET_HDR_LEN + MAX_MESSAGE],
             had_member: false,
             started: Instant::now(),
+            netns,
         })
     }
 

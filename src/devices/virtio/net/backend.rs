@@ -14,6 +14,14 @@ pub trait NetBackend: Send {
     /// A frame the guest sent.
     fn guest_frame(&mut self, hdr: &NetHdr, frame: &[u8], reg: &mut dyn SocketRegistry);
 
+    /// Whether it can take another guest frame, of any size, now. While it
+    /// cannot, the device leaves the guest's TX chains in their ring (the
+    /// guest's queue fills and its driver stops, nothing is dropped) and
+    /// asks again after each of the backend's events.
+    fn can_take_frame(&self) -> bool {
+        true
+    }
+
     /// True when an event-loop token is this backend's. Its tokens keep
     /// clear of the device's own (queue indices, the timer).
     fn owns_token(&self, token: u32) -> bool;

@@ -118,6 +118,8 @@ pub struct Net {
     backend: Box<dyn NetBackend>,
     active: Option<Active>,
     tx_buf: Vec<u8>,
+    /// TX chains wait in their ring until the backend has room.
+    tx_paused: bool,
     counters: NetCounters,
 }
 
@@ -129,6 +131,7 @@ impl Net {
             backend: settings.backend,
             active: None,
             tx_buf: Vec::with_capacity(tx::MAX_CHAIN_BYTES),
+            tx_paused: false,
             counters: NetCounters::default(),
         }
     }
@@ -178,13 +181,27 @@ impl Net {
         reg: &mut dyn SocketRegistry,
     ) {
         self.backend.event(token, events, reg);
+        self.resume_tx(reg);
         self.flush(reg);
     }
 
     /// The backend's timer (every [`crate::net::TICK`]).
     pub fn tick(&mut self, reg: &mut dyn SocketRegistry) {
         self.backend.tick(reg);
+        self.resume_tx(reg);
         self.flush(reg);
+    }
+
+    /// Whether the guest's TX chains wait for the backend.
+    pub fn tx_paused(&self) -> bool {
+        self.tx_paused
+    }
+
+    /// Takes TX chains again once a paused backend has room.
+    fn resume_tx(&mut self, reg: &mut dyn SocketRegistry) {
+        if self.tx_paused && self.backend.can_take_frame() {
+            self.process_tx(reg);
+        }
     }
 
     fn process_tx(&mut self, reg: &mut dyn SocketRegistry) {
@@ -193,20 +210,28 @@ impl Net {
         };
         let (backend, buf, counters) = (&mut self.backend, &mut self.tx_buf, &mut self.counters);
         let service = &active.service;
-        let served = service.serve(&mut active.tx, |chain| {
-            match TxChain::read(chain, service.mem(), buf)? {
-                TxChain::Frame { hdr, frame } => {
-                    counters.tx_frames += 1;
-                    backend.guest_frame(&hdr, frame, reg);
+        // Asked before each chain: a full backend pauses the queue.
+        let full = std::cell::Cell::new(!backend.can_take_frame());
+        let served = service.serve_while(
+            &mut active.tx,
+            || !full.get(),
+            |chain| {
+                match TxChain::read(chain, service.mem(), buf)? {
+                    TxChain::Frame { hdr, frame } => {
+                        counters.tx_frames += 1;
+                        backend.guest_frame(&hdr, frame, reg);
+                        full.set(!backend.can_take_frame());
+                    }
+                    TxChain::Malformed(why) => {
+                        counters.tx_malformed += 1;
+                        crate::debug_limited!("virtio-net: TX chain dropped: {why}");
+                    }
                 }
-                TxChain::Malformed(why) => {
-                    counters.tx_malformed += 1;
-                    crate::debug_limited!("virtio-net: TX chain dropped: {why}");
-                }
-            }
-            // TX buffers are read-only for the device: nothing written.
-            Ok(0)
-        });
+                // TX buffers are read-only for the device: nothing written.
+                Ok(0)
+            },
+        );
+        self.tx_paused = full.get();
         if served.is_err() {
             // The NAT and its flows live on; a new driver gets them back.
             self.active = None;
@@ -288,6 +313,7 @@ impl VirtioDevice for Net {
             },
             mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
         });
+        self.tx_paused = false;
         crate::info_limited!(
             "virtio-net: up, MAC {}, features {:#x}",
             self.mac,
@@ -298,6 +324,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+        self.tx_paused = false;
     }
 
     fn saved_flows(&self) -> Option<crate::net::SavedFlows> {
