@@ -41,6 +41,7 @@ mod output;
 mod port;
 mod registry;
 mod ring;
+mod segment;
 mod tap;
 mod tcp;
 #[cfg(test)]
@@ -64,5 +65,6 @@ pub use leases::{Lease, LeaseError, Leases};
 pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
+pub use segment::{SegmentError, Segmenter};
 pub use tap::{in_netns, Tap};
 pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};
