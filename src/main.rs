@@ -232,6 +232,12 @@ struct RunArgs {
     /// replaces a named VM's saved forwards).
     #[arg(long = "forward", value_name = "RULE")]
     forwards: Vec<ForwardRule>,
+    /// On a lab network, only connections a rule admits come in:
+    /// tcp:PORT[-PORT], udp:PORT[-PORT] or icmp, each optionally
+    /// 'from CIDR'; replies to the VM's own connections always pass
+    /// (repeatable; replaces a named VM's saved rules).
+    #[arg(long = "ingress", value_name = "RULE")]
+    ingress: Vec<vmlab::cli::IngressRule>,
     /// Name the VM: its settings, serial log and control socket are kept
     /// (see vmlab ps); without it the VM is throwaway.
     #[arg(long, value_name = "NAME")]
@@ -707,6 +713,9 @@ fn merge_settings(mut settings: VmSettings, args: &RunArgs) -> Result<VmSettings
     }
     if !args.forwards.is_empty() {
         settings.forwards = args.forwards.clone();
+    }
+    if !args.ingress.is_empty() {
+        settings.ingress = args.ingress.clone();
     }
     if let Some(mac) = args.mac {
         settings.mac = Some(mac.octets());

@@ -210,6 +210,12 @@ pub fn net_settings(name: &str, settings: &VmSettings) -> Result<Option<NetSetti
                 .to_string(),
         ));
     }
+    if !settings.ingress.is_empty() && !matches!(settings.net, NetChoice::Lab(_)) {
+        return Err(ControlError::Refused(
+            "--ingress guards a card on a lab network: add --net NETWORK (with --net user only the --forwards you give reach the VM)"
+                .to_string(),
+        ));
+    }
     match &settings.net {
         NetChoice::None => {
             if !settings.forwards.is_empty() {
@@ -256,6 +262,7 @@ fn lab_member(
         mac,
         ip: settings.ip,
         forwards: settings.forwards.clone(),
+        ingress: settings.ingress.clone(),
     };
     let (link, ip) = MemberLink::join(net.clone(), request)?;
     log::info!("VM {name}: on network {network} as {ip}");

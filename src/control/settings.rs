@@ -1,6 +1,6 @@
 //! A named VM's configuration file (`vm.conf` in its state directory):
 //! what `vmlab run --name NAME` starts it with next time. One `key = value`
-//! per line, `#` comments, `forward` and `disk` repeatable:
+//! per line, `#` comments, `forward`, `disk` and `ingress` repeatable:
 //!
 //! ```text
 //! cpus = 2
@@ -14,6 +14,7 @@
 //! allow-backing = /srv/images/base.qcow2
 //! net = lab
 //! ip = 192.168.100.20
+//! ingress = tcp:5432 from 192.168.100.0/24
 //! ```
 
 use std::fmt::{self, Write as _};
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::error::{ControlError, Result};
-use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::cli::{ByteSize, DiskSpec, ForwardRule, IngressRule};
 use crate::disk::BackingPolicy;
 use crate::image::{Flavor, ImageSpec};
 use crate::net::{HostLoopback, Outbound};
@@ -98,6 +99,8 @@ pub struct VmSettings {
     pub net: NetChoice,
     /// The VM's reserved address on its lab network (`--ip`).
     pub ip: Option<Ipv4Addr>,
+    /// What may open connections toward it on its lab network (`--ingress`).
+    pub ingress: Vec<IngressRule>,
     /// What the gateway reaches on the host's loopback (`--host-loopback`).
     pub host_loopback: HostLoopback,
     /// Where else the guest may go (`--outbound`).
@@ -123,6 +126,7 @@ impl Default for VmSettings {
             on_reboot: None,
             net: NetChoice::User,
             ip: None,
+            ingress: Vec::new(),
             host_loopback: HostLoopback::All,
             outbound: Outbound::Any,
             allow_backing: Vec::new(),
@@ -169,6 +173,9 @@ impl VmSettings {
         }
         if let Some(ip) = self.ip {
             let _ = writeln!(out, "ip = {ip}");
+        }
+        for rule in &self.ingress {
+            let _ = writeln!(out, "ingress = {rule}");
         }
         if self.host_loopback != HostLoopback::All {
             let _ = writeln!(out, "host_loopback = {}", self.host_loopback);
@@ -241,6 +248,9 @@ impl VmSettings {
                             .map_err(|_| err(format!("ip '{value}' is not an IPv4 address")))?,
                     )
                 }
+                "ingress" => settings
+                    .ingress
+                    .push(value.parse().map_err(|e| err(format!("{e}")))?),
                 "host_loopback" => {
                     settings.host_loopback = value.parse().map_err(|e| err(format!("{e}")))?
                 }
@@ -325,6 +335,10 @@ mod tests {
             on_reboot: Some(OnReboot::Exit),
             net: NetChoice::Lab("lab".into()),
             ip: Some(Ipv4Addr::new(192, 168, 100, 20)),
+            ingress: vec![
+                "tcp:5432 from 192.168.100.0/24".parse().unwrap(),
+                "icmp".parse().unwrap(),
+            ],
             host_loopback: HostLoopback::Ports(vec![22, 5432]),
             outbound: Outbound::HostOnly,
             allow_backing: vec![PathBuf::from("/srv/base.qcow2"), PathBuf::from("/dev/sdb")],

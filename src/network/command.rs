@@ -10,7 +10,7 @@ use super::error::{NetworkError, Result};
 use super::protocol::{AttachRequest, NetRequest, NetResponse};
 use super::store::NetworkDir;
 use super::subnet::Subnet;
-use super::view::{render_rows, NetworkRow};
+use super::view::{render_qemu_join, render_rows, NetworkRow};
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCommand {
@@ -45,6 +45,10 @@ pub enum NetworkCommand {
         /// the namespace gets the same lease.
         #[arg(long)]
         no_config: bool,
+        /// Only connections a rule admits come in: tcp:PORT[-PORT],
+        /// udp:PORT[-PORT] or icmp, each optionally 'from CIDR' (repeatable).
+        #[arg(long = "ingress", value_name = "RULE")]
+        ingress: Vec<crate::cli::IngressRule>,
     },
     /// Detach a network namespace (its TAP device goes).
     Detach {
@@ -106,12 +110,14 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
                     );
                 }
             }
+            print!("{}", render_qemu_join(&net.qemu_socket_path()));
         }
         NetworkCommand::Attach {
             name,
             netns,
             member,
             no_config,
+            ingress,
         } => {
             let net = NetworkDir::existing(&name)?;
             let netns = namespace_path(&netns)?;
@@ -134,6 +140,7 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
                 netns,
                 name: member,
                 configure: !no_config,
+                ingress,
             });
             if let NetResponse::Attached(view) = client::ask_starting(&net, &request)? {
                 println!("{} joined {name} as {} ({})", view.name, view.ip, view.mac);
