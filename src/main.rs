@@ -237,6 +237,12 @@ struct RunArgs {
     /// forwards).
     #[arg(long = "forward", value_name = "RULE")]
     forwards: Vec<ForwardRule>,
+    /// On the lab network of the --net before it, only connections a rule
+    /// admits come in: tcp:PORT[-PORT], udp:PORT[-PORT] or icmp, each
+    /// optionally 'from CIDR'; replies to the VM's own connections always
+    /// pass (repeatable; replaces that card's saved rules).
+    #[arg(long = "ingress", value_name = "RULE")]
+    ingress: Vec<vmlab::cli::IngressRule>,
     /// Name the VM: its settings, serial log and control socket are kept
     /// (see vmlab ps); without it the VM is throwaway.
     #[arg(long, value_name = "NAME")]
@@ -530,6 +536,10 @@ fn parse_command_line() -> Result<Cli, clap::Error> {
             .zip(args.forwards.clone())
             .collect();
         flags.ips = at("ip").into_iter().zip(args.ip.clone()).collect();
+        flags.ingress = at("ingress")
+            .into_iter()
+            .zip(args.ingress.clone())
+            .collect();
     }
     Ok(cli)
 }

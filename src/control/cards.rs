@@ -1,5 +1,6 @@
 //! A VM's network cards: one virtio-net card per `--net`, eth0, eth1, ...
-//! in the order given. The per-card options (`--mac`, `--forward`, `--ip`)
+//! in the order given. The per-card options (`--mac`, `--forward`, `--ip`,
+//! `--ingress`)
 //! apply to the card of the closest `--net` before them; before the first
 //! `--net` (or without any), to the first card.
 
@@ -7,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use super::error::{ControlError, Result};
 use super::settings::NetChoice;
-use crate::cli::{ForwardRule, MacAddress};
+use crate::cli::{ForwardRule, IngressRule, MacAddress};
 
 /// Most cards a VM may have: each takes a virtio-mmio slot and an
 /// interrupt line, which disks and the RNG need too.
@@ -24,6 +25,8 @@ pub struct CardSettings {
     pub forwards: Vec<ForwardRule>,
     /// A reserved address on the card's lab network.
     pub ip: Option<Ipv4Addr>,
+    /// What may open connections toward the card on its lab network.
+    pub ingress: Vec<IngressRule>,
 }
 
 /// The per-card options of one `run` command line, each with the position
@@ -34,6 +37,7 @@ pub struct CardFlags {
     pub macs: Vec<(usize, MacAddress)>,
     pub forwards: Vec<(usize, ForwardRule)>,
     pub ips: Vec<(usize, Ipv4Addr)>,
+    pub ingress: Vec<(usize, IngressRule)>,
 }
 
 impl CardFlags {
@@ -58,6 +62,7 @@ impl CardFlags {
         let mut macs = vec![None; count];
         let mut forwards = vec![Vec::new(); count];
         let mut ips = vec![None; count];
+        let mut ingress = vec![Vec::new(); count];
         for (at, mac) in &self.macs {
             let card = self.card_of(*at);
             if macs[card].replace(mac.octets()).is_some() {
@@ -69,6 +74,9 @@ impl CardFlags {
         for (at, rule) in &self.forwards {
             forwards[self.card_of(*at)].push(*rule);
         }
+        for (at, rule) in &self.ingress {
+            ingress[self.card_of(*at)].push(*rule);
+        }
         for (at, ip) in &self.ips {
             let card = self.card_of(*at);
             if ips[card].replace(*ip).is_some() {
@@ -78,9 +86,13 @@ impl CardFlags {
             }
         }
         if cards.is_empty() {
-            if !self.forwards.is_empty() || !self.macs.is_empty() || !self.ips.is_empty() {
+            if !self.forwards.is_empty()
+                || !self.macs.is_empty()
+                || !self.ips.is_empty()
+                || !self.ingress.is_empty()
+            {
                 return Err(refused(
-                    "--forward, --mac and --ip need a network card: drop them or --net none"
+                    "--forward, --mac, --ip and --ingress need a network card: drop them or --net none"
                         .to_string(),
                 ));
             }
@@ -101,6 +113,15 @@ impl CardFlags {
             }
             if ips[index].is_some() || replaced {
                 card.ip = ips[index];
+            }
+            if !ingress[index].is_empty() {
+                card.ingress = std::mem::take(&mut ingress[index]);
+            } else if replaced {
+                // A card on the same network as before keeps its rules.
+                card.ingress = before
+                    .filter(|c| c.net == card.net)
+                    .map(|c| c.ingress.clone())
+                    .unwrap_or_default();
             }
         }
         Ok(cards)
@@ -163,6 +184,12 @@ pub fn check_cards(cards: &[CardSettings]) -> Result<()> {
         if card.ip.is_some() && !matches!(card.net, NetChoice::Lab(_)) {
             return Err(refused(format!(
                 "--ip is an address on a lab network, and eth{index} is on {}: add --net NETWORK before it (see vmlab network ls)",
+                card.net
+            )));
+        }
+        if !card.ingress.is_empty() && !matches!(card.net, NetChoice::Lab(_)) {
+            return Err(refused(format!(
+                "--ingress guards a card on a lab network, and eth{index} is on {}: put it after --net NETWORK (with --net user only the --forwards you give reach the VM)",
                 card.net
             )));
         }
@@ -251,6 +278,7 @@ mod tests {
             macs: vec![(4, "52:54:00:00:00:01".parse().unwrap())],
             forwards: vec![(0, rule("tcp:2222:22")), (8, rule("tcp:8080:80"))],
             ips: vec![(10, Ipv4Addr::new(192, 168, 100, 20))],
+            ingress: vec![(11, "tcp:5432".parse().unwrap())],
         };
         assert_eq!(flags.card_of(0), 0);
         assert_eq!(flags.card_of(3), 0);
@@ -264,8 +292,20 @@ mod tests {
         assert_eq!(cards[1].net, lab("lab"));
         assert_eq!(cards[1].forwards, [rule("tcp:8080:80")]);
         assert_eq!(cards[1].ip, Some(Ipv4Addr::new(192, 168, 100, 20)));
+        assert_eq!(cards[1].ingress, ["tcp:5432".parse().unwrap()]);
         assert_eq!(cards[2], card(lab("dmz")));
         check_cards(&cards).unwrap();
+    }
+
+    #[test]
+    fn ingress_is_refused_on_a_card_that_is_not_on_a_lab_network() {
+        let cards = vec![CardSettings {
+            net: NetChoice::User,
+            ingress: vec!["icmp".parse().unwrap()],
+            ..CardSettings::default()
+        }];
+        let err = check_cards(&cards).unwrap_err().to_string();
+        assert!(err.contains("--ingress guards a card on a lab network"), "{err}");
     }
 
     #[test]
@@ -276,6 +316,7 @@ mod tests {
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 forwards: vec![rule("tcp:2222:22")],
                 ip: None,
+                ingress: Vec::new(),
             },
             CardSettings {
                 net: lab("lab"),

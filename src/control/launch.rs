@@ -281,6 +281,7 @@ fn lab_member(
         mac,
         ip: card.ip,
         forwards: card.forwards.clone(),
+        ingress: card.ingress.clone(),
     };
     let (link, ip) = MemberLink::join(net.clone(), request)?;
     log::info!("VM {name}: on network {network} as {ip}");

@@ -1,6 +1,6 @@
 //! A named VM's configuration file (`vm.conf` in its state directory):
 //! what `vmlab run --name NAME` starts it with next time. One `key = value`
-//! per line, `#` comments, `forward` and `disk` repeatable:
+//! per line, `#` comments, `forward`, `disk` and `ingress` repeatable:
 //!
 //! ```text
 //! cpus = 2
@@ -16,6 +16,7 @@
 //! ip = 192.168.100.20
 //! net = dmz
 //! mac = 52:54:00:12:34:57
+//! ingress = tcp:5432 from 192.168.100.0/24
 //! ```
 //!
 //! Each `net` line after the first is another card (eth1, eth2, ...); the
@@ -30,7 +31,7 @@ use std::str::FromStr;
 
 use super::cards::CardSettings;
 use super::error::{ControlError, Result};
-use crate::cli::{ByteSize, DiskSpec, ForwardRule};
+use crate::cli::{ByteSize, DiskSpec, ForwardRule, IngressRule};
 use crate::disk::BackingPolicy;
 use crate::image::{Flavor, ImageSpec};
 use crate::net::{HostLoopback, Outbound};
@@ -133,6 +134,8 @@ pub struct VmSettings {
     pub ip: Option<Ipv4Addr>,
     /// The cards after the first: eth1, eth2, ...
     pub more_cards: Vec<CardSettings>,
+    /// What may open connections toward it on its lab network (`--ingress`).
+    pub ingress: Vec<IngressRule>,
     /// What the gateway reaches on the host's loopback (`--host-loopback`).
     pub host_loopback: HostLoopback,
     /// Where else the guest may go (`--outbound`).
@@ -159,6 +162,7 @@ impl Default for VmSettings {
             net: NetChoice::User,
             ip: None,
             more_cards: Vec::new(),
+            ingress: Vec::new(),
             host_loopback: HostLoopback::All,
             outbound: Outbound::Any,
             allow_backing: Vec::new(),
@@ -206,6 +210,9 @@ impl VmSettings {
         if let Some(ip) = self.ip {
             let _ = writeln!(out, "ip = {ip}");
         }
+        for rule in &self.ingress {
+            let _ = writeln!(out, "ingress = {rule}");
+        }
         if self.host_loopback != HostLoopback::All {
             let _ = writeln!(out, "host_loopback = {}", self.host_loopback);
         }
@@ -226,6 +233,9 @@ impl VmSettings {
             if let Some(ip) = card.ip {
                 let _ = writeln!(out, "ip = {ip}");
             }
+            for rule in &card.ingress {
+                let _ = writeln!(out, "ingress = {rule}");
+            }
         }
         out
     }
@@ -240,6 +250,7 @@ impl VmSettings {
             mac: self.mac,
             forwards: self.forwards.clone(),
             ip: self.ip,
+            ingress: self.ingress.clone(),
         };
         std::iter::once(first)
             .chain(self.more_cards.iter().cloned())
@@ -257,6 +268,7 @@ impl VmSettings {
         self.mac = first.mac;
         self.forwards = first.forwards;
         self.ip = first.ip;
+        self.ingress = first.ingress;
         self.more_cards = cards.collect();
     }
 
@@ -345,6 +357,13 @@ impl VmSettings {
                     match settings.more_cards.last_mut() {
                         Some(card) => card.ip = ip,
                         None => settings.ip = ip,
+                    }
+                }
+                "ingress" => {
+                    let rule = value.parse().map_err(|e| err(format!("{e}")))?;
+                    match settings.more_cards.last_mut() {
+                        Some(card) => card.ingress.push(rule),
+                        None => settings.ingress.push(rule),
                     }
                 }
                 "host_loopback" => {
@@ -446,12 +465,17 @@ mod tests {
                     mac: Some([0x52, 0x54, 0, 1, 2, 0xac]),
                     forwards: vec!["tcp:8080:80".parse().unwrap()],
                     ip: Some(Ipv4Addr::new(192, 168, 101, 7)),
+                    ingress: vec!["udp:53".parse().unwrap()],
                 },
                 CardSettings {
                     net: NetChoice::Tap("tap0".into()),
                     ..CardSettings::default()
                 },
                 CardSettings::default(),
+            ],
+            ingress: vec![
+                "tcp:5432 from 192.168.100.0/24".parse().unwrap(),
+                "icmp".parse().unwrap(),
             ],
             host_loopback: HostLoopback::Ports(vec![22, 5432]),
             outbound: Outbound::HostOnly,

@@ -42,6 +42,7 @@ mod port;
 mod registry;
 mod ring;
 mod saved_flows;
+mod segment;
 mod tap;
 mod tcp;
 #[cfg(test)]
@@ -66,6 +67,7 @@ pub use listeners::ForwardListeners;
 pub use port::{GuestPort, PortBusy};
 pub use registry::{EpollRegistry, NullRegistry, SocketRegistry};
 pub use saved_flows::SavedFlows;
+pub use segment::{SegmentError, Segmenter};
 pub use tap::{enter_netns, in_netns, tap_name_is_valid, Tap};
 pub use tcp::TcpReset;
 pub use view::{FlowInfo, FlowProtocol, FlowState, NatSnapshot, NatView};

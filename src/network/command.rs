@@ -10,7 +10,7 @@ use super::error::{NetworkError, Result};
 use super::protocol::{AttachRequest, NetRequest, NetResponse};
 use super::store::NetworkDir;
 use super::subnet::Subnet;
-use super::view::{render_rows, NetworkRow};
+use super::view::{render_qemu_join, render_rows, NetworkRow};
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCommand {
@@ -49,6 +49,10 @@ pub enum NetworkCommand {
         /// seccomp filters (for debugging, as run --no-seccomp).
         #[arg(long)]
         no_seccomp: bool,
+        /// Only connections a rule admits come in: tcp:PORT[-PORT],
+        /// udp:PORT[-PORT] or icmp, each optionally 'from CIDR' (repeatable).
+        #[arg(long = "ingress", value_name = "RULE")]
+        ingress: Vec<crate::cli::IngressRule>,
     },
     /// Detach a network namespace (its TAP device goes).
     Detach {
@@ -110,6 +114,7 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
                     );
                 }
             }
+            print!("{}", render_qemu_join(&net.qemu_socket_path()));
         }
         NetworkCommand::Attach {
             name,
@@ -117,6 +122,7 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
             member,
             no_config,
             no_seccomp,
+            ingress,
         } => {
             let net = NetworkDir::existing(&name)?;
             let netns = namespace_path(&netns)?;
@@ -139,6 +145,7 @@ pub fn run(command: NetworkCommand) -> Result<i32> {
                 netns,
                 name: member,
                 configure: !no_config,
+                ingress,
             });
             let filtered = !no_seccomp;
             if let NetResponse::Attached(view) = client::ask_starting(&net, &request, filtered)? {

@@ -11,14 +11,23 @@ use std::path::PathBuf;
 use smoltcp::wire::EthernetAddress;
 
 use super::view::{MemberKind, MemberView};
-use crate::cli::{ForwardRule, MacAddress};
-use crate::net::{GuestFrame, GuestPort, Nat, NetHdr, Offloads, PortBusy, SocketRegistry, Tap};
+use crate::cli::{ForwardRule, IngressRule, MacAddress};
+use crate::net::{
+    GuestFrame, GuestPort, Nat, NetHdr, Offloads, PortBusy, Segmenter, SocketRegistry, Tap,
+};
+use crate::switch::firewall::Firewall;
 use crate::switch::stream::StreamPort;
 use crate::switch::{PortId, Route, Switch};
 
 /// How a member is connected.
 pub(super) enum Link {
     Stream(StreamPort),
+    /// A QEMU guest: plain frames, no offloads, so what it is sent is
+    /// segmented and checksummed here first.
+    Qemu {
+        port: StreamPort,
+        segmenter: Segmenter,
+    },
     Tap {
         tap: Tap,
         netns: PathBuf,
@@ -37,6 +46,9 @@ pub(super) struct Member {
     pub ip: Ipv4Addr,
     pub link: Link,
     pub forwards: Vec<ForwardRule>,
+    /// What may open connections toward it (enforced by the fabric's
+    /// firewall; kept here to be saved and shown).
+    pub ingress: Vec<IngressRule>,
     /// Readiness not yet drained (edge-triggered).
     pub readable: bool,
     /// Stopped reading because a port it sends to is full.
@@ -46,7 +58,7 @@ pub(super) struct Member {
 impl Member {
     pub fn fd(&self) -> RawFd {
         match &self.link {
-            Link::Stream(port) => port.as_raw_fd(),
+            Link::Stream(port) | Link::Qemu { port, .. } => port.as_raw_fd(),
             Link::Tap { tap, .. } => tap.as_raw_fd(),
         }
     }
@@ -58,12 +70,14 @@ impl Member {
             ip: self.ip,
             kind: match &self.link {
                 Link::Stream(_) => MemberKind::Vm,
+                Link::Qemu { .. } => MemberKind::Qemu,
                 Link::Tap { tap, netns, .. } => MemberKind::Netns {
                     path: netns.clone(),
                     device: tap.name().to_string(),
                 },
             },
             forwards: self.forwards.clone(),
+            ingress: None,
         }
     }
 
@@ -71,6 +85,18 @@ impl Member {
     fn send(&mut self, hdr: &NetHdr, frame: &[u8]) -> bool {
         match &mut self.link {
             Link::Stream(port) => port.send(hdr, frame).is_ok(),
+            Link::Qemu { port, segmenter } => {
+                let mut sent = true;
+                let plain = NetHdr::default();
+                let result = segmenter.segment(hdr, frame, |piece| {
+                    sent &= port.send(&plain, piece).is_ok();
+                });
+                if let Err(e) = result {
+                    log::debug!("network: {}: frame dropped: {e}", self.name);
+                    return false;
+                }
+                sent
+            }
             Link::Tap { tap, .. } => tap.send_frame(hdr, frame).is_ok(),
         }
     }
@@ -78,19 +104,19 @@ impl Member {
     /// Its outgoing buffer is past half full: senders should wait.
     pub fn is_filling(&self) -> bool {
         match &self.link {
-            Link::Stream(port) => port.is_filling(),
+            Link::Stream(port) | Link::Qemu { port, .. } => port.is_filling(),
             Link::Tap { .. } => false,
         }
     }
 
     pub fn has_pending(&self) -> bool {
-        matches!(&self.link, Link::Stream(port) if port.pending() > 0)
+        matches!(&self.link, Link::Stream(port) | Link::Qemu { port, .. } if port.pending() > 0)
     }
 
     /// Writes what waits; Ok(false) while the peer is full.
     pub fn flush(&mut self) -> io::Result<bool> {
         match &mut self.link {
-            Link::Stream(port) => port.flush(),
+            Link::Stream(port) | Link::Qemu { port, .. } => port.flush(),
             Link::Tap { .. } => Ok(true),
         }
     }
@@ -99,6 +125,8 @@ impl Member {
 /// The switch and the member ports, borrowed together to move frames.
 pub(super) struct Fabric<'a> {
     pub switch: &'a mut Switch,
+    /// Ingress rules of guarded ports, and the connections they track.
+    pub firewall: &'a mut Firewall,
     pub members: &'a mut HashMap<PortId, Member>,
     pub gateway_port: PortId,
 }
@@ -128,10 +156,17 @@ impl Fabric<'_> {
         let Some((src, dst)) = addresses(frame) else {
             return Delivered::Done;
         };
+        let now = std::time::Instant::now();
+        if self.firewall.is_guarded(from) && !self.firewall.outbound(from, frame, now) {
+            return Delivered::Done;
+        }
         match self.switch.route(from, src, dst) {
             Route::Drop => Delivered::Done,
             Route::One(port) if port == self.gateway_port => Delivered::ToGateway,
             Route::One(port) => {
+                if !self.firewall.inbound(port, frame, now) {
+                    return Delivered::Done;
+                }
                 let Some(member) = self.members.get_mut(&port) else {
                     return Delivered::Done;
                 };
@@ -149,6 +184,8 @@ impl Fabric<'_> {
                 for port in ports {
                     if port == self.gateway_port {
                         gateway = true;
+                    } else if !self.firewall.inbound(port, frame, now) {
+                        continue;
                     } else if let Some(member) = self.members.get_mut(&port) {
                         if !member.send(hdr, frame) {
                             self.switch.counters.dropped += 1;
@@ -202,7 +239,8 @@ impl GuestPort for Fabric<'_> {
     }
 
     /// Every member takes partial checksums and TSO segments: VMs finish
-    /// them for a guest that cannot, TAPs pass them to the kernel.
+    /// them for a guest that cannot, TAPs pass them to the kernel, and
+    /// QEMU members get them segmented in software.
     fn offloads(&self) -> Offloads {
         Offloads {
             csum: true,

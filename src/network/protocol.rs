@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::view::{MemberView, NetworkView};
-use crate::cli::{ForwardRule, MacAddress};
+use crate::cli::{ForwardRule, IngressRule, MacAddress};
 use crate::net::NatSnapshot;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,9 @@ pub struct JoinRequest {
     /// A reserved address (`run --ip`).
     pub ip: Option<Ipv4Addr>,
     pub forwards: Vec<ForwardRule>,
+    /// Ingress rules (`run --ingress`): none, every connection comes in.
+    #[serde(default)]
+    pub ingress: Vec<IngressRule>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +50,8 @@ pub struct AttachRequest {
     /// Address, prefix and default route set on the TAP by vmlab (else a
     /// DHCP client in the namespace asks for the same lease).
     pub configure: bool,
+    #[serde(default)]
+    pub ingress: Vec<IngressRule>,
 }
 
 /// A member's place on the network.
@@ -80,6 +85,7 @@ mod tests {
             mac: "52:54:00:12:34:56".parse().unwrap(),
             ip: Some(Ipv4Addr::new(192, 168, 100, 20)),
             forwards: vec!["tcp:8080:80".parse().unwrap()],
+            ingress: vec!["tcp:5432 from 192.168.100.0/24".parse().unwrap()],
         });
         for request in [
             join,

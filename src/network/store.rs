@@ -157,6 +157,11 @@ impl NetworkDir {
     pub fn socket_path(&self) -> PathBuf {
         crate::dirs::runtime_dir().join(format!("net-{}.sock", self.name))
     }
+    /// Where QEMU guests connect (`-netdev stream`): every connection is
+    /// a member, its frames in QEMU's framing without vnet headers.
+    pub fn qemu_socket_path(&self) -> PathBuf {
+        crate::dirs::runtime_dir().join(format!("net-{}.qemu.sock", self.name))
+    }
 
     pub fn load(&self) -> Result<NetworkDef> {
         let path = self.config_path();
@@ -254,6 +259,7 @@ impl NetworkDir {
             .map_err(NetworkError::io("cannot remove", &self.dir));
         drop(held);
         let _ = std::fs::remove_file(self.socket_path());
+        let _ = std::fs::remove_file(self.qemu_socket_path());
         result
     }
 

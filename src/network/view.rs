@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::subnet::Subnet;
 use crate::cli::{ForwardRule, MacAddress};
 use crate::net::NatSnapshot;
+use crate::switch::firewall::{ConntrackCounters, IngressView};
 use crate::switch::SwitchCounters;
 
 /// What kind of member.
@@ -20,6 +21,8 @@ pub enum MemberKind {
     Vm,
     /// A network namespace with a TAP device (`network attach --netns`).
     Netns { path: PathBuf, device: String },
+    /// A QEMU guest on the network's QEMU socket (`-netdev stream`).
+    Qemu,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +33,9 @@ pub struct MemberView {
     #[serde(flatten)]
     pub kind: MemberKind,
     pub forwards: Vec<ForwardRule>,
+    /// Its ingress rules and what they let in and dropped (none: open).
+    #[serde(default)]
+    pub ingress: Option<IngressView>,
 }
 
 /// A lease as `network show` lists it (members or not).
@@ -54,6 +60,8 @@ pub struct NetworkView {
     /// The gateway's NAT: every member's forwards and flows, and counters.
     pub gateway_nat: NatSnapshot,
     pub switch: SwitchCounters,
+    #[serde(default)]
+    pub conntrack: ConntrackCounters,
 }
 
 impl NetworkView {
@@ -85,6 +93,7 @@ impl NetworkView {
             "switch: frames {} flooded {} spoofed {} dropped {}",
             s.frames, s.flooded, s.spoofed, s.dropped
         );
+        render_ingress(&mut out, &self.members, self.conntrack);
         out.push_str(&self.gateway_nat.render());
         out
     }
@@ -103,6 +112,7 @@ fn render_members(out: &mut String, members: &[MemberView]) {
     for m in members {
         let kind = match &m.kind {
             MemberKind::Vm => "vm".to_string(),
+            MemberKind::Qemu => "qemu".to_string(),
             MemberKind::Netns { path, .. } => format!("netns {}", path.display()),
         };
         let forwards: Vec<String> = m.forwards.iter().map(ToString::to_string).collect();
@@ -120,6 +130,58 @@ fn render_members(out: &mut String, members: &[MemberView]) {
             }
         );
     }
+}
+
+/// Each guarded member's rules (with the connections each let in) and
+/// what was dropped toward it.
+fn render_ingress(out: &mut String, members: &[MemberView], conntrack: ConntrackCounters) {
+    let guarded: Vec<(&str, &IngressView)> = members
+        .iter()
+        .filter_map(|m| m.ingress.as_ref().map(|v| (m.name.as_str(), v)))
+        .collect();
+    if guarded.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "ingress: connections {} (at most {}) table_full {}",
+        conntrack.connections,
+        crate::switch::firewall::MAX_CONNECTIONS,
+        conntrack.table_full
+    );
+    for (name, view) in guarded {
+        let rules: Vec<String> = view
+            .rules
+            .iter()
+            .map(|r| format!("{} allowed {}", r.rule, r.allowed))
+            .collect();
+        let dropped: Vec<String> = view
+            .dropped
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {name}: {}; dropped {}; connections {}",
+            rules.join(", "),
+            if dropped.is_empty() {
+                "none".to_string()
+            } else {
+                dropped.join(", ")
+            },
+            view.connections
+        );
+    }
+}
+
+/// How a QEMU guest joins: the socket, and the options QEMU 7.2 takes
+/// (a stream netdev connecting to it; any NIC model works, the MMIO
+/// virtio-net of a microvm is shown). Each guest needs a MAC of its own.
+pub fn render_qemu_join(socket: &std::path::Path) -> String {
+    format!(
+        "qemu socket: {path}\n  qemu-system-x86_64 ... -netdev stream,id=n0,server=off,addr.type=unix,addr.path={path} -device virtio-net-device,netdev=n0,mac=52:54:00:XX:XX:XX\n",
+        path = socket.display()
+    )
 }
 
 /// One row of `vmlab network ls`.
@@ -176,6 +238,14 @@ mod tests {
                     ip: Ipv4Addr::new(192, 168, 100, 100),
                     kind: MemberKind::Vm,
                     forwards: vec!["tcp:8080:80".parse().unwrap()],
+                    ingress: Some(IngressView {
+                        rules: vec![crate::switch::firewall::RuleCount {
+                            rule: "tcp:80".parse().unwrap(),
+                            allowed: 3,
+                        }],
+                        dropped: vec![("tcp:22".into(), 5)],
+                        connections: 1,
+                    }),
                 },
                 MemberView {
                     name: "ct1".into(),
@@ -186,11 +256,13 @@ mod tests {
                         device: "vl-lab".into(),
                     },
                     forwards: vec![],
+                    ingress: None,
                 },
             ],
             leases: vec![],
             gateway_nat: NatSnapshot::default(),
             switch: SwitchCounters::default(),
+            conntrack: ConntrackCounters::default(),
         };
         let json = serde_json::to_string(&view).unwrap();
         assert_eq!(serde_json::from_str::<NetworkView>(&json).unwrap(), view);
@@ -198,6 +270,10 @@ mod tests {
         assert!(text.contains("web"), "{text}");
         assert!(text.contains("tcp:127.0.0.1:8080:80"), "{text}");
         assert!(text.contains("netns /run/netns/ct1"), "{text}");
+        assert!(
+            text.contains("  web: tcp:80 allowed 3; dropped tcp:22 5; connections 1"),
+            "{text}"
+        );
         let rows = [NetworkRow {
             name: "lab".into(),
             subnet: view.subnet,

@@ -4,11 +4,15 @@
 //! virtio nor the NAT: the network process plugs the NAT in as one more
 //! port (the gateway's MAC) and moves the frames.
 //!
+//! A port may also be guarded by ingress rules ([`firewall`]): then only
+//! connections its rules admit, and replies to its own, reach it.
+//!
 //! A port may be locked to one source MAC (a VM member's, a namespace's
 //! TAP): frames from it with any other source address are dropped, so a
 //! member cannot pose as another or flood the table with made-up
 //! addresses.
 
+pub mod firewall;
 mod mac_table;
 pub mod stream;
 pub mod wire;

@@ -66,6 +66,7 @@ impl Process {
         let port = self
             .switch
             .add_port(Some(EthernetAddress(join.mac.octets())));
+        self.firewall.guard(port, &join.ingress);
         let joined = Joined {
             ip,
             prefix: self.def.subnet.prefix(),
@@ -98,11 +99,13 @@ impl Process {
                 Err(e) => {
                     log::warn!("network: {} could not join: {e}", join.name);
                     self.switch.remove_port(port);
+                    self.firewall.remove_port(port);
                     self.nat.forget_guest(joined.ip, &mut self.reg);
                     return;
                 }
             },
             forwards: join.forwards.clone(),
+            ingress: join.ingress.clone(),
             readable: true,
             paused: false,
         };
@@ -137,6 +140,7 @@ impl Process {
             name: attach.name.clone(),
             mac: MacAddress::for_vm(&format!("netns:{}:{}", self.dir.name(), attach.name)),
             configure: attach.configure,
+            ingress: attach.ingress.clone(),
         };
         let view = self.add_netns(&saved)?;
         self.save_namespaces();
@@ -171,8 +175,10 @@ impl Process {
         let port = self
             .switch
             .add_port(Some(EthernetAddress(saved.mac.octets())));
+        self.firewall.guard(port, &saved.ingress);
         if let Err(e) = self.reg.add(tap.as_raw_fd(), TOKEN_MEMBER | port.0) {
             self.switch.remove_port(port);
+            self.firewall.remove_port(port);
             netns::release(tap);
             return Err(format!("cannot watch the TAP device: {e}"));
         }
@@ -187,10 +193,14 @@ impl Process {
                 identity: identity.unwrap_or_default(),
             },
             forwards: Vec::new(),
+            ingress: saved.ingress.clone(),
             readable: true,
             paused: false,
         };
-        let view = member.view();
+        let view = MemberView {
+            ingress: self.firewall.view(port),
+            ..member.view()
+        };
         log::info!(
             "network: {} ({}) attached as {ip}",
             saved.name,
@@ -226,6 +236,7 @@ impl Process {
         };
         let _ = self.reg.remove(member.fd(), TOKEN_MEMBER | port.0);
         self.switch.remove_port(port);
+        self.firewall.remove_port(port);
         self.nat.forget_guest(member.ip, &mut self.reg);
         log::info!("network: {} left", member.name);
         if let Link::Tap { tap, .. } = member.link {
@@ -243,7 +254,7 @@ impl Process {
                 Link::Tap {
                     netns, identity, ..
                 } => netns::identity(netns) != Some(*identity),
-                Link::Stream(_) => false,
+                Link::Stream(_) | Link::Qemu { .. } => false,
             })
             .map(|(p, _)| *p)
             .collect();

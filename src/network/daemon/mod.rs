@@ -22,23 +22,28 @@ use super::netns::{self, NetnsHelper};
 use super::protocol::{AttachRequest, JoinRequest, Joined, NetRequest, NetResponse};
 use super::store::{NetworkDef, NetworkDir};
 use super::view::{LeaseView, MemberView, NetworkView};
-use crate::cli::MacAddress;
+use crate::cli::{IngressRule, MacAddress};
 use crate::control::protocol::{encode, MAX_LINE};
 use crate::net::{
-    EpollRegistry, ForwardListeners, Leases, Nat, NatConfig, NetHdr, SocketRegistry, NET_HDR_LEN,
-    TICK,
+    EpollRegistry, ForwardListeners, Leases, Nat, NatConfig, NetHdr, Segmenter, SocketRegistry,
+    NET_HDR_LEN, TICK,
 };
+use crate::switch::firewall::Firewall;
 use crate::switch::stream::{ReadState, StreamPort};
 use crate::switch::wire::{Framing, MAX_MESSAGE};
 use crate::switch::{PortId, Switch};
 
 mod membership;
+mod qemu;
 mod requests;
 mod saved;
 
 use saved::SavedNetns;
 
 const TOKEN_LISTENER: u32 = 1;
+const TOKEN_QEMU_LISTENER: u32 = 2;
+/// A QEMU connection that has not sent its first frame yet.
+const TOKEN_QEMU_WAITING: u32 = 1 << 30;
 const TOKEN_CONN: u32 = 1 << 28;
 const TOKEN_MEMBER: u32 = 1 << 29;
 const TOKEN_INDEX: u32 = TOKEN_CONN - 1;
@@ -84,7 +89,10 @@ struct Process {
     def: NetworkDef,
     reg: EpollRegistry,
     listener: UnixListener,
+    qemu_listener: UnixListener,
+    qemu_waiting: HashMap<u32, StreamPort>,
     switch: Switch,
+    firewall: Firewall,
     gateway_port: PortId,
     nat: Nat,
     members: HashMap<PortId, Member>,
@@ -114,14 +122,13 @@ pub fn serve(name: &str, ready: impl FnOnce()) -> Result<()> {
     ))?;
     let socket = dir.socket_path();
     let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).map_err(NetworkError::io("cannot listen on", &socket))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(NetworkError::io("cannot listen on", &socket))?;
+    let listener = listen(&socket)?;
+    let qemu_socket = dir.qemu_socket_path();
+    let _ = std::fs::remove_file(&qemu_socket);
+    let qemu_listener = listen(&qemu_socket)?;
     log::info!("network {name}: {} in {}", def.subnet, runtime.display());
     let netns = NetnsHelper::start()?;
-    let mut process = Process::new(dir, def, listener, netns)?;
+    let mut process = Process::new(dir, def, listener, netns, qemu_listener)?;
     process.restore_namespaces();
     // Set up: from here on the loop runs under its filter (a failure to
     // install it, or a violation, is the last line of the network's log,
@@ -131,7 +138,17 @@ pub fn serve(name: &str, ready: impl FnOnce()) -> Result<()> {
     let result = process.run();
     process.shut_down();
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&qemu_socket);
     result
+}
+
+fn listen(socket: &Path) -> Result<UnixListener> {
+    let listener =
+        UnixListener::bind(socket).map_err(NetworkError::io("cannot listen on", socket))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(NetworkError::io("cannot listen on", socket))?;
+    Ok(listener)
 }
 
 fn nat_config(dir: &NetworkDir, def: &NetworkDef) -> NatConfig {
@@ -161,6 +178,7 @@ impl Process {
         def: NetworkDef,
         listener: UnixListener,
         netns: NetnsHelper,
+        qemu_listener: UnixListener,
     ) -> Result<Process> {
         let (first, last) = def.subnet.pool();
         let mut leases = Leases::pool(first, last);
@@ -181,6 +199,8 @@ impl Process {
         nat.start(&mut reg)?;
         reg.add(listener.as_raw_fd(), TOKEN_LISTENER)
             .map_err(NetworkError::io("cannot poll", dir.path()))?;
+        reg.add(qemu_listener.as_raw_fd(), TOKEN_QEMU_LISTENER)
+            .map_err(NetworkError::io("cannot poll", dir.path()))?;
         let mut switch = Switch::default();
         let gateway_port = switch.add_port(Some(gateway_mac));
         Ok(Process {
@@ -188,7 +208,10 @@ impl Process {
             def,
             reg,
             listener,
+            qemu_listener,
+            qemu_waiting: HashMap::new(),
             switch,
+            firewall: Firewall::default(),
             gateway_port,
             nat,
             members: HashMap::new(),
@@ -220,6 +243,10 @@ impl Process {
                     self.nat.handle_event(token, events, &mut self.reg);
                 } else if token == TOKEN_LISTENER {
                     self.accept();
+                } else if token == TOKEN_QEMU_LISTENER {
+                    self.accept_qemu();
+                } else if token & TOKEN_QEMU_WAITING != 0 {
+                    self.hear_qemu(token & TOKEN_INDEX);
                 } else if token & TOKEN_CONN != 0 {
                     self.read_request(token & TOKEN_INDEX);
                 } else if token & TOKEN_MEMBER != 0 {
@@ -243,6 +270,7 @@ impl Process {
             self.save_leases();
             if self.members.is_empty()
                 && self.pending.is_empty()
+                && self.qemu_waiting.is_empty()
                 && (self.had_member || self.started.elapsed() > FIRST_MEMBER_GRACE)
             {
                 log::info!("network {}: no members left", self.dir.name());
@@ -266,6 +294,7 @@ impl Process {
             };
             let mut fabric = Fabric {
                 switch: &mut self.switch,
+                firewall: &mut self.firewall,
                 members: &mut self.members,
                 gateway_port: self.gateway_port,
             };
@@ -277,7 +306,7 @@ impl Process {
                 go_on
             };
             let state = match &mut member.link {
-                Link::Stream(stream) => stream
+                Link::Stream(stream) | Link::Qemu { port: stream, .. } => stream
                     .receive(&mut carry, READS_PER_TURN)
                     .map_err(|e| e.to_string()),
                 Link::Tap { tap, .. } => read_tap(tap, &mut self.tap_buf, &mut carry),
@@ -299,6 +328,7 @@ impl Process {
     fn flush(&mut self) {
         let mut fabric = Fabric {
             switch: &mut self.switch,
+            firewall: &mut self.firewall,
             members: &mut self.members,
             gateway_port: self.gateway_port,
         };
@@ -353,10 +383,18 @@ impl Process {
         for port in ports {
             self.leave(port);
         }
+        self.close_waiting_qemu();
     }
 
     fn view(&self) -> NetworkView {
-        let mut members: Vec<MemberView> = self.members.values().map(Member::view).collect();
+        let mut members: Vec<MemberView> = self
+            .members
+            .iter()
+            .map(|(port, m)| MemberView {
+                ingress: self.firewall.view(*port),
+                ..m.view()
+            })
+            .collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));
         NetworkView {
             name: self.dir.name().to_string(),
@@ -378,6 +416,7 @@ impl Process {
                 .collect(),
             gateway_nat: self.nat.snapshot(),
             switch: self.switch.counters,
+            conntrack: self.firewall.counters(),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The namespace members saved beside the leases (`namespaces`, one a
-//! line, tab-separated), so a network process killed and started again
+//! line, tab-separated, ingress rules comma-separated last), so a network process killed and started again
 //! takes back the TAP devices it left in them.
 
 use super::*;
@@ -12,6 +12,7 @@ pub(super) struct SavedNetns {
     pub(super) name: String,
     pub(super) mac: MacAddress,
     pub(super) configure: bool,
+    pub(super) ingress: Vec<IngressRule>,
 }
 
 impl Process {
@@ -30,8 +31,9 @@ impl Process {
                     name: m.name.clone(),
                     mac: m.mac,
                     configure: *configure,
+                    ingress: m.ingress.clone(),
                 }),
-                Link::Stream(_) => None,
+                Link::Stream(_) | Link::Qemu { .. } => None,
             })
             .collect()
     }
@@ -71,13 +73,15 @@ fn render_namespaces(saved: &[SavedNetns]) -> String {
     saved
         .iter()
         .map(|s| {
+            let ingress: Vec<String> = s.ingress.iter().map(ToString::to_string).collect();
             format!(
-                "{}\t{}\t{}\t{}\t{}\n",
+                "{}\t{}\t{}\t{}\t{}\t{}\n",
                 s.path.display(),
                 s.device,
                 s.name,
                 s.mac,
-                if s.configure { "configure" } else { "dhcp" }
+                if s.configure { "configure" } else { "dhcp" },
+                ingress.join(",")
             )
         })
         .collect()
@@ -87,15 +91,24 @@ fn parse_namespaces(text: &str) -> Vec<SavedNetns> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
-            let [path, device, name, mac, how] = f[..] else {
-                return None;
+            let (path, device, name, mac, how, ingress) = match f[..] {
+                [path, device, name, mac, how] => (path, device, name, mac, how, ""),
+                [path, device, name, mac, how, ingress] => (path, device, name, mac, how, ingress),
+                _ => return None,
             };
+            let ingress = ingress
+                .split(',')
+                .filter(|r| !r.is_empty())
+                .map(str::parse)
+                .collect::<std::result::Result<Vec<IngressRule>, _>>()
+                .ok()?;
             Some(SavedNetns {
                 path: PathBuf::from(path),
                 device: device.to_string(),
                 name: name.to_string(),
                 mac: mac.parse().ok()?,
                 configure: how == "configure",
+                ingress,
             })
         })
         .collect()
@@ -114,9 +127,15 @@ mod tests {
             name: "ct1".into(),
             mac: "52:54:00:01:02:03".parse().unwrap(),
             configure: true,
+            ingress: vec![
+                "tcp:22".parse().unwrap(),
+                "udp:53-54 from 10.0.0.0/8".parse().unwrap(),
+            ],
         }];
         assert_eq!(saved[0].device, "vl-a-very-long-");
         assert_eq!(parse_namespaces(&render_namespaces(&saved)), saved);
         assert!(parse_namespaces("junk\n").is_empty());
+        let older = "/run/netns/ct1\tvl-x\tct1\t52:54:00:01:02:03\tdhcp\n";
+        assert_eq!(parse_namespaces(older)[0].ingress, []);
     }
 }

@@ -758,6 +758,7 @@ fn a_full_member_link_pauses_tx_and_loses_nothing_once_the_network_reads() {
         mac: MacAddress::for_vm("web"),
         ip: None,
         forwards: Vec::new(),
+        ingress: Vec::new(),
     };
     let link = MemberLink::joined(NetworkDir::named("lab").unwrap(), request, ours).unwrap();
     let net = Net::new(NetSettings {
