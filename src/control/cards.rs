@@ -305,7 +305,10 @@ mod tests {
             ..CardSettings::default()
         }];
         let err = check_cards(&cards).unwrap_err().to_string();
-        assert!(err.contains("--ingress guards a card on a lab network"), "{err}");
+        assert!(
+            err.contains("--ingress guards a card on a lab network"),
+            "{err}"
+        );
     }
 
     #[test]
