@@ -156,7 +156,8 @@ enum BenchCommand {
     /// and runc, interleaved, with vmlab's own CPU and memory cost.
     Boot(BenchBootArgs),
     /// Lab network throughput and round-trip time between two network
-    /// namespaces, against a Linux bridge with veth pairs (root).
+    /// namespaces, against a Linux bridge with veth pairs; with --nat, a
+    /// lab member's NAT against --net user's (root).
     Net(BenchNetArgs),
 }
 
@@ -170,6 +171,10 @@ struct BenchNetArgs {
     #[arg(long, value_name = "S", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=600))]
     seconds: u32,
+    /// Measure a lab member's NAT to the host's loopback against --net
+    /// user's (vmlab nat --tap), instead of the switch against a bridge.
+    #[arg(long)]
+    nat: bool,
 }
 
 #[derive(Args, Debug)]
@@ -590,6 +595,7 @@ fn dispatch(command: Command, verbose: u8, started: Instant) -> Result<i32> {
             let bench = vmlab::bench::net::NetBench {
                 runs: args.runs,
                 seconds: args.seconds,
+                mode: net_bench_mode(&args),
             };
             bench.run()?;
             Ok(0)
@@ -1253,4 +1259,38 @@ fn bench_boot(args: BenchBootArgs) -> Result<i32> {
         .iter()
         .any(|c| c.status == vmlab::bench::Status::Failed);
     Ok(if failed { 1 } else { 0 })
+}
+
+fn net_bench_mode(args: &BenchNetArgs) -> vmlab::bench::net::NetBenchMode {
+    if args.nat {
+        vmlab::bench::net::NetBenchMode::Nat
+    } else {
+        vmlab::bench::net::NetBenchMode::Switch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlab::bench::net::NetBenchMode;
+
+    fn bench_net(args: &[&str]) -> BenchNetArgs {
+        let argv = ["vmlab", "bench", "net"].iter().chain(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Bench(BenchCommand::Net(args)) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_net_compares_the_switch_unless_nat_is_asked() {
+        let plain = bench_net(&[]);
+        assert_eq!(net_bench_mode(&plain), NetBenchMode::Switch);
+        assert_eq!((plain.runs, plain.seconds), (3, 5));
+        let nat = bench_net(&["--nat", "--runs", "2", "--seconds", "4"]);
+        assert_eq!(net_bench_mode(&nat), NetBenchMode::Nat);
+        assert_eq!((nat.runs, nat.seconds), (2, 4));
+        let argv = ["vmlab", "bench", "net", "--nat", "--runs", "0"];
+        assert!(Cli::try_parse_from(argv).is_err(), "no rounds is refused");
+    }
 }
