@@ -565,7 +565,9 @@ impl Scenario {
         let mut d = String::new();
         let _ = match (self.status, &self.l1_failure) {
             (Some(0), _) => writeln!(d, "rig: scenario {} exited 0", self.name),
-            (Some(124 | 137), _) => writeln!(
+            // 124 and 137 are also what a `timeout` inside the script
+            // returns: only a run as long as the limit was the limit's.
+            (Some(124 | 137), _) if self.elapsed.is_none_or(|e| e >= self.timeout) => writeln!(
                 d,
                 "rig: scenario {} ran over its time limit of {:?} and was killed",
                 self.name, self.timeout
