@@ -101,10 +101,12 @@ impl CurrentBoot {
         *lock(&self.suspender) = Some(vm.suspender());
     }
 
-    /// Lets go of the boot that ended.
+    /// Lets go of the boot that ended: its disks, its NAT and its
+    /// suspender, which holds the KVM VM and the guest's memory.
     fn ended(&self) {
         *lock(&self.disks) = None;
         *lock(&self.suspender) = None;
+        *lock(&self.nat) = None;
     }
 }
 
@@ -226,7 +228,7 @@ impl NamedVm {
             current,
             policy,
         } = self;
-        crate::vmm::run_rebooting(policy, vm, |boot| {
+        let last = crate::vmm::run_rebooting(policy, vm, |boot| {
             if ctx.is_stopping() {
                 return Ok(None);
             }
@@ -242,6 +244,12 @@ impl NamedVm {
             let vm = Vm::build(build(console.config()?, boot)?)?;
             current.set(&vm);
             Ok(Some(vm))
-        })
+        });
+        // The control server's threads outlive the run: without this they
+        // would hold the last machine (its KVM VM, its memory) until the
+        // process exits, after the name is freed, and `vmlab stop` would
+        // return while the process is still tearing it down.
+        current.ended();
+        last
     }
 }
