@@ -216,16 +216,7 @@ fn members_get_stable_leases_and_reach_each_other_by_address_and_name() {
     });
     let to = SocketAddr::from((ips[1], 5001));
     a.run(move || {
-        let start = Instant::now();
-        let mut conn = loop {
-            match TcpStream::connect(to) {
-                Ok(c) => break c,
-                Err(_) if start.elapsed() < Duration::from_secs(5) => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let mut conn = connect_within(to, Duration::from_secs(5));
         send_pattern(&mut conn, 7, HUNDRED_MB).unwrap();
     });
     assert_eq!(server.join().unwrap(), Ok(()));
@@ -831,16 +822,7 @@ fn a_qemu_member_gets_a_lease_and_a_segmented_checksummed_stream() {
     });
     let to = SocketAddr::from((ip, 5001));
     a.run(move || {
-        let start = Instant::now();
-        let mut conn = loop {
-            match TcpStream::connect(to) {
-                Ok(c) => break c,
-                Err(_) if start.elapsed() < Duration::from_secs(5) => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let mut conn = connect_within(to, Duration::from_secs(5));
         send_pattern(&mut conn, 11, SIZE).unwrap();
     });
     assert_eq!(server.join().unwrap(), Ok(()), "every byte intact");
@@ -937,4 +919,17 @@ fn ingress_rules_let_in_only_what_they_admit_and_replies() {
     assert!(line.contains("tcp:22 "), "{line}");
     assert!(line.contains("icmp "), "{line}");
     assert!(show.contains("ingress: connections"), "{show}");
+}
+
+/// Connects to `to`, retrying while its server is still starting; fails
+/// the test after `limit`.
+fn connect_within(to: SocketAddr, limit: Duration) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(to) {
+            Ok(c) => return c,
+            Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("cannot connect to {to}: {e}"),
+        }
+    }
 }
