@@ -18,6 +18,7 @@ pub mod escape;
 pub mod fds;
 pub mod fsutil;
 pub mod image;
+pub mod key_value;
 pub mod logging;
 pub mod net;
 pub mod network;

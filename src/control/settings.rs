@@ -281,20 +281,15 @@ impl VmSettings {
     pub fn parse(text: &str, path: &Path) -> Result<VmSettings> {
         let mut settings = VmSettings::default();
         let mut nets_seen = 0;
-        for (index, raw) in text.lines().enumerate() {
-            let err = |message: String| ControlError::Config {
-                path: path.to_path_buf(),
-                line: index + 1,
-                message,
-            };
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                return Err(err(format!("expected 'key = value', found '{line}'")));
-            };
-            let (key, value) = (key.trim(), value.trim());
+        let config = |line: usize, message: String| ControlError::Config {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        for entry in crate::key_value::entries(text) {
+            let entry = entry.map_err(|(line, message)| config(line, message))?;
+            let err = |message: String| config(entry.line, message);
+            let (key, value) = (entry.key, entry.value);
             match key {
                 "cpus" => {
                     settings.cpus = value

@@ -40,20 +40,15 @@ impl NetworkDef {
 
     pub fn parse(text: &str, path: &Path) -> Result<NetworkDef> {
         let (mut subnet, mut nat) = (None, true);
-        for (index, raw) in text.lines().enumerate() {
-            let err = |message: String| NetworkError::Config {
-                path: path.to_path_buf(),
-                line: index + 1,
-                message,
-            };
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                return Err(err(format!("expected 'key = value', found '{line}'")));
-            };
-            match (key.trim(), value.trim()) {
+        let config = |line: usize, message: String| NetworkError::Config {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        for entry in crate::key_value::entries(text) {
+            let entry = entry.map_err(|(line, message)| config(line, message))?;
+            let err = |message: String| config(entry.line, message);
+            match (entry.key, entry.value) {
                 ("subnet", v) => subnet = Some(v.parse().map_err(|e| err(format!("{e}")))?),
                 ("nat", "yes") => nat = true,
                 ("nat", "no") => nat = false,
