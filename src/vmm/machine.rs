@@ -137,7 +137,7 @@ impl Vm {
         if let Some(saved) = &saved {
             spec.check(&saved.state.spec)?;
         }
-        let gate = Arc::new(VcpuGate::new());
+        let gate = Arc::new(VcpuGate::new(usize::from(config.cpus)));
         let live_disks = Arc::new(LiveDisks::new(
             gate.clone(),
             config

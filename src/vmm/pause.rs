@@ -9,6 +9,11 @@
 //! `KVM_RUN` does not interrupt it. Threads register their pthread id while
 //! they run and leave under the gate's lock, so a kick never reaches a
 //! thread that has ended.
+//!
+//! The gate knows how many vCPUs the machine has: a pause asked for just
+//! after the VM started (a `suspend` right after `resume`) waits until
+//! every vCPU thread has registered, instead of parking the ones that have
+//! and saving a VM without the others' state.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -41,8 +46,9 @@ struct GateState {
 }
 
 /// Where the vCPU threads park while the guest is paused.
-#[derive(Default)]
 pub struct VcpuGate {
+    /// How many vCPU threads the machine runs: a pause holds all of them.
+    vcpus: usize,
     state: Mutex<GateState>,
     changed: Condvar,
     /// `state.paused`, read without the lock on every vCPU exit.
@@ -61,8 +67,13 @@ pub struct Pause<'a> {
 }
 
 impl VcpuGate {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(vcpus: usize) -> Self {
+        VcpuGate {
+            vcpus,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            requested: AtomicBool::new(false),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -134,7 +145,7 @@ impl VcpuGate {
                 self.resume();
                 return Err(PauseError::Stopping);
             }
-            if st.parked == st.threads.len() {
+            if st.threads.len() >= self.vcpus && st.parked == st.threads.len() {
                 return Ok(Pause { gate: self });
             }
             if Instant::now() >= deadline {
@@ -226,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_pause_parks_every_thread_until_dropped() {
-        let gate = Arc::new(VcpuGate::new());
+        let gate = Arc::new(VcpuGate::new(3));
         let stop = Arc::new(AtomicBool::new(false));
         let turns = spin(&gate, 3, &stop);
         wait_registered(&gate, 3);
@@ -251,7 +262,7 @@ mod tests {
 
     #[test]
     fn closing_releases_parked_threads_and_refuses_pauses() {
-        let gate = Arc::new(VcpuGate::new());
+        let gate = Arc::new(VcpuGate::new(2));
         let stop = Arc::new(AtomicBool::new(false));
         let turns = spin(&gate, 2, &stop);
         wait_registered(&gate, 2);
@@ -272,11 +283,32 @@ mod tests {
     #[test]
     fn a_thread_that_never_parks_times_the_pause_out_and_it_resumes() {
         crate::vmm::vcpu::install_kick_handler().unwrap();
-        let gate = Arc::new(VcpuGate::new());
+        let gate = Arc::new(VcpuGate::new(1));
         // Registered but never at a checkpoint (a vCPU stuck in a device).
         let _stuck = gate.register();
         let err = gate.pause(Duration::from_millis(50)).err().unwrap();
         assert!(matches!(err, PauseError::Timeout(_)), "{err}");
         assert!(!gate.requested.load(Ordering::SeqCst), "not left paused");
+    }
+
+    #[test]
+    fn a_pause_waits_for_vcpus_that_have_not_registered_yet() {
+        let gate = Arc::new(VcpuGate::new(2));
+        let stop = Arc::new(AtomicBool::new(false));
+        // One of two vCPU threads has started: no pause yet.
+        let first = spin(&gate, 1, &stop);
+        wait_registered(&gate, 1);
+        let err = gate.pause(Duration::from_millis(50)).err().unwrap();
+        assert!(matches!(err, PauseError::Timeout(_)), "{err}");
+        // A pause asked before the second starts holds once it has.
+        let asked = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.pause(Duration::from_secs(10)).map(|_| ()).is_ok())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let _second = spin(&gate, 1, &stop);
+        assert!(asked.join().unwrap(), "the pause held once both had parked");
+        assert!(first[0].load(Ordering::SeqCst) > 0);
+        stop.store(true, Ordering::SeqCst);
     }
 }
