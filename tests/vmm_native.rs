@@ -168,6 +168,24 @@ fn i8042_reset_line_ends_the_vm_as_a_reboot() {
 }
 
 #[test]
+fn a_jump_to_the_bios_reset_entry_resets_the_vm() {
+    // Where Linux's BIOS reboot ends, and the path a kernel with EFI
+    // support takes on vmlab's firmware-less, hardware-reduced machine:
+    // vmlab's code at f000:fff0 turns it into a reset.
+    let program = Program::new()
+        .print(b"real mode next\n")
+        .jump_to_bios_reset_entry(LOAD_ADDR);
+    let (reason, out) = run(program);
+    assert_eq!(
+        reason,
+        ExitReason::Reset,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(out, b"real mode next\n");
+}
+
+#[test]
 fn pvpanic_ends_the_vm_with_an_error() {
     let (reason, _) = run(Program::new().print(b"oops").out(0x505, 1).spin());
     assert_eq!(reason, ExitReason::GuestPanic);

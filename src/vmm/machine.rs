@@ -46,6 +46,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::paging;
 use crate::arch::x86_64::regs::{gdt_bytes, BootEntry};
+use crate::arch::x86_64::reset_vector::write_reset_entry;
 use crate::cli::DiskSpec;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{
@@ -230,6 +231,10 @@ impl Vm {
             }
             BootSource::Flat { image, load_addr } => Some(load_flat(&mem, image, *load_addr)?),
         };
+        if boot.is_some() {
+            // A resumed machine has it in its saved memory.
+            write_reset_entry(&mem).map_err(|e| VmmError::GuestMemory(e.to_string()))?;
+        }
 
         let genid = VmGenId::new(&vm)?;
         let new_generation = match (&saved, &config.new_generation) {

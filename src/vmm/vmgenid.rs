@@ -20,12 +20,15 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::error::VmmError;
 use super::memory::GuestMemoryMmap;
-use crate::arch::x86_64::layout::{VMGENID_ADDR, VMGENID_GSI, VMGENID_NOTE_OFFSET};
+use crate::arch::x86_64::layout::{
+    RESET_VECTOR_ADDR, VMGENID_ADDR, VMGENID_GSI, VMGENID_NOTE_OFFSET,
+};
 
 /// The note's magic.
 pub const NOTE_MAGIC: &[u8; 8] = b"VMLABID1";
-/// Longest note text (the page's room after the magic and length).
-pub const NOTE_MAX: usize = 0x1000 - VMGENID_NOTE_OFFSET as usize - 10;
+/// Longest note text: the page's room after the magic and length, up to
+/// the reset entry's code at the page's end.
+pub const NOTE_MAX: usize = (RESET_VECTOR_ADDR - VMGENID_ADDR - VMGENID_NOTE_OFFSET) as usize - 10;
 
 /// A VM's generation ID device: where its interrupt goes.
 pub struct VmGenId {
@@ -107,8 +110,8 @@ mod tests {
         let long = note_bytes(&"x".repeat(8000));
         assert_eq!(long.len(), 10 + NOTE_MAX);
         assert!(
-            VMGENID_NOTE_OFFSET as usize + long.len() <= 0x1000,
-            "fits its page"
+            VMGENID_ADDR + VMGENID_NOTE_OFFSET + long.len() as u64 <= RESET_VECTOR_ADDR,
+            "stops before the reset entry at the page's end"
         );
     }
 }

@@ -176,6 +176,57 @@ impl Program {
         self.out(0x602, 1).spin()
     }
 
+    /// Leaves long mode for real mode and jumps to the BIOS reset entry,
+    /// f000:fff0, the way Linux's `machine_real_restart` does: a 16-bit
+    /// code segment (its own GDT, after the code), paging off, EFER
+    /// cleared, protection off, a far jump. `load_addr` is where the
+    /// program runs (its data is addressed absolutely).
+    pub fn jump_to_bios_reset_entry(mut self, load_addr: u64) -> Self {
+        let at = |offset: usize| u32::try_from(load_addr + offset as u64).unwrap();
+        let start = self.code.len();
+        // lgdt [gdtr] (8 bytes), jmp far [far_pointer] (7).
+        let code16 = start + 15;
+        let code16_len = 39;
+        let gdtr = code16 + code16_len;
+        let far_pointer = gdtr + 10;
+        let gdt = far_pointer + 6;
+        self.code.extend_from_slice(&[0x0f, 0x01, 0x14, 0x25]);
+        self.code.extend_from_slice(&at(gdtr).to_le_bytes());
+        self.code.extend_from_slice(&[0xff, 0x2c, 0x25]);
+        self.code.extend_from_slice(&at(far_pointer).to_le_bytes());
+        assert_eq!(self.code.len(), code16);
+        #[rustfmt::skip]
+        self.code.extend_from_slice(&[
+            0x0f, 0x20, 0xc0,                   // mov eax, cr0
+            0x66, 0x25, 0xff, 0xff, 0xff, 0x7f, // and eax, ~PG
+            0x0f, 0x22, 0xc0,                   // mov cr0, eax: long mode ends
+            0x66, 0xb9, 0x80, 0x00, 0x00, 0xc0, // mov ecx, EFER
+            0x66, 0x31, 0xc0,                   // xor eax, eax
+            0x66, 0x31, 0xd2,                   // xor edx, edx
+            0x0f, 0x30,                         // wrmsr
+            0x0f, 0x20, 0xc0,                   // mov eax, cr0
+            0x24, 0xfe,                         // and al, ~PE
+            0x0f, 0x22, 0xc0,                   // mov cr0, eax: real mode
+            0xea, 0xf0, 0xff, 0x00, 0xf0,       // jmp far f000:fff0
+        ]);
+        assert_eq!(self.code.len(), gdtr);
+        // GDTR: limit, 64-bit base.
+        self.code.extend_from_slice(&15u16.to_le_bytes());
+        self.code
+            .extend_from_slice(&u64::from(at(gdt)).to_le_bytes());
+        // Far pointer: 32-bit offset into the 16-bit segment, selector 8.
+        self.code
+            .extend_from_slice(&u32::try_from(code16).unwrap().to_le_bytes());
+        self.code.extend_from_slice(&8u16.to_le_bytes());
+        // Null descriptor, then a 16-bit code segment based at the program
+        // (limit 0xffff, present, ring 0, readable, D = L = 0).
+        let base = at(0).to_le_bytes();
+        self.code.extend_from_slice(&[0; 8]);
+        self.code
+            .extend_from_slice(&[0xff, 0xff, base[0], base[1], base[2], 0x9b, 0x00, base[3]]);
+        self
+    }
+
     /// hlt in a loop: the vCPU sleeps in KVM (no interrupt ever wakes it
     /// on a PVM host), so an idle VM costs no CPU.
     pub fn halt_forever(mut self) -> Self {

@@ -87,6 +87,10 @@ pub const VMGENID_GSI: u32 = 22;
 /// `VMGENID_NOTE_OFFSET`.
 pub const VMGENID_ADDR: u64 = ACPI_END - 0x1000;
 pub const VMGENID_NOTE_OFFSET: u64 = 0x100;
+/// The BIOS reset entry (real-mode f000:fff0), the last 16 bytes below
+/// 1 MiB and of the generation ID's page, whose note stops before it
+/// (`arch::x86_64::reset_vector`).
+pub const RESET_VECTOR_ADDR: u64 = ACPI_END - 0x10;
 
 /// A guest RAM region: start address and length.
 pub type RamRegion = (u64, u64);
