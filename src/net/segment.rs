@@ -10,6 +10,13 @@
 //! does) and header checksum; IPv6 payload length; TCP sequence number,
 //! FIN and PSH on the last piece only, CWR on the first only, and a full
 //! TCP checksum. IPv6 is carried without extension headers only.
+//!
+//! The guest chooses `gso_size`, so it is bounded before any piece is
+//! built: below [`MIN_GSO_SIZE`] a 64 KiB frame would become tens of
+//! thousands of frames (work the guest should not command), and a piece
+//! larger than the peer's MTU is one no wire carries. Such frames, and
+//! fragments, are refused whole. `hdr_len`, `csum_start` and
+//! `csum_offset` are hints only: the layout is read from the frame.
 
 use smoltcp::wire::{checksum, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
@@ -20,6 +27,15 @@ const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const IPV6_HEADER: usize = 40;
 const TCP_MIN_HEADER: usize = 20;
+
+/// Smallest `gso_size` cut at: Linux's own floor for what TCP sends
+/// (`tcp_min_snd_mss`, 48, its answer to peers forcing tiny segments,
+/// CVE-2019-11479), and what a Linux sender uses at the smallest MSS a
+/// Linux peer can ask for (`TCP_MAXSEG` 88 less timestamp and SACK
+/// options). Each piece then carries at least as many bytes as the guest
+/// could have sent itself in a frame of its own, so segmenting costs no
+/// more than the guest sending those frames; at most 1,366 pieces a frame.
+pub const MIN_GSO_SIZE: u16 = 48;
 
 /// A frame the segmenter cannot turn into plain frames (it is dropped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -32,8 +48,12 @@ pub enum SegmentError {
     UnsupportedGso(u8),
     #[error("GSO frame is not TCP over IPv4 or IPv6 without extension headers")]
     NotTcp,
-    #[error("GSO segment size is 0")]
-    ZeroSegmentSize,
+    #[error("GSO segment size {0} is below {MIN_GSO_SIZE} bytes")]
+    SegmentSizeTooSmall(u16),
+    #[error("GSO segments of {packet} bytes exceed the MTU of {mtu}")]
+    OverMtu { packet: usize, mtu: u16 },
+    #[error("GSO frame is an IPv4 fragment")]
+    Fragment,
 }
 
 /// Where the layers of a TCP frame start.
@@ -65,6 +85,9 @@ fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, SegmentError> {
                 .map_err(|_| SegmentError::Truncated)?;
             if ip.version() != 4 || ip.next_header() != IpProtocol::Tcp {
                 return Err(SegmentError::NotTcp);
+            }
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return Err(SegmentError::Fragment);
             }
             let header = usize::from(ip.header_len());
             (l3 + header, l3 + usize::from(ip.total_len()), false)
@@ -121,14 +144,21 @@ fn pseudo_header(packet: &[u8], layout: &TcpLayout, l4_len: usize) -> u16 {
     }
 }
 
-/// Turns frames with offload metadata into plain ones; keeps one buffer
-/// for the pieces it builds.
-#[derive(Default)]
+/// Turns frames with offload metadata into plain ones for a peer with
+/// MTU `mtu`; keeps one buffer for the pieces it builds.
 pub struct Segmenter {
     buf: Vec<u8>,
+    mtu: u16,
 }
 
 impl Segmenter {
+    pub fn new(mtu: u16) -> Segmenter {
+        Segmenter {
+            buf: Vec::new(),
+            mtu,
+        }
+    }
+
     /// Hands `each` the plain frames that carry what `frame` (with its
     /// offload metadata `hdr`) carries, and returns how many there were.
     /// A frame that needs nothing is passed on as it is.
@@ -178,13 +208,20 @@ impl Segmenter {
         frame: &[u8],
         mut each: impl FnMut(&[u8]),
     ) -> Result<usize, SegmentError> {
+        if hdr.gso_size < MIN_GSO_SIZE {
+            return Err(SegmentError::SegmentSizeTooSmall(hdr.gso_size));
+        }
         let layout = tcp_layout(frame)?;
         let mss = usize::from(hdr.gso_size);
-        if mss == 0 {
-            return Err(SegmentError::ZeroSegmentSize);
-        }
         let headers = &frame[..layout.payload];
         let payload = &frame[layout.payload..layout.end];
+        let packet = layout.payload - layout.l3 + mss.min(payload.len());
+        if packet > usize::from(self.mtu) {
+            return Err(SegmentError::OverMtu {
+                packet,
+                mtu: self.mtu,
+            });
+        }
         let (seq, fin, psh) = {
             let tcp = TcpPacket::new_unchecked(&frame[layout.l4..]);
             (tcp.seq_number(), tcp.fin(), tcp.psh())
@@ -227,6 +264,7 @@ impl Segmenter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::frame::GSO_ECN;
     use smoltcp::wire::{EthernetFrame, IpAddress, TcpSeqNumber};
 
     const SRC: [u8; 4] = [192, 168, 100, 100];
@@ -293,7 +331,7 @@ mod tests {
         let frame = tso_frame_v4(&payload, true);
         let mut got = Vec::new();
         let mut pieces = Vec::new();
-        let n = Segmenter::default()
+        let n = Segmenter::new(1500)
             .segment(&gso(GSO_TCPV4, 1448), &frame, |f| pieces.push(f.to_vec()))
             .unwrap();
         assert_eq!(n, 65_000usize.div_ceil(1448));
@@ -336,7 +374,7 @@ mod tests {
         f[54 + 12] = 5 << 4;
         f.extend_from_slice(&payload);
         let mut pieces = Vec::new();
-        Segmenter::default()
+        Segmenter::new(1500)
             .segment(&gso(GSO_TCPV6, 1000), &f, |p| pieces.push(p.to_vec()))
             .unwrap();
         assert_eq!(pieces.len(), 3);
@@ -364,7 +402,7 @@ mod tests {
             ..gso(GSO_NONE, 0)
         };
         let mut out = Vec::new();
-        let mut s = Segmenter::default();
+        let mut s = Segmenter::new(1500);
         assert_eq!(s.segment(&hdr, &frame, |f| out.push(f.to_vec())), Ok(1));
         let ip = Ipv4Packet::new_checked(&out[0][14..]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
@@ -381,10 +419,122 @@ mod tests {
         assert_eq!(passed, [frame]);
     }
 
+    /// A guest may ask for any segment size: 1 would turn one 64 KiB
+    /// frame into 65,000 (and 3.5 MB of headers), work it must not command.
+    #[test]
+    fn a_hostile_segment_size_is_refused_before_any_piece_is_built() {
+        let frame = tso_frame_v4(&pattern(65_000), false);
+        let mut s = Segmenter::new(1500);
+        for mss in [1, 2, 47] {
+            let mut count = 0;
+            assert_eq!(
+                s.segment(&gso(GSO_TCPV4, mss), &frame, |_| count += 1),
+                Err(SegmentError::SegmentSizeTooSmall(mss))
+            );
+            assert_eq!(count, 0, "gso_size {mss}: nothing built");
+        }
+        let mut count = 0;
+        assert_eq!(
+            s.segment(&gso(GSO_TCPV4, MIN_GSO_SIZE), &frame, |_| count += 1),
+            Ok(65_000usize.div_ceil(48)),
+            "the floor itself is cut"
+        );
+        // Pieces larger than the peer's MTU: refused, not sent oversized.
+        assert_eq!(
+            s.segment(&gso(GSO_TCPV4, 1461), &frame, |_| count += 1),
+            Err(SegmentError::OverMtu {
+                packet: 1501,
+                mtu: 1500
+            })
+        );
+        assert_eq!(s.segment(&gso(GSO_TCPV4, 1460), &frame, |_| {}), Ok(45));
+        // A GSO frame smaller than one segment is one piece, checked by
+        // its real size.
+        let small = tso_frame_v4(&pattern(100), false);
+        assert_eq!(s.segment(&gso(GSO_TCPV4, 9000), &small, |_| {}), Ok(1));
+        // IPv4 fragments are not cut: their "TCP header" may be payload.
+        let mut fragment = frame.clone();
+        fragment[14 + 6] |= 0x20;
+        assert_eq!(
+            s.segment(&gso(GSO_TCPV4, 1448), &fragment, |_| {}),
+            Err(SegmentError::Fragment)
+        );
+    }
+
+    /// `hdr_len`, `csum_start` and `csum_offset` lie freely: the layout
+    /// comes from the frame, so the pieces are the same.
+    #[test]
+    fn lying_header_lengths_change_nothing() {
+        let frame = tso_frame_v4(&pattern(5000), true);
+        let mut s = Segmenter::new(1500);
+        let mut honest = Vec::new();
+        s.segment(&gso(GSO_TCPV4, 1448), &frame, |p| honest.push(p.to_vec()))
+            .unwrap();
+        for (hdr_len, csum_start, csum_offset) in [(0, 0, 0), (65535, 65535, 65535), (20, 3, 1)] {
+            let hdr = NetHdr {
+                hdr_len,
+                csum_start,
+                csum_offset,
+                ..gso(GSO_TCPV4 | GSO_ECN, 1448)
+            };
+            let mut got = Vec::new();
+            s.segment(&hdr, &frame, |p| got.push(p.to_vec())).unwrap();
+            assert_eq!(got, honest, "hdr_len {hdr_len}");
+        }
+    }
+
+    /// Any header values over a valid frame and mangled copies of it: no
+    /// panic, and what comes out is bounded and fits the MTU.
+    #[test]
+    fn any_header_values_are_bounded_and_never_panic() {
+        let base = tso_frame_v4(&pattern(3000), false);
+        let mut s = Segmenter::new(1500);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let r = next();
+            let mut hdr = NetHdr::parse(&r.to_le_bytes().repeat(2)).unwrap();
+            hdr.gso_type = [
+                GSO_NONE,
+                GSO_TCPV4,
+                GSO_TCPV6,
+                GSO_TCPV4 | GSO_ECN,
+                3,
+                hdr.gso_type,
+            ][(r >> 60) as usize % 6];
+            if r & (1 << 59) != 0 {
+                hdr.gso_size %= 1600;
+            }
+            let mut frame = base.clone();
+            for _ in 0..(next() % 4) {
+                let at = (next() as usize) % frame.len();
+                frame[at] = next() as u8;
+            }
+            frame.truncate((next() as usize) % (frame.len() + 1));
+            let mut pieces = 0;
+            let mut largest = 0;
+            if let Ok(n) = s.segment(&hdr, &frame, |p| {
+                pieces += 1;
+                largest = largest.max(p.len());
+            }) {
+                assert_eq!(n, pieces);
+                assert!(n <= 65_535usize.div_ceil(usize::from(MIN_GSO_SIZE)));
+                if hdr.gso_kind() != GSO_NONE {
+                    assert!(largest <= 18 + 1500, "{hdr:?}: {largest}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_offload_requests_are_errors_not_panics() {
         let frame = tso_frame_v4(&pattern(100), false);
-        let mut s = Segmenter::default();
+        let mut s = Segmenter::new(1500);
         let mut count = 0;
         let bad_csum = NetHdr {
             csum_start: 100,
@@ -397,7 +547,7 @@ mod tests {
         );
         assert_eq!(
             s.segment(&gso(GSO_TCPV4, 0), &frame, |_| count += 1),
-            Err(SegmentError::ZeroSegmentSize)
+            Err(SegmentError::SegmentSizeTooSmall(0))
         );
         assert_eq!(
             s.segment(&gso(3, 1448), &frame, |_| count += 1),

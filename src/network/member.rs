@@ -17,7 +17,7 @@ use crate::net::{
 };
 use crate::switch::firewall::Firewall;
 use crate::switch::stream::StreamPort;
-use crate::switch::{PortId, Route, Switch};
+use crate::switch::{PortId, Route, Switch, SwitchCounters};
 
 /// How a member is connected.
 pub(super) enum Link {
@@ -38,6 +38,16 @@ pub(super) enum Link {
         /// its file going away or naming another namespace.
         identity: (u64, u64),
     },
+}
+
+/// Why a frame did not reach a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Undelivered {
+    /// Its buffer was full.
+    Full,
+    /// It needs plain frames and this one's offload request (a hostile
+    /// or malformed GSO header) cannot be carried out.
+    Refused,
 }
 
 pub(super) struct Member {
@@ -81,10 +91,11 @@ impl Member {
         }
     }
 
-    /// Queues a frame for the member; false when it had no room (dropped).
-    fn send(&mut self, hdr: &NetHdr, frame: &[u8]) -> bool {
+    /// Queues a frame for the member; a frame it had no room for, or
+    /// whose offload request cannot be carried out, is dropped.
+    fn send(&mut self, hdr: &NetHdr, frame: &[u8]) -> Result<(), Undelivered> {
         match &mut self.link {
-            Link::Stream(port) => port.send(hdr, frame).is_ok(),
+            Link::Stream(port) => port.send(hdr, frame).map_err(|_| Undelivered::Full),
             Link::Qemu { port, segmenter } => {
                 let mut sent = true;
                 let plain = NetHdr::default();
@@ -92,12 +103,12 @@ impl Member {
                     sent &= port.send(&plain, piece).is_ok();
                 });
                 if let Err(e) = result {
-                    log::debug!("network: {}: frame dropped: {e}", self.name);
-                    return false;
+                    crate::warn_limited!("network: frame toward {} dropped: {e}", self.name);
+                    return Err(Undelivered::Refused);
                 }
-                sent
+                sent.then_some(()).ok_or(Undelivered::Full)
             }
-            Link::Tap { tap, .. } => tap.send_frame(hdr, frame).is_ok(),
+            Link::Tap { tap, .. } => tap.send_frame(hdr, frame).map_err(|_| Undelivered::Full),
         }
     }
 
@@ -143,6 +154,15 @@ pub(super) enum Delivered {
     AlsoToGateway,
 }
 
+/// Counts a frame a member did not take.
+fn count_drop(counters: &mut SwitchCounters, sent: Result<(), Undelivered>) {
+    match sent {
+        Ok(()) => {}
+        Err(Undelivered::Full) => counters.dropped += 1,
+        Err(Undelivered::Refused) => counters.refused_offload += 1,
+    }
+}
+
 fn addresses(frame: &[u8]) -> Option<(EthernetAddress, EthernetAddress)> {
     let dst = EthernetAddress::from_bytes(frame.get(0..6)?);
     let src = EthernetAddress::from_bytes(frame.get(6..12)?);
@@ -170,9 +190,7 @@ impl Fabric<'_> {
                 let Some(member) = self.members.get_mut(&port) else {
                     return Delivered::Done;
                 };
-                if !member.send(hdr, frame) {
-                    self.switch.counters.dropped += 1;
-                }
+                count_drop(&mut self.switch.counters, member.send(hdr, frame));
                 if member.is_filling() {
                     Delivered::DestinationFilling
                 } else {
@@ -187,9 +205,7 @@ impl Fabric<'_> {
                     } else if !self.firewall.inbound(port, frame, now) {
                         continue;
                     } else if let Some(member) = self.members.get_mut(&port) {
-                        if !member.send(hdr, frame) {
-                            self.switch.counters.dropped += 1;
-                        }
+                        count_drop(&mut self.switch.counters, member.send(hdr, frame));
                     }
                 }
                 if gateway {

@@ -90,8 +90,8 @@ impl NetworkView {
         let s = &self.switch;
         let _ = writeln!(
             out,
-            "switch: frames {} flooded {} spoofed {} dropped {}",
-            s.frames, s.flooded, s.spoofed, s.dropped
+            "switch: frames {} flooded {} spoofed {} dropped {} refused offload {}",
+            s.frames, s.flooded, s.spoofed, s.dropped, s.refused_offload
         );
         render_ingress(&mut out, &self.members, self.conntrack);
         out.push_str(&self.gateway_nat.render());

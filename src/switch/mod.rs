@@ -48,6 +48,10 @@ pub struct SwitchCounters {
     pub spoofed: u64,
     /// Frames a full port could not take.
     pub dropped: u64,
+    /// Frames toward a member that takes plain frames only whose offload
+    /// request could not be carried out (a segment size below the floor,
+    /// pieces over the MTU, a malformed GSO frame).
+    pub refused_offload: u64,
 }
 
 struct PortEntry {

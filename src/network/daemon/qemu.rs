@@ -114,7 +114,7 @@ impl Process {
                 ip,
                 link: Link::Qemu {
                     port,
-                    segmenter: Segmenter::default(),
+                    segmenter: Segmenter::new(self.nat.config().mtu),
                 },
                 forwards: Vec::new(),
                 ingress: Vec::new(),
