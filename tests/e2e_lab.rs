@@ -100,7 +100,8 @@ echo "resume_ssh_ms=$(($(rig_ms) - t))"
 before=$(date +%s%N)
 "$VMLAB" ssh vm1 -- 'echo "clock_ns=$(date +%s%N)"; a=$(cat /run/count); sleep 1; echo "count=$a"; echo "count_later=$(cat /run/count)";
     [ "$(cat /proc/sys/kernel/random/boot_id)" = "$(cat /run/boot_id)" ] && echo boot_same=yes || echo boot_same=no;
-    echo "sessions=$(ss -Htn state established "( sport = :22 )" | wc -l)"' | sed 's/^/resumed_/'
+    echo "sessions=$(ss -Htn state established "( sport = :22 )" | wc -l)";
+    echo "vmgenid_bound=$(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c VMGENCTR)"' | sed 's/^/resumed_/'
 after=$(date +%s%N)
 echo "host_before_ns=$before"
 echo "host_after_ns=$after"
@@ -616,6 +617,9 @@ fn a_suspended_vm_resumes_where_it_was_with_its_clock_set_and_old_flows_reset() 
         s.diagnostics()
     );
     assert!(num("clock_steps") >= 1, "{}", s.diagnostics());
+    // The lean kernel's vmgenid driver took the VM Generation ID device, so
+    // a VM resumed from a full snapshot reseeds its RNG.
+    assert_eq!(s.value("resumed_vmgenid_bound"), "1", "{}", s.diagnostics());
 }
 
 /// Reported, not asserted: suspend and resume of the Debian guest in L1.
