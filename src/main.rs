@@ -885,7 +885,7 @@ fn run_vm(
             .write(path)
             .with_context(|| format!("cannot write the run report {}", path.display()))?;
     }
-    eprintln!("vmlab: {reason}");
+    eprintln!("vmlab: {}", reason.ending());
     Ok(reason.exit_code())
 }
 
@@ -918,7 +918,7 @@ fn vm_daemon(name: &str, no_seccomp: bool, started: Instant) -> Result<i32> {
     }
     control::daemon::signal_ready();
     let last = named.run(&mut build)?;
-    eprintln!("vmlab: {}", last.reason);
+    eprintln!("vmlab: {}", last.reason.ending());
     Ok(last.reason.exit_code())
 }
 

@@ -53,11 +53,23 @@ impl ExitReason {
     }
 }
 
+impl ExitReason {
+    /// The line a VM's end is reported with. A reset only ends the VM when
+    /// its reboot policy says so (or a stop was asked), and then says so; a
+    /// reset the VM restarts from is only "guest rebooted".
+    pub fn ending(&self) -> String {
+        match self {
+            ExitReason::Reset => format!("{self} (vmlab ends the VM on reset)"),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExitReason::PowerOff => write!(f, "guest powered off"),
-            ExitReason::Reset => write!(f, "guest rebooted (vmlab ends the VM on reset)"),
+            ExitReason::Reset => write!(f, "guest rebooted"),
             ExitReason::Halted => write!(f, "guest halted"),
             ExitReason::UserQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             ExitReason::Signal(num) => write!(f, "stopped by signal {num}"),
@@ -153,5 +165,16 @@ mod tests {
         };
         assert_ne!(fault.exit_code(), 0);
         assert!(fault.to_string().contains("triple-faulted"));
+    }
+
+    #[test]
+    fn only_a_reset_that_ends_the_vm_says_it_ends_it() {
+        // Logged at every reset, also one the VM restarts from.
+        assert_eq!(ExitReason::Reset.to_string(), "guest rebooted");
+        assert_eq!(
+            ExitReason::Reset.ending(),
+            "guest rebooted (vmlab ends the VM on reset)"
+        );
+        assert_eq!(ExitReason::PowerOff.ending(), "guest powered off");
     }
 }
