@@ -1,0 +1,84 @@
+//! The lean Debian guest's identity hook (`/sbin/vmlab-identity`) read
+//! against a memory image that vmlab's own note writer filled: what the
+//! hook takes from the note, and what it refuses. The hook runs in its
+//! test mode (`VMLAB_IDENTITY_MEM=FILE VMLAB_IDENTITY_ONCE=1`), which
+//! prints what it read and changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+
+use vmlab::vmm::vmgenid::{note_bytes, NOTE_MAX};
+
+const HOOK: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/guest/debian/rootfs/sbin/vmlab-identity"
+);
+/// Where the note lies: the generation ID page, 0x100 in.
+const NOTE_ADDR: usize = 0xff100;
+
+/// 1 MiB of guest memory with `note` (its bytes as vmlab writes them)
+/// at the note's address and random-looking bytes around it.
+fn memory_with(dir: &Path, note: &[u8]) -> std::path::PathBuf {
+    let mut mem: Vec<u8> = (0..1usize << 20).map(|i| (i * 7 + 3) as u8).collect();
+    mem[NOTE_ADDR..NOTE_ADDR + note.len()].copy_from_slice(note);
+    let path = dir.join("mem");
+    std::fs::write(&path, mem).unwrap();
+    path
+}
+
+fn hook_reads(mem: &Path) -> String {
+    let out = Command::new("sh")
+        .arg(HOOK)
+        .env("VMLAB_IDENTITY_MEM", mem)
+        .env("VMLAB_IDENTITY_ONCE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn the_hook_reads_the_note_vmlab_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = note_bytes("hostname=fromvm\ninstance=3f2a-77\nmac=52:54:00:12:34:56\n");
+    assert_eq!(
+        hook_reads(&memory_with(dir.path(), &note)),
+        "name=fromvm instance=3f2a-77 mac=52:54:00:12:34:56"
+    );
+}
+
+#[test]
+fn the_hook_takes_a_note_of_the_longest_length() {
+    let dir = tempfile::tempdir().unwrap();
+    // The fields first, then padding up to the longest note the hook
+    // reads: all of it lies in the one block it copies.
+    let mut text = String::from("hostname=vm7\ninstance=i7\nmac=52:54:00:00:00:07\n");
+    text.push_str(&"#".repeat(3800 - text.len()));
+    assert!(text.len() <= NOTE_MAX);
+    assert_eq!(
+        hook_reads(&memory_with(dir.path(), &note_bytes(&text))),
+        "name=vm7 instance=i7 mac=52:54:00:00:00:07"
+    );
+}
+
+#[test]
+fn the_hook_refuses_a_missing_note_and_hostile_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    // No magic: nothing is taken.
+    let mem = memory_with(dir.path(), b"VMLABID0\x10\x00hostname=evil\n");
+    assert_eq!(hook_reads(&mem), "name= instance= mac=");
+    // A length past the page: nothing is taken.
+    let mut long = b"VMLABID1".to_vec();
+    long.extend_from_slice(&4000u16.to_le_bytes());
+    long.extend_from_slice(b"hostname=evil\n");
+    assert_eq!(
+        hook_reads(&memory_with(dir.path(), &long)),
+        "name= instance= mac="
+    );
+    // Fields a shell or ip(8) would misread are dropped one by one.
+    let note = note_bytes("hostname=a;reboot\ninstance=$(id)\nmac=52:54:00:12:34:zz\n");
+    assert_eq!(
+        hook_reads(&memory_with(dir.path(), &note)),
+        "name= instance= mac="
+    );
+}
