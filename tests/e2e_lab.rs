@@ -31,7 +31,7 @@ const SCENARIO: &str = r#"
 . "$RIG_REPO/tests/rig/servers.sh"
 rig_servers_start
 # Detached VMs leave the scenario's process group: stop them on any exit.
-rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 vm3 vm4 >/dev/null 2>&1'
+rig_at_exit '"$VMLAB" stop --timeout 5 vm1 vm2 vm3 vm4 fromvm >/dev/null 2>&1'
 
 facts='echo "hostname=$(hostname)"; echo "machine_id=$(cat /etc/machine-id)";
     echo "hostkey=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)";
@@ -125,10 +125,38 @@ for layer in "$vmdir"/*.frozen-*.qcow2; do
 done
 echo "snap_live_layers_clean=$layers_clean"
 "$VMLAB" snapshot rm vm1 p2 | tee "$RIG_OUT/snap-rm-live.out"
-# The loop goes on after the snapshots; the file goes.
+# The loop goes on after the snapshots; then it ends (under the rig's
+# nested emulation an fsync loop carried on, and into a VM resumed from a
+# full snapshot, starves both guests) and the file goes.
 "$VMLAB" ssh vm1 -- 'a=$(cat /root/loop); sleep 3; b=$(cat /root/loop);
-    [ "$a" != "$b" ] && echo snap_guest_wrote_on=yes || echo snap_guest_wrote_on=no; rm /root/snapfile; sync'
+    [ "$a" != "$b" ] && echo snap_guest_wrote_on=yes || echo snap_guest_wrote_on=no;
+    pkill -f "[o]f=/root/churn"; rm -f /root/snapfile /root/churn; sync'
 snap_ms=$(($(rig_ms) - snap_start))
+
+# A full snapshot of the running vm1, and a VM resumed from it that answers
+# ssh with its own identity while vm1 runs on (its guest-side hook applies
+# the note vmlab writes beside the new VM generation ID). Plain ssh without
+# known hosts: the host keys change as the hook runs.
+full_start=$(rig_ms)
+"$VMLAB" snapshot create vm1 warm --full | tee "$RIG_OUT/full-create.out"
+"$VMLAB" run --name fromvm --from vm1@warm --forward tcp:2226:22 | tee "$RIG_OUT/from.out"
+"$VMLAB" ssh-config fromvm >"$RIG_OUT/ssh-config-from"
+from_ssh() {
+    timeout 30 ssh -F "$RIG_OUT/ssh-config-from" -o BatchMode=yes -o UserKnownHostsFile=/dev/null \
+        -o StrictHostKeyChecking=no -o LogLevel=ERROR fromvm "$@"
+}
+# Up to 4 minutes for the hook to apply the note (it polls each second).
+deadline=$(($(date +%s) + 240))
+while [ "$(date +%s)" -lt "$deadline" ]; do
+    [ "$(from_ssh hostname 2>/dev/null)" = fromvm ] && break
+    sleep 1
+done
+from_ssh "$facts" | sed 's/^/from_/'
+"$VMLAB" ssh vm1 -- "$facts" | sed 's/^/fromsrc_/'
+echo "from_ms=$(($(rig_ms) - full_start))"
+"$VMLAB" stop fromvm >/dev/null
+"$VMLAB" rm fromvm
+"$VMLAB" snapshot rm vm1 warm >/dev/null
 
 # A forward port another process holds: refused at once, nothing left.
 python3 -c 'import socket, time
@@ -238,6 +266,34 @@ ip netns exec ct1 sh -c "mount --bind '$RIG_TMP/ct1-resolv.conf' /etc/resolv.con
 "$VMLAB" ssh vm1 -- '(ping -c1 -W5 ct1 || busybox ping -c1 -W5 ct1) >/dev/null 2>&1 && echo ping_ct1=ok' | sed 's/^/lab_vm1_/'
 "$VMLAB" network ls >"$RIG_OUT/net-ls.txt"
 "$VMLAB" network show lab >"$RIG_OUT/net-show.txt"
+# A QEMU guest joins lab with the options `network show` prints (QEMU 7.2,
+# `-netdev stream`, no offloads): it leases an address, pings vm2 and
+# fetches 4 MiB from vm2's web server, which vm2 sends as TSO segments
+# that the switch cuts to MTU-sized frames for it.
+qemu_start=$(rig_ms)
+qsock=$(sed -n 's/^qemu socket: //p' "$RIG_OUT/net-show.txt")
+"$VMLAB" ssh vm2 -- 'mkdir -p /srv/www && head -c 4194304 /dev/urandom >/srv/www/blob &&
+    busybox httpd -p 8080 -h /srv/www && echo "sha=$(sha256sum /srv/www/blob | cut -d" " -f1)"' | sed 's/^/qemu_served_/'
+rig_console_start qm qemu-system-x86_64 -M microvm -enable-kvm -cpu host -smp 1 -m 256M \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -chardev stdio,id=con,signal=off -serial chardev:con \
+    -netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$qsock" \
+    -device virtio-net-device,netdev=n0,mac=52:54:00:aa:bb:01 \
+    -kernel "$VMLAB_VMLINUX" -initrd "$VMLAB_INITRAMFS" \
+    -append "console=ttyS0 8250.nr_uarts=1 pci=off"
+if rig_console_wait qm 'root@.*# ' 300; then
+    rig_console_send qm 'for i in $(seq 30); do ip route | grep -q default && break; sleep 1; done; echo "qm_addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")"'
+    rig_console_wait qm '^qm_addr=' 60
+    rig_console_send qm 'ping -c1 -W5 192.168.100.20 >/dev/null && echo qm_ping=ok || echo qm_ping=failed'
+    rig_console_wait qm '^qm_ping=' 60
+    rig_console_send qm 'echo "qm_sha=$(wget -q -O - http://192.168.100.20:8080/blob | sha256sum | cut -d" " -f1)"'
+    rig_console_wait qm '^qm_sha=' 300
+    "$VMLAB" network show lab >"$RIG_OUT/net-show-qemu.txt"
+    rig_console_send qm poweroff
+fi
+rig_console_exit qm 120 || true
+grep -a -E '^qm_(addr|ping|sha)=' "$RIG_OUT/qm.console" | tr -d '\r' | sed 's/^qm_/qemu_guest_/'
+echo "qemu_member_ms=$(($(rig_ms) - qemu_start))"
 # vm1's process killed outright: the network lets it go (its forward too),
 # and the VM started again gets the address it had.
 pkill -9 -f 'vm-daemon vm1( |$)'
@@ -375,6 +431,29 @@ fn two_vms_at_once_with_their_own_identity() {
 }
 
 #[test]
+fn a_vm_from_a_full_snapshot_answers_ssh_with_its_own_identity_while_the_first_runs() {
+    let s = lab();
+    assert!(
+        s.file("full-create.out").contains("full snapshot warm"),
+        "{}",
+        s.file("full-create.out")
+    );
+    assert!(s.file("from.out").contains("resumed from vm1@warm"));
+    assert_eq!(s.value("from_hostname"), "fromvm", "{}", s.diagnostics());
+    assert_eq!(s.value("fromsrc_hostname"), "vm1", "the first runs on");
+    assert_eq!(s.value("from_mark"), "hello", "the snapshot's disk");
+    assert_ne!(s.value("from_mac"), s.value("fromsrc_mac"));
+    assert_ne!(s.value("from_hostkey"), s.value("fromsrc_hostkey"));
+    assert_ne!(s.value("from_machine_id"), s.value("fromsrc_machine_id"));
+    assert_eq!(s.value("from_addr"), "10.0.2.15/24");
+    println!(
+        "full snapshot + run --from to its identity over ssh: {} ms; {}",
+        s.value("from_ms"),
+        s.file("full-create.out").trim()
+    );
+}
+
+#[test]
 fn stop_powers_off_and_leaves_no_process_or_socket() {
     let s = lab();
     assert!(
@@ -491,6 +570,42 @@ fn a_namespace_attached_in_l1_and_a_vm_ping_each_other_by_name() {
     assert!(show.contains("ct1"), "{show}");
     assert_eq!(s.value("lab_ct1_ping"), "ok", "{}", s.file("ct1-ping.txt"));
     assert_eq!(s.value("lab_vm1_ping_ct1"), "ok", "{show}");
+}
+
+#[test]
+fn a_qemu_guest_joins_with_the_options_network_show_prints_and_fetches_from_a_vm() {
+    let s = lab();
+    let show = s.file("net-show-qemu.txt");
+    let d = || format!("{show}\n{}", s.diagnostics());
+    assert!(
+        s.file("net-show.txt")
+            .contains("-netdev stream,id=n0,server=off,addr.type=unix,addr.path="),
+        "{}",
+        d()
+    );
+    let addr = s.value("qemu_guest_addr");
+    assert!(addr.starts_with("192.168.100."), "{addr}: {}", d());
+    assert_eq!(s.value("qemu_guest_ping"), "ok", "{}", d());
+    // 4 MiB sent by a vmlab VM with TSO, cut by the switch into frames
+    // the offload-less QEMU guest takes, arrive whole.
+    assert_eq!(s.value("qemu_served_sha").len(), 64, "{}", d());
+    assert_eq!(
+        s.value("qemu_guest_sha"),
+        s.value("qemu_served_sha"),
+        "{}",
+        d()
+    );
+    let ip = addr.trim_end_matches("/24");
+    assert!(
+        show.lines()
+            .any(|l| l.contains("52:54:00:aa:bb:01") && l.contains(ip) && l.contains("qemu")),
+        "the QEMU member is listed: {}",
+        d()
+    );
+    println!(
+        "QEMU member step in the rig: {} ms",
+        s.value("qemu_member_ms")
+    );
 }
 
 #[test]
