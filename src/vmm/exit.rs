@@ -51,9 +51,7 @@ impl ExitReason {
             | ExitReason::KvmFailure { .. } => 2,
         }
     }
-}
 
-impl ExitReason {
     /// The line a VM's end is reported with. A reset only ends the VM when
     /// its reboot policy says so (or a stop was asked), and then says so; a
     /// reset the VM restarts from is only "guest rebooted".
