@@ -128,7 +128,11 @@ echo "snap_live_layers_clean=$layers_clean"
 # The loop goes on after the snapshots; then it ends (under the rig's
 # nested emulation an fsync loop carried on, and into a VM resumed from a
 # full snapshot, starves both guests) and the file goes.
-"$VMLAB" ssh vm1 -- 'a=$(cat /root/loop); sleep 3; b=$(cat /root/loop);
+# One pass (2 MiB and an fsync) took over 3 s in a CI run, so wait for
+# the next pass up to 60 s rather than a fixed 3 s.
+"$VMLAB" ssh vm1 -- 'a=$(cat /root/loop); b=$a; i=0;
+    while [ "$a" = "$b" ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); b=$(cat /root/loop); done;
+    echo "snap_loop_wait_s=$i";
     [ "$a" != "$b" ] && echo snap_guest_wrote_on=yes || echo snap_guest_wrote_on=no;
     pkill -f "[o]f=/root/churn"; rm -f /root/snapfile /root/churn; sync'
 snap_ms=$(($(rig_ms) - snap_start))
@@ -650,7 +654,9 @@ fn a_snapshot_brings_a_deleted_file_back_and_live_snapshots_leave_clean_chains()
     assert_eq!(
         s.value("snap_guest_wrote_on"),
         "yes",
-        "the guest ran on after the snapshots"
+        "the guest ran on after the snapshots (waited {} s) {}",
+        s.value("snap_loop_wait_s"),
+        s.diagnostics()
     );
     assert!(
         s.file("snap-ls.txt").contains("before"),
