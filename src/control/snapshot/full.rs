@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::book::Book;
 use super::{ask_switch, unexpected};
 use crate::control::error::{ControlError, Result};
 use crate::control::protocol::{Request, Response};
@@ -110,6 +111,65 @@ pub fn remove_state(vm: &VmDir, state: &str) {
     if let Err(e) = std::fs::remove_file(&path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Whether `name` is what `state_file` names a full snapshot's state.
+fn is_state_name(name: &str) -> bool {
+    name.strip_prefix("full-")
+        .and_then(|n| n.strip_suffix(".state"))
+        .is_some_and(|stamp| !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Deletes the full snapshot state files no record names, and the VM's
+/// unfinished temporaries of them: a `snapshot create --full` killed after
+/// the VM wrote its state but before the record was put in place leaves
+/// one, as large as the guest's touched RAM, that nothing would ever
+/// remove. Called with the snapshot book locked, so no create is under way.
+pub fn remove_unrecorded(vm: &VmDir, book: &Book) {
+    let Ok(entries) = std::fs::read_dir(vm.path()) else {
+        return;
+    };
+    let recorded = |name: &str| {
+        book.snapshots
+            .iter()
+            .any(|s| s.vm_state.as_deref() == Some(name))
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let orphan = match name.strip_prefix('.') {
+            // `fsutil::create_temporary_beside`'s `.NAME.tmpPID-N`.
+            Some(tmp) => tmp
+                .rsplit_once(".tmp")
+                .is_some_and(|(target, _)| is_state_name(target)),
+            None => is_state_name(name) && !recorded(name),
+        };
+        if orphan {
+            log::info!("VM {}: removing {name}, which no snapshot names", vm.name());
+            remove_state(vm, name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_state_name;
+
+    #[test]
+    fn only_full_snapshot_state_names_count() {
+        assert!(is_state_name("full-1764700000123456789.state"));
+        for other in [
+            "vm.state",
+            "full-.state",
+            "full-12.state.gen",
+            "full-1a.state",
+            "xfull-1.state",
+        ] {
+            assert!(!is_state_name(other), "{other}");
         }
     }
 }

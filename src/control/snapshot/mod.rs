@@ -167,6 +167,7 @@ fn create_with(vm_name: &str, name: &str, full: bool) -> Result<Created> {
     let _book_lock = lock_book(&vm)?;
     finish_restore_locked(&vm)?;
     let mut book = Book::load(&vm)?;
+    full::remove_unrecorded(&vm, &book);
     if book.find(name).is_some() {
         return Err(ControlError::SnapshotExists {
             vm: vm_name.to_string(),
@@ -456,6 +457,7 @@ pub fn remove(vm_name: &str, name: &str) -> Result<Compaction> {
     if let Some(state) = state {
         full::remove_state(&vm, &state);
     }
+    full::remove_unrecorded(&vm, &book);
     Ok(compact_quietly(&vm))
 }
 
