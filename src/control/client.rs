@@ -8,12 +8,26 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::error::{ControlError, Result};
-use super::protocol::{encode, read_message, Request, Response};
+use super::protocol::{encode, read_message, MessageError, Request, Response};
 use super::state::VmDir;
 use crate::vmm::console::{EscapeAction, EscapeParser, RawTerminal};
 
-/// How long a VM may take to answer a request.
+/// How long a VM may take to answer a quick request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM may take to answer a request that writes its memory or
+/// flushes its disks first: 512 MiB to a slow disk under nested
+/// emulation took over 10 s in CI. A hung VM still lets the command end.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The answer timeout for `request`.
+fn answer_timeout(request: &Request) -> Duration {
+    match request {
+        Request::Status | Request::Stop | Request::Console | Request::Nat => ANSWER_TIMEOUT,
+        Request::SnapshotDisks { .. } | Request::Suspend { .. } | Request::SnapshotFull { .. } => {
+            SAVE_TIMEOUT
+        }
+    }
+}
 
 fn connect(vm: &VmDir) -> Result<UnixStream> {
     let path = vm.socket_path();
@@ -26,17 +40,36 @@ fn connect(vm: &VmDir) -> Result<UnixStream> {
 }
 
 fn send(vm: &VmDir, request: &Request) -> Result<(UnixStream, BufReader<UnixStream>, Response)> {
+    send_within(vm, request, answer_timeout(request))
+}
+
+fn send_within(
+    vm: &VmDir,
+    request: &Request,
+    timeout: Duration,
+) -> Result<(UnixStream, BufReader<UnixStream>, Response)> {
     let protocol = |message: String| ControlError::Protocol {
         name: vm.name().to_string(),
         message,
     };
     let mut stream = connect(vm)?;
-    let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(timeout));
     stream
         .write_all(&encode(request))
         .map_err(|e| protocol(format!("cannot send the request: {e}")))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| protocol(e.to_string()))?);
-    let answer = read_message(&mut reader).map_err(|e| protocol(e.to_string()))?;
+    let answer = read_message(&mut reader).map_err(|e| match e {
+        // SO_RCVTIMEO expiring reads as EAGAIN: say what it means.
+        MessageError::Read(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            protocol(format!("no answer within {} s", timeout.as_secs_f64()))
+        }
+        e => protocol(e.to_string()),
+    })?;
     Ok((stream, reader, answer))
 }
 
@@ -144,5 +177,57 @@ fn show(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::state::tests::temp_home;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn requests_that_save_the_vm_may_take_minutes_and_quick_ones_do_not() {
+        let save = [
+            Request::SnapshotDisks { disks: vec![] },
+            Request::Suspend { path: "s".into() },
+            Request::SnapshotFull {
+                disks: vec![],
+                state: "s".into(),
+            },
+        ];
+        for request in &save {
+            assert!(
+                answer_timeout(request) >= Duration::from_secs(300),
+                "{request:?}"
+            );
+        }
+        for request in [
+            Request::Status,
+            Request::Stop,
+            Request::Nat,
+            Request::Console,
+        ] {
+            assert_eq!(answer_timeout(&request), ANSWER_TIMEOUT, "{request:?}");
+        }
+    }
+
+    #[test]
+    fn a_vm_that_does_not_answer_in_time_is_named_in_one_line() {
+        let _home = temp_home();
+        let vm = VmDir::named("mute").unwrap();
+        std::fs::create_dir_all(vm.socket_path().parent().unwrap()).unwrap();
+        // Accepts and reads, never answers.
+        let listener = UnixListener::bind(vm.socket_path()).unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let err = send_within(&vm, &Request::Status, Duration::from_millis(200))
+            .expect_err("a silent VM is an error");
+        let _ = held.join();
+        let text = err.to_string();
+        assert!(
+            text.contains("mute") && text.contains("no answer within 0.2 s"),
+            "{text}"
+        );
+        assert!(!text.contains("os error"), "{text}");
     }
 }
