@@ -275,7 +275,13 @@ fn ask_switch(vm: &VmDir, frozen: &[FrozenTop], request: &Request) -> Result<Res
         // the disks read the same either way, and they merge away later).
         Err(e) => Err(ControlError::Protocol {
             name: vm.name().to_string(),
-            message: format!("{e}; no snapshot was recorded"),
+            message: match e {
+                // Already names the VM.
+                ControlError::Protocol { message, .. } => {
+                    format!("{message}; no snapshot was recorded")
+                }
+                e => format!("{e}; no snapshot was recorded"),
+            },
         }),
     }
 }
