@@ -2,8 +2,9 @@
 //! - two interleaved rounds of vmlab, QEMU microvm and runc booting the
 //!   default guest (the container: its initramfs) to the init's boot-timer
 //!   write, the ssh-ready contenders left out (`--no-ssh`);
-//! - one round of all six, the ssh-ready ones booting the cached Debian
-//!   image (the container: its root filesystem) to the first `ssh true`.
+//! - one round of all seven, the ssh-ready ones booting the cached Debian
+//!   image (the container: its root filesystem) to the first `ssh true`,
+//!   and a named VM of it suspended at ssh-ready and resumed to it.
 //!
 //! Checked from the JSON reports and the charts: only the harness is checked
 //! here, the figures are reported (printed), never asserted.
@@ -150,7 +151,12 @@ fn reports_vmlab_phases_and_cost() {
 #[test]
 fn lists_the_ssh_ready_peers_left_out_as_missing() {
     let (json, s) = report();
-    for id in ["vmlab-ssh", "qemu-microvm-ssh", "runc-sshd"] {
+    for id in [
+        "vmlab-ssh",
+        "qemu-microvm-ssh",
+        "runc-sshd",
+        "vmlab-resume-ssh",
+    ] {
         let c = contender(&json, id);
         assert_eq!(c["status"], "missing", "{c:#}");
         assert_eq!(c["reason"], "left out (--no-ssh)", "{c:#}");
@@ -168,7 +174,12 @@ fn measures_vmlab_qemu_and_runc_to_ssh_ready() {
     let (json, s) = json_of("bench_ssh", "ssh.json");
     println!("{}", s.output);
     assert_eq!(json["runs"], 1);
-    for (id, phases) in [("vmlab-ssh", 4), ("qemu-microvm-ssh", 2), ("runc-sshd", 2)] {
+    for (id, phases) in [
+        ("vmlab-ssh", 4),
+        ("qemu-microvm-ssh", 2),
+        ("runc-sshd", 2),
+        ("vmlab-resume-ssh", 2),
+    ] {
         let c = contender(&json, id);
         assert_eq!(c["status"], "measured", "{id}: {c:#}\n{}", s.diagnostics());
         assert_eq!(c["goal"], "ssh-ready");
@@ -192,7 +203,22 @@ fn measures_vmlab_qemu_and_runc_to_ssh_ready() {
     }
     let vmlab = contender(&json, "vmlab-ssh");
     assert_eq!(vmlab["phases"][3], "init to ssh-ready");
+    // The resumed VM's snapshot: memory saved sparsely, so on disk it is
+    // smaller than the file (the guest's 256 MiB).
+    let resumed = &contender(&json, "vmlab-resume-ssh")["samples"][0]["metrics"];
+    let on_disk = resumed["snapshot_disk_mib"].as_f64().unwrap_or(0.0);
+    let file = resumed["snapshot_file_mib"].as_f64().unwrap_or(0.0);
+    assert!(
+        on_disk > 0.0 && file >= 256.0 && on_disk < file,
+        "snapshot size: {resumed}"
+    );
     let ratios = json["ratios"].as_array().unwrap();
+    assert!(
+        ratios
+            .iter()
+            .any(|r| r["subject"] == "vmlab-resume-ssh" && r["peer_role"] == "container"),
+        "no ratio of the resume to runc in {json:#}"
+    );
     for peer in ["qemu", "container"] {
         assert!(
             ratios
@@ -207,6 +233,7 @@ fn measures_vmlab_qemu_and_runc_to_ssh_ready() {
             "vmlab → ssh-ready",
             "QEMU microvm → ssh-ready",
             "runc → sshd answering",
+            "vmlab resume → ssh-ready",
             "init to ssh-ready",
         ],
     );

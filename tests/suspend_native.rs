@@ -10,16 +10,11 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::tiny_guest::Program;
+use support::counter::counter;
 use support::Capture;
 use vmlab::vmm::{BootSource, ConsoleConfig, ConsoleInput, ExitReason, Vm, VmConfig};
 
 const LOAD_ADDR: u64 = 0x10_0000;
-/// Where the guest keeps its count in memory.
-const COUNT_ADDR: u32 = 0x30_0000;
-/// The guest prints the count's bits above these, each time they change.
-const SHIFT: u8 = 8;
-
 impl Capture {
     fn wait_for(&self, len: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -32,30 +27,6 @@ impl Capture {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-}
-
-/// Counts in ebx and at COUNT_ADDR, checks they agree (else prints X and
-/// halts), and prints `count >> SHIFT` on the UART whenever the bits below
-/// are zero.
-fn counter() -> Program {
-    let p = Program::new();
-    let top = p.here();
-    let p = p
-        .inc_mem32(COUNT_ADDR)
-        .inc_ebx()
-        .load_eax(u64::from(COUNT_ADDR))
-        .cmp_eax_ebx()
-        .jne_over(17);
-    let body = p.here();
-    let p = p
-        .test_eax((1 << SHIFT) - 1)
-        .jne_back(top)
-        .shr_eax(SHIFT)
-        .mov_dx(0x3f8)
-        .out_dx_al()
-        .jmp_back(top);
-    assert_eq!(p.here() - body, 17);
-    p.print(b"X").halt_forever()
 }
 
 fn config(out: Capture, mem_size: u64, resume: Option<&Path>) -> VmConfig {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use super::contender::Missing;
 use super::contender::{Contender, Goal, Role};
 use super::contenders::{
-    DebianGuest, DebianSpec, GuestSpec, QemuMicrovm, QemuSsh, Runc, RuncSshd, Vmlab, VmlabSsh,
-    BENCH_CMDLINE,
+    DebianGuest, DebianSpec, GuestSpec, QemuMicrovm, QemuSsh, Runc, RuncSshd, Vmlab, VmlabResume,
+    VmlabSsh, BENCH_CMDLINE,
 };
 use super::host::{HostInfo, HostKind};
 use super::process::find_program;
@@ -138,6 +138,11 @@ impl BootBench {
                 scratch.join("qemu-ssh"),
             )),
             Box::new(RuncSshd::new(debian.clone(), scratch.join("runc-sshd"))),
+            Box::new(VmlabResume::new(
+                self.vmlab.clone(),
+                debian.clone(),
+                scratch.join("vmlab-resume"),
+            )),
         ]
     }
 
@@ -344,7 +349,8 @@ mod tests {
                 "runc-init",
                 "vmlab-ssh",
                 "qemu-microvm-ssh",
-                "runc-sshd"
+                "runc-sshd",
+                "vmlab-resume-ssh"
             ]
         );
     }

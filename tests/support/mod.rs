@@ -1,6 +1,7 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod counter;
 pub mod tiny_guest;
 
 use std::path::Path;

@@ -13,6 +13,7 @@ mod scratch;
 mod ssh_probe;
 mod ssh_run;
 mod vmlab;
+mod vmlab_resume;
 mod vmlab_ssh;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub use qemu_ssh::QemuSsh;
 pub use runc::Runc;
 pub use runc_sshd::RuncSshd;
 pub use vmlab::Vmlab;
+pub use vmlab_resume::VmlabResume;
 pub use vmlab_ssh::VmlabSsh;
 
 /// The guest every VM contender boots, the same for all of them.

@@ -116,17 +116,28 @@ impl SshProbe {
         what: &str,
         deadline: Instant,
     ) -> Result<Instant, SampleError> {
+        self.wait_while(what, deadline, || match server.try_wait() {
+            Ok(Some(status)) => Err(format!("{what} ended ({status})")),
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("cannot wait for {what}: {e}")),
+        })
+    }
+
+    /// As [`wait_ready`](Self::wait_ready) for a server that is not a
+    /// child (a detached VM): `alive` says why it is gone, when it is.
+    pub fn wait_while(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> Result<Instant, SampleError> {
         let mut last = String::from("no try finished");
         loop {
-            match server.try_wait() {
-                Ok(Some(status)) => {
-                    return Err(SampleError::new(format!(
-                        "{what} ended ({status}) before ssh on port {} answered (last try: {last})",
-                        self.port
-                    )))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(SampleError::new(format!("cannot wait for {what}: {e}"))),
+            if let Err(gone) = alive() {
+                return Err(SampleError::new(format!(
+                    "{gone} before ssh on port {} answered (last try: {last})",
+                    self.port
+                )));
             }
             match self.try_once() {
                 Ok(()) => return Ok(Instant::now()),
