@@ -25,7 +25,6 @@ mod rig;
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
-size=$((8 * 1024 * 1024))
 rig_at_exit '"$VMLAB" stop --timeout 5 a b c >/dev/null 2>&1'
 "$VMLAB" network create lab --subnet 192.168.100.0/24 >/dev/null
 qsock=$("$VMLAB" network show lab | sed -n 's/^qemu socket: //p')
@@ -61,7 +60,7 @@ transfer() {
     local pair=$1 tx=$2 rx=$3 dst t0 t1
     dst=$(addr_of "$rx")
     rig_console_send "$rx" "echo \"${pair}_rx_sha=\$(nc -l -p 9000 | sha256sum | cut -d' ' -f1)\""
-    rig_console_send "$tx" "head -c $size /dev/urandom >/tmp/blob && echo \"${pair}_tx_sha=\$(sha256sum /tmp/blob | cut -d' ' -f1)\""
+    rig_console_send "$tx" "head -c $SIZE /dev/urandom >/tmp/blob && echo \"${pair}_tx_sha=\$(sha256sum /tmp/blob | cut -d' ' -f1)\""
     rig_console_wait "$tx" "^${pair}_tx_sha=[0-9a-f]{64}" 300 || return 1
     sleep 1
     t0=$(rig_ms)
@@ -99,6 +98,9 @@ ready qe 10.9.0.1 && ready qf 10.9.0.2 && transfer qemu_socket qe qf
 finish qe qf
 "#;
 
+/// Bytes each pair moves (the scenario's `$SIZE`).
+const SIZE: usize = 8 << 20;
+
 /// The pairs, in the order the scenario runs them, with their labels.
 const PAIRS: [(&str, &str); 4] = [
     ("vmlab_vmlab", "vmlab ↔ vmlab, lab network"),
@@ -109,19 +111,13 @@ const PAIRS: [(&str, &str); 4] = [
 
 fn main() {
     let run = rig::Batch::new("bench_lab")
+        .env("SIZE", &SIZE.to_string())
         .scenario("pairs", Duration::from_secs(40 * 60), SCENARIO)
         .run();
     let s = run.scenario("pairs").assert_success();
     // A pair that failed leaves no line: it is reported, not a panic.
-    let value = |key: &str| -> &str {
-        let prefix = format!("{key}=");
-        s.output
-            .lines()
-            .rev()
-            .find_map(|l| l.trim_end().strip_prefix(&prefix))
-            .unwrap_or("")
-    };
-    let size_mb = 8.0 * 1024.0 * 1024.0 / 1e6;
+    let value = |key: &str| s.get(key).unwrap_or("");
+    let size_mb = SIZE as f64 / 1e6;
     let mbps = |pair: &str| -> Option<f64> {
         let ms: f64 = value(&format!("{pair}_ms")).parse().ok()?;
         Some(size_mb / (ms / 1e3))

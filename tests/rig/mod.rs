@@ -532,19 +532,22 @@ impl Scenario {
     /// The value of the last `KEY=VALUE` line of the output; panics with
     /// diagnostics when there is none.
     pub fn value(&self, key: &str) -> &str {
-        let prefix = format!("{key}=");
-        match self
-            .output
-            .lines()
-            .rev()
-            .find_map(|l| l.trim_end().strip_prefix(&prefix))
-        {
+        match self.get(key) {
             Some(value) => value,
             None => panic!(
                 "rig: no line {key}=... in the output\n{}",
                 self.diagnostics()
             ),
         }
+    }
+
+    /// The last `key=...` line of its output, if any.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.output
+            .lines()
+            .rev()
+            .find_map(|l| l.trim_end().strip_prefix(&prefix))
     }
 
     /// [`Scenario::value`] parsed as a number of milliseconds.
