@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod bench;
+pub mod civil_time;
 pub mod cli;
 pub mod control;
 pub mod devices;

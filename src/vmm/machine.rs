@@ -37,9 +37,9 @@ use crate::arch::x86_64::boot::{setup_boot, BootConfig, BootError};
 use crate::arch::x86_64::gdt::EntryMode;
 use crate::arch::x86_64::kernel::check_images;
 use crate::arch::x86_64::layout::{
-    ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, GDT_ADDR, HOST_CLOCK_PORT,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PVPANIC_PORT,
-    SERIAL_IRQ, SERIAL_PORT,
+    ram_regions, ACPI_SLEEP_CONTROL_PORT, BOOT_TIMER_PORT, CMOS_RTC_PORT, GDT_ADDR,
+    HOST_CLOCK_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+    PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::arch::x86_64::layout::{
     FIRST_DEVICE_GSI, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START, VMGENID_GSI,
@@ -50,7 +50,8 @@ use crate::arch::x86_64::reset_vector::write_reset_entry;
 use crate::cli::DiskSpec;
 use crate::devices::bus::lock;
 use crate::devices::legacy::{
-    AcpiPmRegisters, BootTimerPort, HostClock, PvPanic, Serial, HOST_CLOCK_LEN, I8042,
+    AcpiPmRegisters, BootTimerPort, CmosRtc, HostClock, PvPanic, Serial, CMOS_RTC_LEN,
+    HOST_CLOCK_LEN, I8042,
 };
 use crate::devices::virtio::block::{disk_serial, Block};
 use crate::devices::virtio::events::QueueEvents;
@@ -569,6 +570,11 @@ fn legacy_bus(
             Arc::new(Mutex::new(BootTimerPort::new(timeline.clone()))) as _,
             BOOT_TIMER_PORT,
             1,
+        ),
+        (
+            Arc::new(Mutex::new(CmosRtc::new())) as _,
+            CMOS_RTC_PORT,
+            CMOS_RTC_LEN,
         ),
         (
             Arc::new(Mutex::new(HostClock::new(crate::vmstate::now_ns()))) as _,

@@ -20,8 +20,8 @@ use acpi_tables::Aml;
 
 use super::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT, SERIAL_IRQ,
-    SERIAL_PORT, VMGENID_ADDR, VMGENID_GSI,
+    ACPI_SLEEP_STATUS_PORT, ACPI_START, CMOS_CENTURY, CMOS_RTC_PORT, GED_GSI, IOAPIC_ADDR,
+    LAPIC_ADDR, PVPANIC_PORT, SERIAL_IRQ, SERIAL_PORT, VMGENID_ADDR, VMGENID_GSI,
 };
 
 const OEM_ID: [u8; 6] = *b"VMLAB ";
@@ -32,7 +32,6 @@ const HYPERVISOR_ID: u64 = u64::from_le_bytes(*b"VMLAB\0\0\0");
 /// Tables the XSDT points to: FADT and MADT (the DSDT hangs off the FADT).
 const XSDT_ENTRIES: u64 = 2;
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
-const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_TYPE_LOCAL_APIC: u8 = 0;
 const MADT_TYPE_IO_APIC: u8 = 1;
@@ -86,6 +85,21 @@ fn dsdt_aml(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
             &Name::new("_HID".into(), &com1_hid),
             &Name::new("_UID".into(), &aml::ZERO),
             &Name::new("_CRS".into(), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+
+    // The CMOS RTC, without an IRQ (it raises none): Linux's rtc_cmos
+    // binds it through PNP and runs it without alarms.
+    let rtc_hid = EISAName::new("PNP0B00");
+    let rtc_port = IO::new(CMOS_RTC_PORT, CMOS_RTC_PORT, 1, 2);
+    let rtc_crs = ResourceTemplate::new(vec![&rtc_port]);
+    Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &Name::new("_HID".into(), &rtc_hid),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_CRS".into(), &rtc_crs),
         ],
     )
     .to_aml_bytes(&mut aml);
@@ -212,8 +226,10 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.sleep_control_reg = io_register(ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_register(ACPI_SLEEP_STATUS_PORT);
     fadt.hypervisor_vendor_identity = HYPERVISOR_ID.into();
-    // No VGA and no CMOS RTC: Linux then skips probing for them.
-    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
+    // No VGA: Linux then skips probing for it. The CMOS RTC is there,
+    // declared in the DSDT (PNP0B00).
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
+    fadt.century = CMOS_CENTURY;
     aml_bytes(&fadt.finalize())
 }
 
@@ -327,7 +343,12 @@ mod tests {
         let flags = u32_at(fadt, 112);
         assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
-        assert_eq!(u16_at(fadt, 109), (1 << 2) | (1 << 5), "IAPC_BOOT_ARCH");
+        assert_eq!(
+            u16_at(fadt, 109),
+            1 << 2,
+            "IAPC_BOOT_ARCH: no VGA, a CMOS RTC"
+        );
+        assert_eq!(fadt[108], 0x32, "CENTURY");
         // RESET_REG: GAS at 116 (space, width, offset, access, address).
         assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
         assert_eq!(u64_at(fadt, 120), u64::from(ACPI_RESET_PORT));
@@ -409,6 +430,9 @@ mod tests {
         assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
         // Extended IRQ descriptor for the GED: consumer, edge, active high.
         assert!(contains(&extended_irq(GED_GSI)));
+        // The RTC: EISA ID PNP0B00 (0x000BD041), IO 0x70 len 2.
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        assert!(contains(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
         // IO descriptor for pvpanic: decode16, min = max = 0x505, len 1.
         assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
     }

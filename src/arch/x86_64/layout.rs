@@ -56,6 +56,10 @@ pub const BOOT_TIMER_PORT: u16 = 0xe9;
 pub const PVPANIC_PORT: u16 = 0x505;
 /// The host's wall clock, read-only (`devices::legacy::HostClock`).
 pub const HOST_CLOCK_PORT: u16 = 0x520;
+/// The CMOS real-time clock's index and data ports.
+pub const CMOS_RTC_PORT: u16 = 0x70;
+/// The CMOS byte that holds the century (the FADT names it), as on PCs.
+pub const CMOS_CENTURY: u8 = 0x32;
 /// ACPI hardware-reduced sleep control (SLP_TYP/SLP_EN), sleep status and
 /// reset registers, one byte each.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

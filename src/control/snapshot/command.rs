@@ -110,25 +110,7 @@ pub fn render(rows: &[SnapshotRow]) -> String {
 
 /// `secs` since the epoch as `YYYY-MM-DD HH:MM:SSZ` (UTC).
 fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Days to a civil date (the proleptic Gregorian calendar), after Howard
-    // Hinnant's "chrono-compatible low-level date algorithms".
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::civil_time::CivilTime::from_unix(i64::try_from(secs).unwrap_or(i64::MAX)).to_string()
 }
 
 #[cfg(test)]
