@@ -5,7 +5,10 @@
 //! rig cannot have); ssh with the provisioned key; `modprobe overlay
 //! br_netfilter`; Docker's engine runs a container imported from a local
 //! tarball (the default guest's busybox tree; no registry here); the
-//! Kubernetes node prerequisites kubeadm's preflight checks, by hand; the
+//! Kubernetes node prerequisites kubeadm's preflight checks, by hand; a
+//! full snapshot of the running VM and a second VM resumed from it (`run
+//! --from`) whose resume hook steps its clock to the host's and gives it
+//! its own name, MAC, machine-id and host keys while the first runs on; the
 //! guest points /boot/vmlinuz at the generic `-amd64` kernel and reboots,
 //! and comes back in the same vmlab process on that kernel with a new
 //! boot id (Debian's kernels reboot through the BIOS reset entry on vmlab's
@@ -34,7 +37,7 @@ const SCENARIO: &str = r#"
 ip link set lo up 2>/dev/null || true
 # The VM runs in the foreground (its exit status is checked), but stop it
 # on any exit.
-rig_at_exit '"$VMLAB" stop --timeout 5 node1 >/dev/null 2>&1'
+rig_at_exit '"$VMLAB" stop --timeout 5 node1 node2 >/dev/null 2>&1'
 in_vm() { timeout 600 "$VMLAB" ssh node1 -- "$@"; }
 
 # A container image from a local tarball: the default guest's busybox tree.
@@ -54,11 +57,55 @@ in_vm 'echo "pid1=$(cat /proc/1/comm)"; echo "hostname=$(hostname)"; echo "kerne
     echo "boot_id=$(cat /proc/sys/kernel/random/boot_id)"
     echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")"
     echo "state=$(systemctl is-system-running --wait)"
-    echo "failed=$(systemctl --failed --no-legend --plain | cut -d" " -f1 | tr "\n" " ")"'
+    echo "failed=$(systemctl --failed --no-legend --plain | cut -d" " -f1 | tr "\n" " ")"
+    echo "rtc=$(cat /sys/class/rtc/rtc0/name 2>/dev/null)"
+    echo "rtc_s=$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null)"'
+echo "host_s=$(date +%s)"
 echo "running_ms=$(($(rig_ms) - start))"
 # What took the boot's time, for whoever shortens it next.
 in_vm 'systemd-analyze; systemd-analyze blame | head -n 25; systemd-analyze critical-chain' \
     >"$RIG_OUT/analyze1.txt" 2>&1 || true
+
+# A full snapshot of node1, and a VM resumed from it (vmlab run --from)
+# while node1 runs on. Its resume hook (vmlab-resume.service) steps the
+# clock, which is behind by the time since the snapshot, and applies the
+# identity vmlab writes beside the new VM generation ID. Plain ssh without
+# known hosts: the host keys change as the hook runs.
+facts='echo "hostname=$(hostname)"; echo "machine_id=$(cat /etc/machine-id)"
+    echo "hostkey=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)"
+    echo "mac=$(cat /sys/class/net/eth0/address)"
+    echo "addr=$(ip -4 -o addr show eth0 | awk "{print \$4}")"
+    echo "hook=$(systemctl is-active vmlab-resume.service)"'
+in_vm "$facts" | sed 's/^/src_/'
+from_start=$(rig_ms)
+"$VMLAB" snapshot create node1 warm --full | tee "$RIG_OUT/full-create.out"
+# The saved clock falls behind meanwhile.
+sleep 20
+"$VMLAB" run --name node2 --from node1@warm --forward tcp:2223:22 | tee "$RIG_OUT/from.out"
+"$VMLAB" ssh-config node2 >"$RIG_OUT/ssh-config-from"
+from_ssh() {
+    timeout 60 ssh -F "$RIG_OUT/ssh-config-from" -o BatchMode=yes -o UserKnownHostsFile=/dev/null \
+        -o StrictHostKeyChecking=no -o LogLevel=ERROR node2 "$@"
+}
+# Up to 5 minutes for the hook (it polls each second; each step is a
+# process or several under emulation).
+deadline=$(($(date +%s) + 300))
+while [ "$(from_ssh hostname 2>/dev/null)" != node2 ] && [ "$(date +%s)" -lt "$deadline" ]; do
+    sleep 2
+done
+echo "from_ms=$(($(rig_ms) - from_start))"
+before=$(date +%s%N)
+from_ssh "echo \"clock_ns=\$(date +%s%N)\"; $facts" | sed 's/^/from_/'
+after=$(date +%s%N)
+echo "host_before_ns=$before"
+echo "host_after_ns=$after"
+from_log="$XDG_DATA_HOME/vmlab/vms/node2/serial.log"
+echo "from_clock_steps=$(grep -c 'vmlab-identity: resumed: clock stepped' "$from_log" || true)"
+echo "from_applied=$(grep -c 'vmlab-identity: applied: node2' "$from_log" || true)"
+in_vm 'echo "hostname=$(hostname)"' | sed 's/^/src_after_/'
+"$VMLAB" stop --timeout 300 node2 | tee "$RIG_OUT/stop2.out"
+"$VMLAB" rm node2
+"$VMLAB" snapshot rm node1 warm >/dev/null
 
 # Modules, and kubeadm's preflight prerequisites by hand (README: "A
 # Kubernetes node").
@@ -137,6 +184,9 @@ fn l1() -> &'static rig::Run {
             String::from_utf8_lossy(&out.stderr)
         );
         rig::Batch::new("e2e_full")
+            // node1 and node2 (1 GiB each) with node1's snapshot on L1's
+            // tmpfs.
+            .mem("4G")
             .env("FULL_PACKAGES", PACKAGES)
             .scenario("full", Duration::from_secs(45 * 60), SCENARIO)
             .run()
@@ -266,11 +316,66 @@ fn vmlab_stop_shuts_systemd_down_and_vmlab_ends_with_status_0() {
     assert!(console.contains("vmlab: guest powered off"), "{console}");
 }
 
+#[test]
+fn a_vm_resumed_from_a_full_snapshot_steps_its_clock_and_takes_its_own_identity() {
+    let s = full();
+    assert!(
+        s.file("from.out").contains("resumed from node1@warm"),
+        "{}",
+        s.diagnostics()
+    );
+    assert_eq!(s.value("src_hook"), "active", "{}", s.diagnostics());
+    // The CMOS RTC the hook steps the clock from: rtc_cmos bound it, and it
+    // reads the host's time (read before host_s, within the ssh's slack).
+    assert!(s.value("rtc").starts_with("rtc_cmos"), "{}", s.value("rtc"));
+    let (rtc, host) = (
+        s.value("rtc_s").parse::<i64>().unwrap(),
+        s.value("host_s").parse::<i64>().unwrap(),
+    );
+    assert!(
+        (0..=30).contains(&(host - rtc)),
+        "RTC {rtc} against the host's {host}"
+    );
+    assert_eq!(s.value("from_hostname"), "node2", "{}", s.diagnostics());
+    assert_eq!(s.value("src_after_hostname"), "node1", "the first runs on");
+    for fact in ["mac", "hostkey", "machine_id"] {
+        let (from, src) = (
+            s.value(&format!("from_{fact}")),
+            s.value(&format!("src_{fact}")),
+        );
+        assert!(!src.is_empty(), "src_{fact}");
+        assert_ne!(from, src, "{fact}: node2 has its own");
+    }
+    assert_eq!(s.value("from_addr"), "10.0.2.15/24");
+    assert_eq!(s.value("from_applied"), "1");
+    // Resumed 20 s and more after the snapshot, its clock is the host's
+    // again (within the ssh round trip's slack).
+    assert!(s.value("from_clock_steps").parse::<u32>().unwrap() >= 1);
+    let num = |k: &str| s.value(k).parse::<i128>().unwrap();
+    let (guest, before, after) = (
+        num("from_clock_ns"),
+        num("host_before_ns"),
+        num("host_after_ns"),
+    );
+    let slack = 3_000_000_000;
+    assert!(
+        guest > before - slack && guest < after + slack,
+        "guest {guest} against host {before}..{after}"
+    );
+    assert!(s.file("stop2.out").contains("node2: powered off"));
+}
+
 /// Reported, not asserted: minutes under TCG, where only ratios mean much.
 #[test]
 fn boot_times_are_reported() {
     let s = full();
-    for key in ["ssh_ready_ms", "running_ms", "reboot_ms", "stop_ms"] {
+    for key in [
+        "ssh_ready_ms",
+        "running_ms",
+        "from_ms",
+        "reboot_ms",
+        "stop_ms",
+    ] {
         println!("full flavor in the rig: {key} = {}", s.value(key));
     }
 }

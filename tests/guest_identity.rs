@@ -1,4 +1,4 @@
-//! The lean Debian guest's identity hook (`/sbin/vmlab-identity`) read
+//! The Debian guests' resume hook (`/sbin/vmlab-identity`) read
 //! against a memory image that vmlab's own note writer filled: what the
 //! hook takes from the note, and what it refuses. The hook runs in its
 //! test mode (`VMLAB_IDENTITY_MEM=FILE VMLAB_IDENTITY_ONCE=1`), which
@@ -80,5 +80,60 @@ fn the_hook_refuses_a_missing_note_and_hostile_fields() {
     assert_eq!(
         hook_reads(&memory_with(dir.path(), &note)),
         "name= instance= mac="
+    );
+}
+
+/// The hook in its test mode with the host's clocks stood in for: `env`
+/// are the stand-ins (VMLAB_IDENTITY_PORT, VMLAB_IDENTITY_RTC).
+fn hook_reads_clock(dir: &Path, env: &[(&str, &Path)]) -> String {
+    let mem = memory_with(dir, b"");
+    let mut command = Command::new("sh");
+    command
+        .arg(HOOK)
+        .env("VMLAB_IDENTITY_MEM", &mem)
+        .env("VMLAB_IDENTITY_ONCE", "1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().nth(1).unwrap_or_default().to_string()
+}
+
+/// The host clock's 16 bytes as vmlab's device gives them.
+fn clock_ports(now: u64, run: u64) -> Vec<u8> {
+    [now.to_le_bytes(), run.to_le_bytes()].concat()
+}
+
+#[test]
+fn the_hook_reads_the_host_clock_from_the_rtc_where_there_is_no_dev_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let rtc = dir.path().join("since_epoch");
+    std::fs::write(&rtc, "1796299338\n").unwrap();
+    assert_eq!(
+        hook_reads_clock(dir.path(), &[("VMLAB_IDENTITY_RTC", &rtc)]),
+        "rtc_s=1796299338"
+    );
+    // Not a number: nothing is taken.
+    std::fs::write(&rtc, "17962;reboot\n").unwrap();
+    assert_eq!(
+        hook_reads_clock(dir.path(), &[("VMLAB_IDENTITY_RTC", &rtc)]),
+        "rtc_s="
+    );
+}
+
+#[test]
+fn the_hook_reads_the_host_clock_through_a_port_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, run) = (1_796_299_338_374_858_964_u64, 1_796_299_319_553_710_461_u64);
+    // A file standing in for /dev/port: the clock at 0x520.
+    let mut ports = vec![0u8; 0x520];
+    ports.extend(clock_ports(now, run));
+    let file = dir.path().join("port");
+    std::fs::write(&file, ports).unwrap();
+    assert_eq!(
+        hook_reads_clock(dir.path(), &[("VMLAB_IDENTITY_PORT", &file)]),
+        format!("clock_ns={now} run_ns={run}")
     );
 }

@@ -44,6 +44,8 @@ log "installing vmlab's units and configuration (step 2/4)"
 for f in etc/ssh/sshd_config.d/vmlab.conf etc/dpkg/dpkg.cfg.d/vmlab-nodoc; do
     install -D -m 0644 "$here/../debian/rootfs/$f" "$root/$f"
 done
+# The lean flavor's resume hook too (vmlab-resume.service runs it).
+install -D -m 0755 "$here/../debian/rootfs/sbin/vmlab-identity" "$root/usr/sbin/vmlab-identity"
 debian_overlay "$here/rootfs"
 # Classic interface names (eth0), as the lean flavor has: masking the
 # default link policy is how systemd documents it.
@@ -66,7 +68,7 @@ in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DE
         in_root apt-get install -y --no-install-recommends \
             -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $packages ${extra//,/ } &&
         in_root systemctl enable systemd-networkd.service systemd-resolved.service \
-            vmlab-identity.service vmlab-ssh-ready.service &&
+            vmlab-identity.service vmlab-ssh-ready.service vmlab-resume.service &&
         in_root systemctl disable apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer \
             e2scrub_reap.service systemd-pstore.service &&
         in_root systemctl mask modprobe@drm.service modprobe@efi_pstore.service modprobe@dm_mod.service \

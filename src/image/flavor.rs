@@ -37,11 +37,12 @@ impl Flavor {
     fn recipe_inputs(self) -> &'static [&'static str] {
         match self {
             Flavor::Lean => &["debian/"],
-            // The full recipe reads the lean one's shared steps and its sshd
-            // and dpkg settings, but not its init.
+            // The full recipe reads the lean one's shared steps, its sshd
+            // and dpkg settings and its resume hook, but not its init.
             Flavor::Full => &[
                 "debian-full/",
                 "debian/lib.sh",
+                "debian/rootfs/sbin/vmlab-identity",
                 "debian/rootfs/etc/ssh/sshd_config.d/vmlab.conf",
                 "debian/rootfs/etc/dpkg/dpkg.cfg.d/vmlab-nodoc",
             ],
@@ -232,6 +233,8 @@ mod tests {
         assert!(full.reads("debian-full/build-rootfs.sh"));
         assert!(full.reads("debian-full/rootfs/usr/lib/vmlab/identity"));
         assert!(full.reads("debian/lib.sh"));
+        // The resume hook both flavors run.
+        assert!(full.reads("debian/rootfs/sbin/vmlab-identity"));
         // The lean init changing does not rebuild the full image.
         assert!(!full.reads("debian/rootfs/sbin/vmlab-init"));
         assert!(!full.reads("kernel/vmlab.config"));
