@@ -15,7 +15,11 @@
 //!
 //! `VMLAB_BENCH_RUNS` sets the rounds (default 10). In the rig the ssh-ready
 //! contenders take minutes per round, so they run there only with
-//! `VMLAB_BENCH_SSH=1`.
+//! `VMLAB_BENCH_SSH=1`; `VMLAB_BENCH_FULL=1` adds, in the same L1 boot,
+//! `vmlab bench boot --flavor full` (vmlab and QEMU microvm to init and
+//! ssh-ready on the full image, and vmlab resume), as `boot-full.json` and
+//! `boot-full.svg`. The images they boot are built on the host first (L1
+//! reads the cache, read-only, and has no network).
 
 #[path = "../tests/rig/mod.rs"]
 mod rig;
@@ -80,23 +84,67 @@ fn main() {
     // About 25 s per round in the rig (vmlab ~10 s, QEMU ~12 s, runc ~1 s);
     // the ssh-ready ones add minutes (two Debian boots, the container's
     // root filesystem unpacked once).
-    let ssh = std::env::var_os("VMLAB_BENCH_SSH").is_some_and(|v| v == "1");
+    let flag_set = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
+    let (ssh, full) = (flag_set("VMLAB_BENCH_SSH"), flag_set("VMLAB_BENCH_FULL"));
+    if ssh {
+        build_image(&[]);
+    }
+    if full {
+        build_image(&["--flavor", "full"]);
+    }
     let (per_round, flag) = if ssh {
         (400, "--ssh")
     } else {
         (40, "--no-ssh")
     };
-    let limit = Duration::from_secs(300 + per_round * (bench.options.runs as u64 + 1));
+    let rounds = bench.options.runs as u64 + 1;
+    let limit = Duration::from_secs(300 + per_round * rounds);
     let script = format!(
         r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {} --warmup 1 {flag} --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#,
         bench.options.runs
     );
-    let run = rig::Batch::new("bench_boot")
-        .scenario("bench_boot", limit, &script)
-        .run();
-    let s = run.scenario("bench_boot");
-    println!("{}", s.output);
-    let s = s.assert_success();
-    save(&out, "boot.json", s.file("boot.json"));
-    save(&out, "boot.svg", s.file("boot.svg"));
+    let mut batch = rig::Batch::new("bench_boot").scenario("bench_boot", limit, &script);
+    if full {
+        // Three full boots a round (vmlab, QEMU, the resume contender's
+        // first), each minutes under the rig's emulation.
+        let script = format!(
+            r#""$VMLAB" bench boot --flavor full --mem 512M --runs {} --warmup 1 --ssh --json "$RIG_OUT/boot-full.json" --plot "$RIG_OUT/boot-full.svg""#,
+            bench.options.runs
+        );
+        let limit = Duration::from_secs(600 + 1200 * rounds);
+        // The suspended resume VM's state lies on L1's tmpfs beside the
+        // running one.
+        batch = batch.mem("3G").scenario("bench_boot_full", limit, &script);
+    }
+    let run = batch.run();
+    let mut scenarios = vec![("bench_boot", "boot")];
+    if full {
+        scenarios.push(("bench_boot_full", "boot-full"));
+    }
+    for (name, file) in scenarios {
+        let s = run.scenario(name);
+        println!("{}", s.output);
+        let s = s.assert_success();
+        save(
+            &out,
+            &format!("{file}.json"),
+            s.file(&format!("{file}.json")),
+        );
+        save(&out, &format!("{file}.svg"), s.file(&format!("{file}.svg")));
+    }
+}
+
+/// `vmlab image build ARGS` on the host, for L1 to find the image cached.
+fn build_image(args: &[&str]) {
+    println!("bench: vmlab image build {}", args.join(" "));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_vmlab"))
+        .args(["image", "build"])
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("bench: cannot run vmlab: {e}"));
+    assert!(
+        status.success(),
+        "bench: vmlab image build {} failed (needs root, debootstrap and the Debian mirror: run .ci/setup)",
+        args.join(" ")
+    );
 }

@@ -2,7 +2,8 @@
 //! "init started" signal, interleaved, with vmlab's own cost; and, when the
 //! Debian image is there, the same three to ssh-ready. With the full
 //! flavor: vmlab and QEMU microvm to ssh-ready (split at init) on the full
-//! image, both booting the kernel and initrd that image carries.
+//! image, both booting the kernel and initrd that image carries, and vmlab
+//! resume of a named full VM.
 
 use std::path::{Path, PathBuf};
 
@@ -116,6 +117,12 @@ impl BootBench {
                     Flavor::Full,
                     scratch.join("qemu-full-ssh"),
                 )),
+                Box::new(VmlabResume::new(
+                    self.vmlab.clone(),
+                    debian.clone(),
+                    Flavor::Full,
+                    scratch.join("vmlab-full-resume"),
+                )),
             ];
         }
         vec![
@@ -141,6 +148,7 @@ impl BootBench {
             Box::new(VmlabResume::new(
                 self.vmlab.clone(),
                 debian.clone(),
+                Flavor::Lean,
                 scratch.join("vmlab-resume"),
             )),
         ]
@@ -367,7 +375,14 @@ mod tests {
             .iter()
             .map(|c| c.describe().id)
             .collect();
-        assert_eq!(ids, ["vmlab-full-ssh", "qemu-microvm-full-ssh"]);
+        assert_eq!(
+            ids,
+            [
+                "vmlab-full-ssh",
+                "qemu-microvm-full-ssh",
+                "vmlab-full-resume-ssh"
+            ]
+        );
         let err = full
             .with_full_boot(
                 super::super::contenders::debian_spec_for_tests(PathBuf::from("/nope.qcow2")),

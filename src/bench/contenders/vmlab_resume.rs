@@ -1,5 +1,5 @@
-//! vmlab resumed to ssh-ready: a named VM of the default Debian guest
-//! (as `vmlab run --name` boots it, with a forward from a free loopback
+//! vmlab resumed to ssh-ready: a named VM of a Debian guest, lean or full
+//! (as `vmlab run --name [--flavor full]` boots it, with a forward from a free loopback
 //! port to its port 22) is brought to ssh-ready once and suspended there;
 //! each sample then times `vmlab resume` from its spawn to the first
 //! successful `ssh true`, the same probe the other ssh-ready contenders
@@ -32,6 +32,7 @@ const FIRST_BOOT_LIMIT: Duration = Duration::from_secs(600);
 pub struct VmlabResume {
     vmlab: PathBuf,
     guest: DebianGuest,
+    flavor: Flavor,
     dir: PathBuf,
     /// The forwarded port, fixed when the VM is made.
     port: Option<u16>,
@@ -40,10 +41,11 @@ pub struct VmlabResume {
 }
 
 impl VmlabResume {
-    pub fn new(vmlab: PathBuf, guest: DebianGuest, dir: PathBuf) -> Self {
+    pub fn new(vmlab: PathBuf, guest: DebianGuest, flavor: Flavor, dir: PathBuf) -> Self {
         VmlabResume {
             vmlab,
             guest,
+            flavor,
             dir,
             port: None,
             suspended: false,
@@ -138,12 +140,15 @@ impl VmlabResume {
     }
 }
 
-/// `vmlab run`'s arguments for the VM: the default guest, as a user runs it.
+/// `vmlab run`'s arguments for the VM: the image of the spec's flavor, as a
+/// user runs it (the full one boots the kernel its disk carries).
 fn run_args(spec: &DebianSpec, port: u16) -> Vec<String> {
     [
         "run",
         "--name",
         NAME,
+        "--flavor",
+        spec.flavor.name(),
         "--mem",
         &format!("{}M", spec.mem_mib),
         "--forward",
@@ -156,9 +161,13 @@ fn run_args(spec: &DebianSpec, port: u16) -> Vec<String> {
 
 impl Contender for VmlabResume {
     fn describe(&self) -> Description {
+        let (id, label) = match self.flavor {
+            Flavor::Lean => ("vmlab-resume-ssh", "vmlab resume → ssh-ready"),
+            Flavor::Full => ("vmlab-full-resume-ssh", "vmlab resume → ssh-ready (full)"),
+        };
         Description::new(
-            "vmlab-resume-ssh",
-            "vmlab resume → ssh-ready",
+            id,
+            label,
             Goal::SshReady,
             Role::Vmlab,
             &["resume command", "to ssh-ready"],
@@ -166,12 +175,7 @@ impl Contender for VmlabResume {
     }
 
     fn prepare(&mut self) -> Result<(), Missing> {
-        let spec = self.guest.clone()?;
-        if spec.flavor != Flavor::Lean {
-            return Err(Missing(
-                "timed on the lean guest only (the default `vmlab run --name` boots)".into(),
-            ));
-        }
+        self.guest.clone()?;
         prepare_dir(&self.vmlab, &self.dir)
     }
 
@@ -239,29 +243,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_the_default_guest_named_detached_with_a_loopback_forward() {
+    fn runs_the_flavors_image_named_detached_with_a_loopback_forward() {
         let spec = super::super::debian::spec(PathBuf::from("/c/base.qcow2"));
         assert_eq!(
             run_args(&spec, 40022).join(" "),
-            "run --name bench-resume --mem 256M --forward tcp:127.0.0.1:40022:22 --detach"
+            "run --name bench-resume --flavor lean --mem 256M --forward tcp:127.0.0.1:40022:22 --detach"
         );
+        let full = DebianSpec {
+            flavor: Flavor::Full,
+            ..spec
+        };
+        assert!(run_args(&full, 40022).join(" ").contains(" --flavor full "));
     }
 
     #[test]
-    fn a_missing_image_or_the_full_flavor_is_reported_missing() {
-        let dir = std::env::temp_dir();
+    fn a_missing_image_is_reported_missing() {
         let mut c = VmlabResume::new(
             PathBuf::from("/bin/sh"),
             Err(Missing("run `vmlab image build` first".into())),
-            dir.clone(),
+            Flavor::Lean,
+            std::env::temp_dir(),
         );
         assert_eq!(c.prepare().unwrap_err().0, "run `vmlab image build` first");
-        let full = DebianSpec {
-            flavor: Flavor::Full,
-            ..super::super::debian::spec(PathBuf::from("/c/base.qcow2"))
-        };
-        let mut c = VmlabResume::new(PathBuf::from("/bin/sh"), Ok(full), dir);
-        assert!(c.prepare().unwrap_err().0.contains("lean guest only"));
         assert_eq!(c.describe().id, "vmlab-resume-ssh");
         assert_eq!(c.describe().phases.len(), 2);
     }
@@ -272,6 +275,7 @@ mod tests {
         let c = VmlabResume::new(
             PathBuf::from("/bin/sh"),
             Err(Missing("x".into())),
+            Flavor::Lean,
             dir.path().to_path_buf(),
         );
         assert!(c.alive().is_err());
