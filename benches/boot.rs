@@ -13,7 +13,8 @@
 //! - runs `vmlab bench boot` inside the emulated-SVM rig (tests/rig), where
 //!   only the ratios mean anything.
 //!
-//! `VMLAB_BENCH_RUNS` sets the rounds (default 10). In the rig the ssh-ready
+//! `VMLAB_BENCH_RUNS` sets the rounds (default 10), `VMLAB_BENCH_WARMUP`
+//! the unmeasured ones before them (default 1). In the rig the ssh-ready
 //! contenders take minutes per round, so they run there only with
 //! `VMLAB_BENCH_SSH=1`; `VMLAB_BENCH_FULL=1` adds, in the same L1 boot,
 //! `vmlab bench boot --flavor full` (vmlab and QEMU microvm to init and
@@ -37,6 +38,13 @@ fn runs() -> usize {
         .unwrap_or(10)
 }
 
+fn warmup() -> usize {
+    std::env::var("VMLAB_BENCH_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 fn save(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
     match vmlab::fsutil::write_atomically(&path, text.as_bytes()) {
@@ -57,7 +65,7 @@ fn main() {
         mem_mib: 256,
         options: RunOptions {
             runs: runs(),
-            warmup: 1,
+            warmup: warmup(),
         },
         ssh: SshPeers::Auto,
         flavor: vmlab::image::Flavor::Lean,
@@ -97,19 +105,18 @@ fn main() {
     } else {
         (40, "--no-ssh")
     };
-    let rounds = bench.options.runs as u64 + 1;
+    let (runs, warmup) = (bench.options.runs, bench.options.warmup);
+    let rounds = (runs + warmup) as u64;
     let limit = Duration::from_secs(300 + per_round * rounds);
     let script = format!(
-        r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {} --warmup 1 {flag} --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#,
-        bench.options.runs
+        r#""$VMLAB" bench boot --kernel "$VMLAB_VMLINUX" --initrd "$VMLAB_INITRAMFS" --runs {runs} --warmup {warmup} {flag} --json "$RIG_OUT/boot.json" --plot "$RIG_OUT/boot.svg""#
     );
     let mut batch = rig::Batch::new("bench_boot").scenario("bench_boot", limit, &script);
     if full {
         // Three full boots a round (vmlab, QEMU, the resume contender's
         // first), each minutes under the rig's emulation.
         let script = format!(
-            r#""$VMLAB" bench boot --flavor full --mem 512M --runs {} --warmup 1 --ssh --json "$RIG_OUT/boot-full.json" --plot "$RIG_OUT/boot-full.svg""#,
-            bench.options.runs
+            r#""$VMLAB" bench boot --flavor full --mem 512M --runs {runs} --warmup {warmup} --ssh --json "$RIG_OUT/boot-full.json" --plot "$RIG_OUT/boot-full.svg""#
         );
         let limit = Duration::from_secs(600 + 1200 * rounds);
         // The suspended resume VM's state lies on L1's tmpfs beside the
