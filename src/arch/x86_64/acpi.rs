@@ -32,6 +32,7 @@ const HYPERVISOR_ID: u64 = u64::from_le_bytes(*b"VMLAB\0\0\0");
 /// Tables the XSDT points to: FADT and MADT (the DSDT hangs off the FADT).
 const XSDT_ENTRIES: u64 = 2;
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_TYPE_LOCAL_APIC: u8 = 0;
 const MADT_TYPE_IO_APIC: u8 = 1;
@@ -226,9 +227,11 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.sleep_control_reg = io_register(ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_register(ACPI_SLEEP_STATUS_PORT);
     fadt.hypervisor_vendor_identity = HYPERVISOR_ID.into();
-    // No VGA: Linux then skips probing for it. The CMOS RTC is there,
-    // declared in the DSDT (PNP0B00).
-    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
+    // No VGA and no legacy CMOS RTC to probe: Linux then skips both. The
+    // RTC is declared in the DSDT instead (PNP0B00), where rtc_cmos finds
+    // it through PNP; kernels without that driver (the lean one) see no
+    // RTC at all, as before it existed.
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
     fadt.century = CMOS_CENTURY;
     aml_bytes(&fadt.finalize())
 }
@@ -345,8 +348,8 @@ mod tests {
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
         assert_eq!(
             u16_at(fadt, 109),
-            1 << 2,
-            "IAPC_BOOT_ARCH: no VGA, a CMOS RTC"
+            (1 << 2) | (1 << 5),
+            "IAPC_BOOT_ARCH: no VGA, no legacy RTC (the DSDT declares it)"
         );
         assert_eq!(fadt[108], 0x32, "CENTURY");
         // RESET_REG: GAS at 116 (space, width, offset, access, address).
