@@ -62,10 +62,7 @@ pub struct CmosRtc {
 }
 
 fn host_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    (crate::vmstate::now_ns() / 1_000_000_000) as i64
 }
 
 impl Default for CmosRtc {
@@ -133,7 +130,7 @@ impl CmosRtc {
     fn set_register(&mut self, index: u8, value: u8) {
         match index {
             SECONDS..=YEAR | CENTURY => {
-                log::debug!(
+                crate::debug_limited!(
                     "cmos rtc: the guest set register {index:#x}: the clock follows the host"
                 )
             }
@@ -213,6 +210,18 @@ mod tests {
         rtc.write(0x70, 0, &[STATUS_B]);
         rtc.write(0x70, 1, &[0x70 | B_24_HOUR]);
         assert_eq!(read(&mut rtc, STATUS_B), B_24_HOUR);
+    }
+
+    #[test]
+    fn time_writes_in_a_loop_log_a_few_lines() {
+        let mut rtc = CmosRtc::with_clock(fixed);
+        let lines = crate::logging::capture::lines(|| {
+            for _ in 0..1000 {
+                rtc.write(0x70, 0, &[SECONDS]);
+                rtc.write(0x70, 1, &[0]);
+            }
+        });
+        assert_eq!(lines.len(), crate::rate_limit::LOG_BURST as usize);
     }
 
     #[test]
