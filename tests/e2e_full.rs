@@ -102,6 +102,7 @@ echo "host_after_ns=$after"
 from_log="$XDG_DATA_HOME/vmlab/vms/node2/serial.log"
 echo "from_clock_steps=$(grep -c 'vmlab-identity: resumed: clock stepped' "$from_log" || true)"
 echo "from_applied=$(grep -c 'vmlab-identity: applied: node2' "$from_log" || true)"
+echo "from_sshd_late=$(grep -c 'vmlab-identity: sshd did not' "$from_log" || true)"
 in_vm 'echo "hostname=$(hostname)"' | sed 's/^/src_after_/'
 "$VMLAB" stop --timeout 300 node2 | tee "$RIG_OUT/stop2.out"
 "$VMLAB" rm node2
@@ -348,6 +349,11 @@ fn a_vm_resumed_from_a_full_snapshot_steps_its_clock_and_takes_its_own_identity(
     }
     assert_eq!(s.value("from_addr"), "10.0.2.15/24");
     assert_eq!(s.value("from_applied"), "1");
+    assert_eq!(
+        s.value("from_sshd_late"),
+        "0",
+        "sshd took its new host keys"
+    );
     // Resumed 20 s and more after the snapshot, its clock is the host's
     // again (within the ssh round trip's slack).
     assert!(s.value("from_clock_steps").parse::<u32>().unwrap() >= 1);

@@ -158,6 +158,7 @@ done
 from_ssh "$facts" | sed 's/^/from_/'
 "$VMLAB" ssh vm1 -- "$facts" | sed 's/^/fromsrc_/'
 echo "from_ms=$(($(rig_ms) - full_start))"
+echo "from_sshd_late=$(grep -c 'vmlab-identity: sshd did not' "$XDG_DATA_HOME/vmlab/vms/fromvm/serial.log" || true)"
 "$VMLAB" stop fromvm >/dev/null
 "$VMLAB" rm fromvm
 "$VMLAB" snapshot rm vm1 warm >/dev/null
@@ -450,6 +451,11 @@ fn a_vm_from_a_full_snapshot_answers_ssh_with_its_own_identity_while_the_first_r
     assert_ne!(s.value("from_hostkey"), s.value("fromsrc_hostkey"));
     assert_ne!(s.value("from_machine_id"), s.value("fromsrc_machine_id"));
     assert_eq!(s.value("from_addr"), "10.0.2.15/24");
+    assert_eq!(
+        s.value("from_sshd_late"),
+        "0",
+        "sshd took its new host keys"
+    );
     println!(
         "full snapshot + run --from to its identity over ssh: {} ms; {}",
         s.value("from_ms"),

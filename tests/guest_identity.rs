@@ -137,3 +137,36 @@ fn the_hook_reads_the_host_clock_through_a_port_file() {
         format!("clock_ns={now} run_ns={run}")
     );
 }
+
+/// A stand-in sshd for the hook's reload: a shell that, on SIGHUP, does
+/// what sshd does when it re-executes itself (its pid file gone while the
+/// new one starts, written again once it listens), slowly, as under the
+/// rig's emulation, and marks when it is done.
+#[test]
+fn the_hook_reports_sshd_reloaded_only_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("sshd.pid");
+    let done = dir.path().join("listening");
+    let script = format!(
+        "trap 'rm -f {pid}; sleep 1; : >{done}; echo $$ >{pid}; exit 0' HUP; \
+         echo $$ >{pid}; while :; do sleep 0.05; done",
+        pid = pid_file.display(),
+        done = done.display()
+    );
+    let mut sshd = Command::new("sh").arg("-c").arg(&script).spawn().unwrap();
+    while !pid_file.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = Command::new("sh")
+        .arg(HOOK)
+        .env("VMLAB_IDENTITY_RELOAD", "1")
+        .env("VMLAB_IDENTITY_SSHD_PID", &pid_file)
+        .output()
+        .unwrap();
+    let back = done.exists();
+    sshd.kill().ok();
+    sshd.wait().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(back, "the hook went on before the reloaded sshd listened");
+    assert!(pid_file.exists());
+}
