@@ -153,7 +153,12 @@ fn the_hook_reports_sshd_reloaded_only_once_it_is_back() {
         pid = pid_file.display(),
         done = done.display()
     );
-    let mut sshd = Command::new("sh").arg("-c").arg(&script).spawn().unwrap();
+    // A shell cannot trap a signal it was started with ignored (as under
+    // nohup): SIGHUP back to its default first.
+    let mut sshd = Command::new("env")
+        .args(["--default-signal=HUP", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
     while !pid_file.exists() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
